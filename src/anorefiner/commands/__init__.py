@@ -1,0 +1,1 @@
+"""One module per ``anorefiner`` subcommand (see :mod:`anorefiner.cli`)."""
