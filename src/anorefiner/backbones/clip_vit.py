@@ -1,0 +1,200 @@
+"""open_clip Vision Transformers: raw residual-stream patch tokens of 1-indexed blocks.
+
+Paper supplement A and specs/methods.md (MuSc): ViT-L-14-336 with OpenAI weights, 518×518 input
+(37×37 patches, position embeddings interpolated), layers 6/12/18/24 counted from 1, patch tokens
+taken straight from the residual stream (no ``ln_post``, no projection). The class token of the
+last block is kept separately: ``ln_post`` + ``proj`` of it is CLIP's image embedding, which
+PA-CLIP compares with text embeddings (:meth:`ClipViT.encode_text`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._compat import import_open_clip
+from . import DEFAULT, Backbone, is_local_weights, random_init, sha256_file
+
+# OpenAI CLIP's normalisation (open_clip.constants); used when a model carries no preprocess cfg.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a ``[1 + gh*gw, C]`` position embedding to a new patch grid.
+
+    The patch part is treated as a 2-D ``gh×gw`` image and resized bicubically
+    (``align_corners=False``); the class position (row 0) is kept unchanged.
+    """
+    n_expected = 1 + old_grid[0] * old_grid[1]
+    if pos.ndim != 2 or pos.shape[0] != n_expected:
+        raise ValueError(f"position embedding of shape {tuple(pos.shape)} does not fit grid {old_grid} + class")
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    cls_pos, grid = pos[:1], pos[1:]
+    c = grid.shape[1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], c).to(pos.dtype)
+    return torch.cat([cls_pos, grid], dim=0)
+
+
+def default_vit_layers(n_blocks: int) -> list[int]:
+    """The quarters of the depth: 6/12/18/24 for 24 blocks (the paper's layers), 3/6/9/12 for 12."""
+    return sorted({max(1, round(n_blocks * q / 4)) for q in (1, 2, 3, 4)})
+
+
+class ClipViT(Backbone):
+    """An open_clip ``VisionTransformer`` run block by block at any multiple of its patch size."""
+
+    def __init__(
+        self,
+        name: str,
+        resolution: int,
+        layers: Sequence[int | str] | None = None,
+        pretrained: str | os.PathLike | None = DEFAULT,
+        device: torch.device = torch.device("cpu"),
+        seed: int = 0,
+    ):
+        open_clip = import_open_clip()
+        self._open_clip = open_clip
+        if name not in open_clip.list_models():
+            raise ValueError(
+                f"unknown backbone {name!r}: not 'resnet50'/'efficientnet_lite0' and not an open_clip model "
+                f"(e.g. ViT-L-14-336, ViT-B-16; see open_clip.list_models())"
+            )
+        self.name, self.resolution, self.device = name, resolution, device
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        # The paper's weights are OpenAI's; their architecture uses QuickGELU, which open_clip's plain
+        # model configs do not: follow the tag's setting (and the OpenAI one for random/local weights).
+        ref_tag = "openai" if "openai" in tags else None
+        if pretrained is None:
+            tag, path = None, None
+            self.weights = f"random(seed={seed})"
+        elif is_local_weights(pretrained):
+            tag, path = None, str(pretrained)
+            self.weights = f"sha256:{sha256_file(path)}"
+        else:
+            tag = ref_tag if pretrained == DEFAULT else str(pretrained)
+            if tag is None or tag not in tags:
+                raise ValueError(
+                    f"pretrained {pretrained!r} is not an open_clip tag of {name!r}; available: {tags}"
+                )
+            path = None
+            self.weights = tag
+            ref_tag = tag
+        cfg = open_clip.get_pretrained_cfg(name, ref_tag) if ref_tag else {}
+        self.quick_gelu = bool(cfg.get("quick_gelu", False))
+        with random_init(seed):
+            model = open_clip.create_model(
+                name,
+                pretrained=tag or path,
+                force_quick_gelu=self.quick_gelu,
+                device="cpu",
+                weights_only=True,
+            )
+        model.eval().requires_grad_(False)
+        self.model = model.to(device)
+        visual = self.model.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
+            raise ValueError(f"open_clip model {name!r} has no VisionTransformer with resblocks (timm tower?)")
+        self.visual = visual
+        self.blocks = visual.transformer.resblocks
+        self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
+
+        ph, pw = visual.patch_size
+        if ph != pw:
+            raise ValueError(f"{name}: non-square patches {visual.patch_size} are not supported")
+        self.patch_stride = int(ph)
+        if resolution % self.patch_stride:
+            raise ValueError(f"resolution {resolution} is not a multiple of {name}'s patch size {self.patch_stride}")
+        n_blocks = len(self.blocks)
+        chosen = default_vit_layers(n_blocks) if layers is None else [_block_number(v, n_blocks, name) for v in layers]
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"layers {list(layers)} repeat a block")
+        self._layer_ids = chosen
+        self.layers = [str(i) for i in chosen]
+
+        pcfg = getattr(visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(pcfg.get("mean", OPENAI_MEAN))
+        self.std = tuple(pcfg.get("std", OPENAI_STD))
+        self.interpolation = str(pcfg.get("interpolation", "bicubic"))
+        self.native_grid = tuple(int(g) for g in visual.grid_size)
+        g = resolution // self.patch_stride
+        with torch.no_grad():
+            self.pos_embed = interpolate_pos_embed(visual.positional_embedding.detach(), self.native_grid, (g, g))
+        self.width = int(visual.class_embedding.shape[0])
+
+    # ------------------------------------------------------------------ features
+    def forward(self, batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Patch tokens ``[N,h,w,width]`` of the chosen blocks and the last block's class token ``[N,width]``.
+
+        Mirrors ``VisionTransformer._embeds`` + ``Transformer.forward`` with the interpolated
+        position embedding; every block runs (the class token comes from the last one).
+        """
+        v = self.visual
+        r = self.resolution
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, r, r):
+            raise ValueError(f"{self.name}: expected a [N,3,{r},{r}] batch, got {tuple(batch.shape)}")
+        wanted = set(self._layer_ids)
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            x = v.conv1(batch.to(self.device, dtype=v.conv1.weight.dtype))
+            n, c, gh, gw = x.shape
+            x = x.flatten(2).transpose(1, 2)
+            cls = v.class_embedding.to(x.dtype).reshape(1, 1, c).expand(n, 1, c)
+            x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.device, x.dtype)
+            x = v.patch_dropout(x)  # identity in eval mode
+            x = v.ln_pre(x)
+            if not self.batch_first:
+                x = x.transpose(0, 1)  # open_clip's sequence-first layout (L, N, D)
+            for i, block in enumerate(self.blocks, start=1):
+                x = block(x)
+                if i in wanted:
+                    nld = x if self.batch_first else x.transpose(0, 1)
+                    out[str(i)] = nld[:, 1:].reshape(n, gh, gw, c)
+            last = x if self.batch_first else x.transpose(0, 1)
+            cls_token = last[:, 0]
+        return {name: out[name] for name in self.layers}, cls_token
+
+    # ------------------------------------------------------------------ image-text space
+    def image_embedding(self, cls: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """``ln_post(cls) @ proj``: CLIP's image embedding from the last block's class token."""
+        v = self.visual
+        if v.attn_pool is not None or v.pool_type != "tok":
+            raise TypeError(f"{self.name}: image embedding needs class-token pooling (pool_type 'tok')")
+        with torch.no_grad():
+            emb = v.ln_post(cls.to(self.device))
+            if v.proj is not None:
+                emb = emb @ v.proj
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised CLIP text embeddings ``[T,D]`` (open_clip's tokenizer for this model)."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError("encode_text takes a non-empty list of strings")
+        tokens = self._open_clip.get_tokenizer(self.name)(list(texts)).to(self.device)
+        with torch.no_grad():
+            return self.model.encode_text(tokens, normalize=True).float()
+
+    @property
+    def identity(self) -> dict:
+        ident = super().identity
+        ident["family"] = "open_clip"
+        ident["quick_gelu"] = self.quick_gelu
+        ident["tokens"] = "raw residual stream of 1-indexed blocks (no ln_post/proj); cls of last block"
+        ident["pos_embed"] = f"bicubic {self.native_grid}->{self.grid}, class position kept"
+        return ident
+
+
+def _block_number(value, n_blocks: int, name: str) -> int:
+    try:
+        i = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: layer {value!r} is not a block number (1..{n_blocks})") from None
+    if not 1 <= i <= n_blocks:
+        raise ValueError(f"{name}: layer {value!r} is out of range: blocks are numbered 1..{n_blocks}")
+    return i

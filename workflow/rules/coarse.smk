@@ -1,0 +1,34 @@
+# Coarse, patch-level anomaly maps of a zero-shot backend (MuSc, PA-CLIP, or maps you bring).
+
+
+rule coarse:
+    input:
+        features=features_of,
+        byo=byo_maps,
+    output:
+        "results/coarse/{dataset}/{backend}/{category}/seed{seed}.h5",
+    params:
+        cli=ANOREFINER,
+        type=lambda wc: backend_cfg(wc.backend)["type"],
+        options=lambda wc: backend_options(wc),
+        backbone=lambda wc: backend_backbone(wc)["name"],
+        resolution=lambda wc: backend_backbone(wc)["resolution"],
+        byo=lambda wc, input: f"--byo-maps {input.byo}" if input.byo else "",
+        device=config["compute"]["device"],
+    log:
+        "logs/coarse/{dataset}/{backend}/{category}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/coarse/{dataset}/{backend}/{category}/seed{seed}.tsv"
+    threads: 2
+    resources:
+        gpu=gpus,
+        mem_mb=16000,
+        runtime=60,
+    conda:
+        "../envs/anorefiner.yaml"
+    shell:
+        "{params.cli} coarse --features {input.features} --backend-type {params.type}"
+        " --backend-name {wildcards.backend} --options '{params.options}' --seed {wildcards.seed}"
+        " --dataset {wildcards.dataset} --category {wildcards.category}"
+        " --backbone {params.backbone} --resolution {params.resolution} {params.byo}"
+        " --device {params.device} --out {output} > {log} 2>&1"

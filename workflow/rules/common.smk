@@ -1,0 +1,189 @@
+# Input functions and config helpers (the only place with Python logic; rules map wildcards to
+# `anorefiner` arguments).
+import copy
+import json
+import sys
+from pathlib import Path
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_]+",
+    category=r"[A-Za-z0-9_]+",
+    backbone=r"[A-Za-z0-9_]+",
+    backend=r"[A-Za-z0-9_]+",
+    variant=r"[A-Za-z0-9_]+",
+    seed=r"\d+",
+    res=r"\d+",
+    table=r"[A-Za-z0-9_]+",
+
+
+# The rules run the package from this checkout's src/ (`python -m anorefiner`), so a conda env with
+# only the dependencies (workflow/envs/anorefiner.yaml) is enough; an installed package works too.
+SRC = str(Path(workflow.current_basedir).parents[1] / "src")
+if SRC not in sys.path:
+    sys.path.insert(0, SRC)
+# The interpreter running Snakemake has the dependencies (a venv need not be activated); with
+# --use-conda the rule's environment provides `python` instead.
+_PYTHON = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
+ANOREFINER = f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" {_PYTHON} -m anorefiner'
+
+
+def dataset_cfg(name):
+    try:
+        return config["datasets"][name]
+    except KeyError:
+        raise ValueError(
+            f"dataset {name!r} is not configured (datasets: {', '.join(config['datasets'])})"
+        ) from None
+
+
+def dataset_root(name):
+    """The MVTec-layout root of a dataset: the user's `root`, else where the download rule puts it."""
+    root = dataset_cfg(name).get("root")
+    return root if root else f"resources/datasets/{name}"
+
+
+def dataset_ready(wildcards):
+    """The completion marker the rules wait for (nothing when the user points at a folder)."""
+    name = wildcards.dataset
+    if dataset_cfg(name).get("root"):
+        return []
+    return f"resources/datasets/{name}/.complete"
+
+
+def backend_cfg(name):
+    try:
+        return config["backends"][name]
+    except KeyError:
+        raise ValueError(
+            f"backend {name!r} is not configured (backends: {', '.join(config['backends'])})"
+        ) from None
+
+
+def backbone_cfg(name):
+    try:
+        return config["backbones"][name]
+    except KeyError:
+        raise ValueError(
+            f"backbone {name!r} is not configured (backbones: {', '.join(config['backbones'])})"
+        ) from None
+
+
+def features_of(wildcards):
+    """The feature cache a backend reads for one category."""
+    key = backend_cfg(wildcards.backend)["backbone"]
+    res = backbone_cfg(key)["resolution"]
+    return f"results/features/{wildcards.dataset}/{key}@{res}/{wildcards.category}.h5"
+
+
+def backend_backbone(wildcards):
+    return backbone_cfg(backend_cfg(wildcards.backend)["backbone"])
+
+
+def backend_options(wildcards):
+    """Backend options as JSON, with the dataset's RsCIN neighbourhoods for MuSc."""
+    cfg = backend_cfg(wildcards.backend)
+    opts = copy.deepcopy(cfg.get("options", {}))
+    if cfg["type"] == "musc":
+        opts.setdefault("rscin_k", dataset_cfg(wildcards.dataset).get("rscin_k", [1, 2, 3]))
+    return json.dumps(opts, sort_keys=True)
+
+
+def byo_maps(wildcards):
+    cfg = backend_cfg(wildcards.backend)
+    if cfg["type"] != "byo":
+        return []
+    return cfg["maps"].format(dataset=wildcards.dataset, category=wildcards.category)
+
+
+def _deep_update(base, extra):
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def variant_options(wildcards):
+    """The ard/pgt/synthesis sections with the variant's overrides applied, as JSON."""
+    try:
+        overrides = config["variants"][wildcards.variant]
+    except KeyError:
+        raise ValueError(
+            f"variant {wildcards.variant!r} is not configured (variants: {', '.join(config['variants'])})"
+        ) from None
+    base = {k: copy.deepcopy(config.get(k, {})) for k in ("ard", "pgt", "synthesis")}
+    return json.dumps(_deep_update(base, copy.deepcopy(overrides)), sort_keys=True)
+
+
+def textures_arg():
+    """`offline`, a folder given by the user, or the downloaded DTD root."""
+    kind = config["refine"]["textures"]
+    if kind == "dtd":
+        return dataset_root("dtd")
+    return kind
+
+
+def textures_ready(wildcards):
+    if config["refine"]["textures"] == "dtd" and not config["datasets"]["dtd"].get("root"):
+        return "resources/datasets/dtd/.complete"
+    return []
+
+
+def coarse_of(wildcards):
+    return f"results/coarse/{wildcards.dataset}/{wildcards.backend}/{wildcards.category}/seed{wildcards.seed}.h5"
+
+
+def metrics_source(wildcards):
+    """Variant `coarse` is scored straight from the coarse store; others from the refined store."""
+    if wildcards.variant == "coarse":
+        return coarse_of(wildcards)
+    return (
+        f"results/refined/{wildcards.dataset}/{wildcards.backend}/{wildcards.variant}/"
+        f"seed{wildcards.seed}/{wildcards.category}.h5"
+    )
+
+
+def gpus(wildcards=None):
+    return int(config["compute"]["gpu"])
+
+
+def table_names():
+    from anorefiner.tables.declare import list_tables
+
+    return config["tables"].get("names") or list_tables(config["tables"]["dir"])
+
+
+def table_inputs(wildcards):
+    """Every metric file the table's rows need (so `snakemake -n tables/X.csv` shows the real DAG)."""
+    from anorefiner.tables.declare import load_declaration, required_metric_files
+
+    decl = load_declaration(wildcards.table, config["tables"]["dir"])
+    return required_metric_files(decl, config)
+
+
+def figure_runs():
+    return config.get("figures", {}).get("runs", [])
+
+
+def figure_targets():
+    out = []
+    for run in figure_runs():
+        stem = f"{run['dataset']}_{run['backend']}_{run.get('variant', 'default')}_seed{run.get('seed', 0)}"
+        out += [f"figures/qualitative_{stem}.png", f"figures/bars_{stem}.png"]
+    return out
+
+
+def figure_inputs(wildcards):
+    """Refined stores and metric files of every category of one (dataset, backend, variant, seed)."""
+    cats = dataset_cfg(wildcards.dataset)["categories"]
+    stem = f"{wildcards.dataset}/{wildcards.backend}/{wildcards.variant}/seed{wildcards.seed}"
+    return {
+        "refined": [f"results/refined/{stem}/{c}.h5" for c in cats],
+        "metrics": [f"results/metrics/{stem}/{c}.csv" for c in cats]
+        + [
+            f"results/metrics/{wildcards.dataset}/{wildcards.backend}/coarse/seed{wildcards.seed}/{c}.csv"
+            for c in cats
+        ],
+    }

@@ -1,0 +1,35 @@
+# ViT/CNN features, computed once per (dataset, category, backbone, resolution) into HDF5.
+
+
+rule features:
+    input:
+        ready=dataset_ready,
+    output:
+        "results/features/{dataset}/{backbone}@{res}/{category}.h5",
+    params:
+        cli=ANOREFINER,
+        root=lambda wc: dataset_root(wc.dataset),
+        name=lambda wc: backbone_cfg(wc.backbone)["name"],
+        pretrained=lambda wc: backbone_cfg(wc.backbone).get("pretrained") or "none",
+        layers=lambda wc: " ".join(backbone_cfg(wc.backbone).get("layers", [])),
+        batch_size=config["features"]["batch_size"],
+        dtype=config["features"]["dtype"],
+        compression=config["features"]["compression"],
+        device=config["compute"]["device"],
+    log:
+        "logs/features/{dataset}/{backbone}@{res}/{category}.log",
+    benchmark:
+        "results/benchmarks/features/{dataset}/{backbone}@{res}/{category}.tsv"
+    threads: 2
+    resources:
+        gpu=gpus,
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../envs/anorefiner.yaml"
+    shell:
+        "{params.cli} features --root {params.root} --dataset {wildcards.dataset}"
+        " --category {wildcards.category} --backbone {params.name} --resolution {wildcards.res}"
+        " --layers {params.layers} --pretrained {params.pretrained} --batch-size {params.batch_size}"
+        " --dtype {params.dtype} --compression {params.compression} --device {params.device}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,32 @@
+# Figures: the qualitative grid of paper Fig. 7 and per-category coarse-vs-refined pixel AP bars.
+
+
+rule figures:
+    input:
+        unpack(figure_inputs),
+        ready=dataset_ready,
+    output:
+        grid=report(
+            "figures/qualitative_{dataset}_{backend}_{variant}_seed{seed}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
+        bars=report(
+            "figures/bars_{dataset}_{backend}_{variant}_seed{seed}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
+    params:
+        cli=ANOREFINER,
+        root=lambda wc: dataset_root(wc.dataset),
+    log:
+        "logs/figures/{dataset}_{backend}_{variant}_seed{seed}.log",
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../envs/anorefiner.yaml"
+    shell:
+        "({params.cli} figures --kind qualitative --root {params.root} --dataset {wildcards.dataset}"
+        " --backend {wildcards.backend} --out {output.grid} {input.refined}"
+        " && {params.cli} figures --kind bars --out {output.bars} {input.metrics}) > {log} 2>&1"

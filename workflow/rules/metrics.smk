@@ -1,0 +1,30 @@
+# Image- and pixel-level metrics per category, as tidy CSV rows.
+
+
+rule metrics:
+    input:
+        ready=dataset_ready,
+        source=metrics_source,
+    output:
+        "results/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.csv",
+    params:
+        cli=ANOREFINER,
+        root=lambda wc: dataset_root(wc.dataset),
+        resolution=config["evaluation"]["resolution"] or 0,
+        mask_resize=config["evaluation"]["mask_resize"],
+        pro_variant=config["evaluation"]["pro_variant"],
+        pro="--pro" if config["evaluation"]["compute_pro"] else "--no-pro",
+    log:
+        "logs/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../envs/anorefiner.yaml"
+    shell:
+        "{params.cli} metrics --root {params.root} --dataset {wildcards.dataset}"
+        " --category {wildcards.category} --backend {wildcards.backend} --variant {wildcards.variant}"
+        " --seed {wildcards.seed} --source {input.source} --resolution {params.resolution}"
+        " --mask-resize {params.mask_resize} --pro-variant {params.pro_variant} {params.pro}"
+        " --out {output} > {log} 2>&1"
