@@ -110,7 +110,8 @@ def _tiles(gen: np.random.Generator, size: int) -> Normal:
     edge = np.minimum(np.minimum(fu, period - fu), np.minimum(fv, period - fv))
     half_grout = max(0.6, period * 0.035)
     a = np.clip(edge - half_grout + 0.5, 0, 1)[..., None]
-    tint = gen.normal(0, 7, (n + 3, n + 3, 3))
+    # per-tile brightness plus a faint hue shift (glazed tiles from one batch)
+    tint = gen.normal(0, 6, (n + 3, n + 3, 1)) + gen.normal(0, 2.5, (n + 3, n + 3, 3))
     bevel = 1 - 0.14 * np.exp(-np.maximum(edge - half_grout, 0) / max(1.0, period * 0.05))
     mottle = _smooth_noise(gen, size, 7) * 16 - 8
     tile = (np.array([198, 180, 150]) + tint[iu, iv]) * bevel[..., None] + mottle[..., None]
@@ -193,7 +194,9 @@ def _scratch(gen, clean, support):
     width = max(1, int(round(size * gen.uniform(0.003, 0.012))))
     n_seg = int(gen.integers(2, 5))
     step = size * gen.uniform(0.12, 0.5) / n_seg
-    p, ang, segs = _pick_point(gen, support), gen.uniform(0, 2 * math.pi), []
+    p, segs = _pick_point(gen, support), []
+    # head roughly towards the centre so the scratch stays in the picture
+    ang = math.atan2(size / 2 - p[0], size / 2 - p[1]) + gen.uniform(-1.2, 1.2)
     for _ in range(n_seg):
         ang += gen.normal(0, 0.25)
         q = (p[0] + step * math.sin(ang), p[1] + step * math.cos(ang))

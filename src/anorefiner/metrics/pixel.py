@@ -84,17 +84,26 @@ def validate_pixels(maps: Any, masks: Any) -> tuple[Any, Any]:
 
 
 def prepare_pixels(
-    maps: Any, masks: Any, connectivity: int | None = None, keep_normals: bool = False
+    maps: Any,
+    masks: Any,
+    connectivity: int | None = None,
+    keep_normals: bool = False,
+    components: tuple[np.ndarray, int] | None = None,
 ) -> PixelScores:
     """Validate, split pixels by mask and rank them with one sort.
 
     ``connectivity`` (4 or 8; None = skip) labels the ground-truth components for PRO and attaches
     per-anomalous-pixel weights. ``keep_normals`` keeps the sorted normal scores for threshold
-    counts (MuSc PRO) and the score range.
+    counts (MuSc PRO) and the score range. ``components`` reuses the result of
+    :func:`component_weights` for these masks (several methods, one ground truth).
     """
     maps, masks = validate_pixels(maps, masks)
     weights, n_components = None, 0
-    if connectivity is not None:
+    if components is not None:
+        weights, n_components = components
+        if weights.shape[0] != int(masks.sum()):
+            raise ValueError(f"components hold {weights.shape[0]} weights for {int(masks.sum())} anomalous pixels")
+    elif connectivity is not None:
         cpu_masks = masks.cpu().numpy() if is_torch(masks) else masks
         weights, n_components = component_weights(cpu_masks, connectivity)
     neg, pos = maps[~masks], maps[masks]  # fresh copies: rank() sorts neg in place

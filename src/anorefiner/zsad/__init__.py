@@ -1,1 +1,73 @@
-"""zsad"""
+"""Zero-shot anomaly detection backends that need no training, the coarse store and BYO maps.
+
+``get_backend(name_or_type, options, backbone=None)`` returns an object with the
+:class:`Backend` protocol (docs/architecture.md). Names (config ``backends.<name>``) map to a
+type plus preset options; ``options`` override the preset:
+
+==============  ========  =============================================
+name            type      preset
+==============  ========  =============================================
+``musc``        musc      whole test set (MuSc Table 1)
+``musc_star``   musc      ``group_size=30`` (AnoRefiner Table 1 "MuSc*")
+``musc_cnn``    musc      ``rscin=False`` (AnoRefiner Table 8, CNN features)
+``paclip``      paclip    PA-CLIP defaults
+``byo``         byo       user maps; MuSc proxy for pseudo-anomalies
+==============  ========  =============================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..config import from_dict
+
+TYPES = ("musc", "paclip", "byo")
+PRESETS = {
+    "musc": ("musc", {}),
+    "musc_star": ("musc", {"group_size": 30}),
+    "musc_cnn": ("musc", {"rscin": False}),
+    "paclip": ("paclip", {}),
+    "byo": ("byo", {}),
+}
+
+
+@dataclass
+class CoarseResult:
+    """Output of :meth:`Backend.coarse`: patch-level maps ``[N,h,w]`` and image scores ``[N]``."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+
+
+class Backend(Protocol):
+    name: str
+
+    def coarse(self, feats) -> CoarseResult: ...
+
+    def score_queries(self, query_layers, query_cls, feats, reference_idx, exclude): ...
+
+
+def get_backend(name_or_type: str, options: dict | None = None, backbone=None, seed: int = 0) -> Backend:
+    """Build a backend by preset name or type; unknown option keys raise ``ConfigError``."""
+    if name_or_type not in PRESETS:
+        raise ValueError(
+            f"unknown zero-shot backend {name_or_type!r}; known: {', '.join(PRESETS)} "
+            "(april_gan, vcp_clip, rareclip need trained checkpoints and are not implemented)"
+        )
+    kind, preset = PRESETS[name_or_type]
+    opts = {**preset, **dict(options or {})}
+    where = f"backends.{name_or_type}.options"
+    if kind == "musc":
+        from .musc import MuscBackend, MuscConfig
+
+        return MuscBackend(from_dict(MuscConfig, opts, where), name=name_or_type, seed=seed)
+    if kind == "paclip":
+        from .paclip import PACLIPBackend, PACLIPConfig
+
+        return PACLIPBackend(from_dict(PACLIPConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
+    from .byo import ByoBackend, ByoConfig
+
+    return ByoBackend(from_dict(ByoConfig, opts, where), name=name_or_type, seed=seed)
