@@ -19,7 +19,7 @@ rule coarse:
         "logs/coarse/{dataset}/{backend}/{category}/seed{seed}.log",
     benchmark:
         "results/benchmarks/coarse/{dataset}/{backend}/{category}/seed{seed}.tsv"
-    threads: 2
+    threads: config["compute"]["threads"]
     resources:
         gpu=gpus,
         mem_mb=16000,

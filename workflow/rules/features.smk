@@ -20,7 +20,7 @@ rule features:
         "logs/features/{dataset}/{backbone}@{res}/{category}.log",
     benchmark:
         "results/benchmarks/features/{dataset}/{backbone}@{res}/{category}.tsv"
-    threads: 2
+    threads: config["compute"]["threads"]
     resources:
         gpu=gpus,
         mem_mb=8000,

@@ -26,7 +26,7 @@ rule pgt:
         "logs/pgt/{dataset}/{backend}/{variant}/seed{seed}/{category}.log",
     benchmark:
         "results/benchmarks/pgt/{dataset}/{backend}/{variant}/seed{seed}/{category}.tsv"
-    threads: 2
+    threads: config["compute"]["threads"]
     resources:
         gpu=gpus,
         mem_mb=16000,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from anorefiner.log import LOG
 from anorefiner.metrics.curves import binary_metrics, to_numpy
 from anorefiner.metrics.image import image_metrics, validate_labels
-from anorefiner.metrics.pixel import component_weights, prepare_pixels, validate_pixels
+from anorefiner.metrics.pixel import component_weights, prepare_pixels
 from anorefiner.metrics.pro import PRO_VARIANTS, check_pro_options, pro_from_pixels
 
 METRIC_NAMES = (
@@ -154,15 +154,17 @@ def evaluate_category(
             raise ValueError(
                 f"method {name!r}: {n_maps} maps and {n_scores} scores for {gt.shape[0]} masks/labels"
             )
-        values = {f"image_{k}": v for k, v in image_metrics(scores, y).items()}
-        resized = resize_maps(maps, size, options.align_corners)
-        if device != "cpu":
-            resized = torch.from_numpy(resized).to(device)
-        validate_pixels(resized, gt_dev)  # names the method's bad image before ranking
-        px = prepare_pixels(
-            resized, gt_dev, keep_normals=options.compute_pro and options.pro_variant == "musc",
-            components=components,
-        )
+        try:
+            values = {f"image_{k}": v for k, v in image_metrics(scores, y).items()}
+            resized = resize_maps(maps, size, options.align_corners)
+            if device != "cpu":
+                resized = torch.from_numpy(resized).to(device)
+            px = prepare_pixels(
+                resized, gt_dev, keep_normals=options.compute_pro and options.pro_variant == "musc",
+                components=components,
+            )
+        except ValueError as err:
+            raise ValueError(f"method {name!r}: {err}") from err
         del resized
         values.update({f"pixel_{k}": v for k, v in binary_metrics(px.ranked, what=f"{name} pixels").items()})
         if options.compute_pro:

@@ -1,0 +1,357 @@
+"""Progressive Group-wise Test-time Training (PGT), AnoRefiner Sec. 3.2, Fig. 6, Eq. 4, Tables 4, 6, 7, 9.
+
+For one category, the test images (index order) are split into ``ceil(N/u)`` groups
+(:func:`anorefiner.zsad.groups.make_groups`). One ARD is trained progressively:
+
+1. group k is refined by the ARD trained on groups < k (group 1 keeps its coarse map);
+2. pseudo-normal selection: the r images of group k with the lowest coarse-map maximum;
+3. l pseudo-anomalies per pseudo-normal image (:mod:`.synthesis`); their features come from the real
+   backbone and their coarse maps from the backend's ``score_queries`` against the group's images
+   (the source image excluded);
+4. the ARD is trained on them with the Dice loss (Eq. 4) for ``epochs`` epochs, SGD.
+
+Outputs per image (Table 9): ``coarse`` (the backend map upsampled bilinearly with align_corners=True),
+``ard`` (sigmoid of the ARD logits; group 1: the normalised coarse map) and ``combined`` (their mean,
+the paper's output). Coarse maps are normalised before entering the ARD and before the mean (see
+``PGTConfig.coarse_norm``); the ``coarse`` output itself stays raw so its metrics equal the backend's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..log import LOG
+from ..seeding import rng as make_rng
+from .ard import ARDConfig, build_refiner, fuse_layers
+from .store import Refined
+from .synthesis import SynthesisConfig, synthesize
+
+SCHEDULES = ("progressive", "one_group", "same_anomalies", "same_normals")
+
+
+@dataclass
+class PGTConfig:
+    """Options of PGT (section ``pgt`` of ``--options``; variants override these)."""
+
+    group_size: int = 30  # u (paper Sec. 4; Table 10)
+    n_pseudo_normal: int = 5  # r (Table 6)
+    n_anomalies_per_normal: int = 4  # l (Table 6)
+    epochs: int = 20  # per group (paper Sec. 4)
+    lr: float = 1e-3  # SGD (paper Sec. 4)
+    momentum: float = 0.9  # not given; plain SGD at lr 1e-3 barely moves in 20 short epochs, 0.9 is the usual value
+    weight_decay: float = 0.0  # not given
+    batch_size: int = 4  # not given; 20 pseudo-anomalies per group → 5 steps per epoch
+    schedule: str = "progressive"  # Table 7: "progressive" (d), "one_group" (a), "same_anomalies" (b), "same_normals" (c)
+    # Table 4 ONLY: this share of the r pseudo-normal slots is forced to truly anomalous images. This is the
+    # one place PGT reads ground-truth labels; 0 (default) never touches them.
+    contamination_ratio: float = 0.0
+    # Scale shared by coarse maps (ARD input, mean with the ARD output). "running_minmax": min/max over the
+    # coarse maps of all groups seen so far (online; robust to a group with no anomaly, unlike a per-group
+    # min-max). "group_minmax": that group's own min/max. "none": raw values (only for backends already in [0,1]).
+    coarse_norm: str = "running_minmax"
+    # References of the pseudo-anomalies' coarse maps: "group" (the current group, what MuSc* scores real
+    # images against and all that is seen online), "seen" (groups up to the current one), "all" (every test image).
+    query_references: str = "group"
+    # Image score of "ard"/"combined": "max" of the map (as the paper scores coarse maps, Sec. 3.2); "coarse"
+    # keeps the backend's image score for every method. The "coarse" method always keeps the backend score.
+    image_score: str = "max"
+    train_last_group: bool = False  # training after the last group changes no output; True only for timing
+    amp: bool = False  # mixed precision on CUDA (ignored on CPU)
+    feature_batch_size: int = 16  # backbone batch for pseudo-anomaly features
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"pgt.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if self.coarse_norm not in ("running_minmax", "group_minmax", "none"):
+            raise ValueError(f"pgt.coarse_norm={self.coarse_norm!r}: expected running_minmax, group_minmax or none")
+        if self.query_references not in ("group", "seen", "all"):
+            raise ValueError(f"pgt.query_references={self.query_references!r}: expected group, seen or all")
+        if self.image_score not in ("max", "coarse"):
+            raise ValueError(f"pgt.image_score={self.image_score!r}: expected 'max' or 'coarse'")
+        if not 0.0 <= self.contamination_ratio <= 1.0:
+            raise ValueError(f"pgt.contamination_ratio={self.contamination_ratio!r}: expected 0..1")
+        for key in ("group_size", "n_pseudo_normal", "n_anomalies_per_normal", "batch_size", "feature_batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"pgt.{key}={getattr(self, key)!r}: must be >= 1")
+        if int(self.epochs) < 0:
+            raise ValueError(f"pgt.epochs={self.epochs!r}: must be >= 0")
+
+
+@dataclass
+class RefinerOptions:
+    """The ``--options`` JSON of ``anorefiner pgt``: sections ``ard``, ``pgt``, ``synthesis``."""
+
+    ard: ARDConfig = field(default_factory=ARDConfig)
+    pgt: PGTConfig = field(default_factory=PGTConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+
+    def validate(self) -> None:
+        self.ard.validate()
+        self.pgt.validate()
+        self.synthesis.validate()
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Eq. 4 with the APRIL-GAN convention: per-sample dice of sigmoid(logits) vs mask (smooth=1), 1 − mean."""
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = target.float().flatten(1)
+    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return 1 - dice.mean()
+
+
+class CoarseNorm:
+    """Online scale of coarse maps (``PGTConfig.coarse_norm``)."""
+
+    def __init__(self, mode: str):
+        self.mode, self.lo, self.hi = mode, np.inf, -np.inf
+
+    def update(self, maps: np.ndarray) -> None:
+        lo, hi = float(np.min(maps)), float(np.max(maps))
+        if self.mode == "group_minmax":
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+
+    def __call__(self, maps):
+        if self.mode == "none":
+            return maps
+        return (maps - self.lo) / max(self.hi - self.lo, 1e-12)
+
+
+def _resize_image(img: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    from PIL import Image
+
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}.get(interpolation, Image.BICUBIC)
+    if img.shape[:2] == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), resample))
+
+
+def _load(item) -> np.ndarray:
+    if isinstance(item, np.ndarray):
+        return item
+    from ..data.index import load_image
+
+    return load_image(item)
+
+
+def select_pseudo_normals(maps: np.ndarray, group: np.ndarray, r: int, *, contamination_ratio: float = 0.0,
+                          labels=None, gen: np.random.Generator | None = None) -> np.ndarray:
+    """Indices (into the category) of the r group images with the lowest coarse-map maximum (Sec. 3.2).
+
+    With ``contamination_ratio > 0`` (Table 4 ablation ONLY) ``round(ratio·r)`` slots are first filled with
+    randomly drawn truly anomalous images of the group (``labels``); ``labels`` is not read otherwise.
+    """
+    r = min(int(r), len(group))
+    scores = maps[group].reshape(len(group), -1).max(1)
+    order = group[np.argsort(scores, kind="stable")]
+    if contamination_ratio <= 0:
+        return np.sort(order[:r])
+    if labels is None:
+        raise ValueError("pgt.contamination_ratio > 0 (Table 4 ablation) needs ground-truth labels")
+    n_forced = int(round(contamination_ratio * r))
+    anomalous = np.asarray([int(i) for i in group if int(labels[int(i)]) == 1], dtype=np.int64)
+    if len(anomalous) < n_forced:
+        LOG.warning("CONTAMINATION ABLATION: group has only %d anomalous images for %d slots", len(anomalous), n_forced)
+    gen = gen or np.random.default_rng(0)
+    forced = gen.choice(anomalous, size=min(n_forced, len(anomalous)), replace=False) if len(anomalous) else []
+    rest = [int(i) for i in order if int(i) not in set(int(f) for f in forced)][: r - len(forced)]
+    return np.sort(np.asarray(list(forced) + rest, dtype=np.int64))
+
+
+class _Trainer:
+    """Holds the single progressively trained ARD and everything one group needs."""
+
+    def __init__(self, feats, coarse, images, backbone, backend, options: RefinerOptions, seed: int, textures,
+                 device: torch.device):
+        self.feats, self.coarse, self.images = feats, coarse, images
+        self.backbone, self.backend, self.options = backbone, backend, options
+        self.seed, self.textures, self.device = seed, textures, device
+        self.layer_names = list(feats.layers)
+        self.resolution = int(backbone.resolution)
+        first = next(iter(feats.layers.values()))
+        self.grid = tuple(int(s) for s in first.shape[1:3])
+        stride = getattr(backbone, "patch_stride", None) or self.resolution / self.grid[0]
+        in_channels = int(fuse_layers({k: v[:1] for k, v in feats.layers.items()}, options.ard.feature_fusion).shape[1])
+        torch.manual_seed(seed)
+        self.model = build_refiner(in_channels, options.ard, grid=self.grid, patch_stride=stride).to(device)
+        p = options.pgt
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+        self.amp = bool(p.amp and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.trained = False
+        self.loss_history: list[list[float]] = []
+
+    def real_inputs(self, idx: np.ndarray, norm: CoarseNorm):
+        x = fuse_layers({k: np.asarray(v[idx]) for k, v in self.feats.layers.items()}, self.options.ard.feature_fusion)
+        c = torch.as_tensor(norm(self.coarse.maps[idx].astype(np.float32)))[:, None]
+        return x, c
+
+    @torch.no_grad()
+    def refine(self, x: torch.Tensor, c: torch.Tensor, eval_resolution: int) -> np.ndarray:
+        """Sigmoid of the ARD logits, resized (bilinear) to the evaluation resolution: [n, E, E]."""
+        self.model.eval()
+        out = []
+        bs = self.options.pgt.batch_size
+        for s in range(0, len(x), bs):
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = self.model(x[s:s + bs].to(self.device), c[s:s + bs].to(self.device),
+                                    out_size=(self.resolution, self.resolution))
+            prob = torch.sigmoid(logits.float())
+            prob = F.interpolate(prob, size=(eval_resolution, eval_resolution), mode="bilinear", align_corners=False)
+            out.append(prob[:, 0].cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def make_training_set(self, normals: np.ndarray, references: np.ndarray, stream: int) -> dict:
+        """Pseudo-anomalies of the pseudo-normal images ``normals``: features, raw coarse maps, masks."""
+        p, bb = self.options.pgt, self.backbone
+        interp = getattr(bb, "interpolation", "bicubic")
+        base = [_resize_image(_load(self.images[int(i)]), self.resolution, interp) for i in normals]
+        imgs, masks, sources = synthesize(base, p.n_anomalies_per_normal, self.options.synthesis, self.textures,
+                                          self.seed, stream=(stream,))
+        layers: dict[str, list] = {k: [] for k in self.layer_names}
+        cls_parts = []
+        with torch.no_grad():
+            for s in range(0, len(imgs), p.feature_batch_size):
+                out, cls = bb.forward(bb.preprocess(imgs[s:s + p.feature_batch_size]))
+                for k in self.layer_names:
+                    if k not in out:
+                        raise ValueError(f"backbone {bb.name!r} did not return layer {k!r} of the feature cache "
+                                         f"(returned {list(out)})")
+                    layers[k].append(out[k].float().cpu())
+                if cls is not None:
+                    cls_parts.append(cls.float().cpu())
+        qlayers = {k: torch.cat(v) for k, v in layers.items()}
+        qcls = torch.cat(cls_parts) if cls_parts else None
+        exclude = [int(normals[s]) for s in sources]
+        qmaps = self.backend.score_queries(qlayers, qcls, self.feats, [int(i) for i in references], exclude)
+        qmaps = torch.as_tensor(qmaps).float().cpu().numpy()
+        x = fuse_layers({k: v.numpy() for k, v in qlayers.items()}, self.options.ard.feature_fusion)
+        return {"x": x, "coarse": qmaps, "masks": torch.as_tensor(masks[:, None].astype(np.float32)),
+                "normals": normals}
+
+    def train(self, data: dict, norm: CoarseNorm, stream: int) -> list[float]:
+        p = self.options.pgt
+        x, masks = data["x"], data["masks"]
+        c = torch.as_tensor(norm(data["coarse"]))[:, None].float()
+        gen = make_rng(self.seed, "pgt_order", stream)
+        self.model.train()
+        history = []
+        for _ in range(p.epochs):
+            order = gen.permutation(len(x))
+            total = 0.0
+            for s in range(0, len(order), p.batch_size):
+                b = torch.as_tensor(order[s:s + p.batch_size])
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    logits = self.model(x[b].to(self.device), c[b].to(self.device),
+                                        out_size=(self.resolution, self.resolution))
+                loss = dice_loss(logits, masks[b].to(self.device))
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                total += float(loss.detach()) * len(b)
+            history.append(total / len(x))
+        self.trained = self.trained or p.epochs > 0
+        self.loss_history.append(history)
+        return history
+
+
+def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: RefinerOptions | None = None, *,
+            seed: int = 0, textures: Sequence = (), eval_resolution: int = 256, labels=None,
+            device: str | torch.device = "cpu") -> Refined:
+    """PGT for one category (module doc). ``images``: paths or uint8 arrays in index order (``feats.ids``).
+
+    ``labels`` (0/1 per image) are read only when ``options.pgt.contamination_ratio > 0`` (Table 4).
+    Returns a :class:`~anorefiner.refine.store.Refined` with maps at ``eval_resolution``.
+    """
+    options = options or RefinerOptions()
+    options.validate()
+    p = options.pgt
+    n = len(feats.ids)
+    if list(coarse.ids) != list(feats.ids):
+        raise ValueError("run_pgt: coarse store ids differ from feature cache ids (different category or order?)")
+    if len(images) != n:
+        raise ValueError(f"run_pgt: {len(images)} images given for {n} feature-cache ids")
+    if p.contamination_ratio > 0:
+        if labels is None:
+            raise ValueError("pgt.contamination_ratio > 0 (Table 4 ablation) needs ground-truth labels")
+        LOG.warning("CONTAMINATION ABLATION (Table 4): GROUND-TRUTH LABELS ARE USED to force %.0f%% of the "
+                    "pseudo-normal slots to truly anomalous images", 100 * p.contamination_ratio)
+    device = torch.device(device)
+    from ..zsad.groups import make_groups
+
+    t0 = time.time()
+    groups = make_groups(n, p.group_size)
+    trainer = _Trainer(feats, coarse, images, backbone, backend, options, seed, textures, device)
+    norm = CoarseNorm(p.coarse_norm)
+    e = int(eval_resolution)
+    maps = {m: np.zeros((n, e, e), np.float32) for m in ("coarse", "ard", "combined")}
+    group_of = np.zeros(n, np.int64)
+    first_set = None
+    timings = {"train_s": 0.0, "synthesis_s": 0.0, "refine_s": 0.0}
+    for k, g in enumerate(groups):
+        group_of[g] = k
+        norm.update(coarse.maps[g])
+        raw = torch.as_tensor(coarse.maps[g].astype(np.float32))[:, None]
+        maps["coarse"][g] = F.interpolate(raw, size=(e, e), mode="bilinear", align_corners=True)[:, 0].numpy()
+        coarse_n = norm(maps["coarse"][g])
+        t = time.time()
+        if trainer.trained:
+            x, c = trainer.real_inputs(g, norm)
+            maps["ard"][g] = trainer.refine(x, c, e)
+        else:
+            maps["ard"][g] = coarse_n  # group 1 (nothing trained yet): the coarse map, Sec. 3.2
+        maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
+        timings["refine_s"] += time.time() - t
+        LOG.info("pgt: group %d/%d (%d images) refined by %s", k + 1, len(groups), len(g),
+                 "the ARD" if trainer.trained else "nothing (coarse map kept)")
+        if k == len(groups) - 1 and not p.train_last_group:
+            break
+        if p.schedule == "one_group" and k > 0:
+            continue
+        t = time.time()
+        refs = _references(groups, k, p.query_references, n)
+        if p.schedule == "same_anomalies" and first_set is not None:
+            data = first_set
+        else:
+            if p.schedule == "same_normals" and first_set is not None:
+                normals = first_set["normals"]
+            else:
+                normals = select_pseudo_normals(
+                    coarse.maps, g, p.n_pseudo_normal, contamination_ratio=p.contamination_ratio,
+                    labels=labels if p.contamination_ratio > 0 else None,
+                    gen=make_rng(seed, "contamination", k))
+            data = trainer.make_training_set(normals, refs, stream=k)
+        first_set = first_set or data
+        timings["synthesis_s"] += time.time() - t
+        t = time.time()
+        history = trainer.train(data, norm, stream=k)
+        timings["train_s"] += time.time() - t
+        if history:
+            LOG.info("pgt: group %d trained on %d pseudo-anomalies (normals %s): dice loss %.4f -> %.4f",
+                     k + 1, len(data["x"]), [str(feats.ids[int(i)]) for i in data["normals"]], history[0], history[-1])
+    scores = {"coarse": np.asarray(coarse.scores, np.float32)}
+    for m in ("ard", "combined"):
+        scores[m] = maps[m].reshape(n, -1).max(1) if p.image_score == "max" else scores["coarse"].copy()
+    timings["total_s"] = time.time() - t0
+    attrs = {"options": asdict(options), "seed": int(seed), "eval_resolution": e, "timings": timings,
+             "n_groups": len(groups), "loss_history": trainer.loss_history,
+             "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi},
+             "image_score_rule": {"coarse": "backend score", "ard": p.image_score, "combined": p.image_score},
+             "labels_used": bool(p.contamination_ratio > 0)}
+    return Refined(ids=list(feats.ids), maps=maps, scores=scores, groups=group_of, attrs=attrs)
+
+
+def _references(groups, k: int, mode: str, n: int) -> np.ndarray:
+    if mode == "group":
+        return groups[k]
+    if mode == "seen":
+        return np.concatenate(groups[: k + 1])
+    return np.arange(n)
