@@ -112,7 +112,8 @@ def check_zip_member(info: zipfile.ZipInfo, archive: Path) -> PurePosixPath | No
     """Validate one zip member (Unix mode bits in ``external_attr`` reveal links and devices)."""
     rel = _member_path(info.filename, archive, backslash_is_separator=True)
     mode = info.external_attr >> 16
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    # Many writers store only permission bits (no file type); a type, when present, must be file/folder.
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = "symbolic link" if stat.S_ISLNK(mode) else "special file"
         raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a {kind}; only files and folders are extracted")
     return rel

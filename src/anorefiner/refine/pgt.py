@@ -329,7 +329,8 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
                     labels=labels if p.contamination_ratio > 0 else None,
                     gen=make_rng(seed, "contamination", k))
             data = trainer.make_training_set(normals, refs, stream=k)
-        first_set = first_set or data
+        if first_set is None:
+            first_set = data
         timings["synthesis_s"] += time.time() - t
         t = time.time()
         history = trainer.train(data, norm, stream=k)

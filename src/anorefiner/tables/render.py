@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..io import atomic_path, write_text_atomic
 from .declare import (
-    METRICS, RowDecl, TableDecl, dataset_key, metric_file, row_categories, row_ready, table_settings,
+    RowDecl, TableDecl, dataset_key, metric_file, row_categories, row_ready, table_settings,
 )
 from .published import published_lookup
 
@@ -205,7 +205,3 @@ def write_table(frame: pd.DataFrame, decl: TableDecl, out_csv: str | Path, toler
     out_md = out_csv.with_suffix(".md")
     write_text_atomic(out_md, to_markdown(frame, decl, tolerance))
     return out_csv, out_md
-
-
-def metrics_known() -> tuple[str, ...]:
-    return METRICS

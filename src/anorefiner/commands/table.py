@@ -1,0 +1,75 @@
+"""``anorefiner table``: render one declared paper table (CSV + Markdown) or the audit page."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..log import LOG
+
+NAME = "table"
+HELP = "render a paper table (published numbers beside ours) or, with --audit, tables/audit.md"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="declared table, e.g. table1 (config/tables/<name>.yaml)")
+    parser.add_argument("--tables-dir", default="config/tables", help="folder of table declarations")
+    parser.add_argument("--config-json", default="{}",
+                        help="workflow config as a JSON string or a path to a JSON/YAML file "
+                             "(uses datasets.*.categories, backends, variants, tables.*)")
+    parser.add_argument("--metrics", nargs="*", default=None,
+                        help="tidy metric CSVs to read (default: the table's required files that exist "
+                             "under --metrics-root)")
+    parser.add_argument("--metrics-root", default="results/metrics")
+    parser.add_argument("--audit", action="store_true", help="summarise rendered tables instead")
+    parser.add_argument("inputs", nargs="*", help="with --audit: rendered tables/<name>.csv files")
+    parser.add_argument("--out", required=True, help="tables/<name>.csv (a .md is written beside it) "
+                                                     "or, with --audit, tables/audit.md")
+
+
+def read_config(text: str) -> dict:
+    """A JSON string, or a path to a JSON or YAML file."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config-json is not valid JSON: {err}") from err
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config-json: {text!r} is neither JSON nor an existing file")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(path.read_text()) or {}
+    return json.loads(path.read_text())
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..tables.declare import load_declaration, required_metric_files, table_settings
+
+    config = read_config(args.config_json)
+    tolerance = float(table_settings(config)["tolerance"])
+    if args.audit:
+        from ..tables.audit import write_audit
+
+        out = write_audit(args.inputs, args.out, tolerance)
+        LOG.info("wrote %s (%d tables)", out, len(args.inputs))
+        return 0
+    if not args.name:
+        raise ValueError("anorefiner table: give --name (or --audit)")
+    if args.inputs:
+        raise ValueError(f"unexpected positional arguments {args.inputs} without --audit (use --metrics)")
+    from ..tables.render import load_metrics, render_table, status_kind, write_table
+
+    decl = load_declaration(args.name, args.tables_dir)
+    if args.metrics is None:
+        files = [f for f in required_metric_files(decl, config, args.metrics_root) if Path(f).is_file()]
+    else:
+        files = args.metrics
+    frame = render_table(decl, config, load_metrics(files), args.metrics_root)
+    csv_path, md_path = write_table(frame, decl, args.out, tolerance)
+    counts = frame["status"].map(status_kind).value_counts().to_dict()
+    LOG.info("wrote %s and %s from %d metric files: %s", csv_path, md_path, len(files), counts)
+    return 0

@@ -1,0 +1,112 @@
+"""open_clip ViTs: 1-indexed raw residual tokens, position-embedding interpolation, text access."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anorefiner.backbones import build_backbone
+from anorefiner.backbones.clip_vit import default_vit_layers, interpolate_pos_embed
+
+
+@pytest.fixture(scope="module")
+def vit224():
+    return build_backbone("ViT-B-16", 224, layers=[1, 6, 12], pretrained=None, seed=0)
+
+
+def _hooked_open_clip_forward(bb, x, blocks):
+    """open_clip's own ``visual(x)``, capturing resblock outputs with forward hooks."""
+    seen = {}
+    handles = [
+        bb.visual.transformer.resblocks[i - 1].register_forward_hook(
+            lambda _m, _inp, out, i=i: seen.__setitem__(i, out if bb.batch_first else out.transpose(0, 1))
+        )
+        for i in blocks
+    ]
+    try:
+        with torch.no_grad():
+            pooled = bb.visual(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, pooled
+
+
+def test_tokens_are_the_raw_outputs_of_1_indexed_blocks(vit224):
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    layers, cls = vit224.forward(x)
+    assert list(layers) == ["1", "6", "12"]
+    seen, pooled = _hooked_open_clip_forward(vit224, x, [1, 6, 12])
+    for i in (1, 6, 12):
+        assert layers[str(i)].shape == (2, 14, 14, 768)
+        torch.testing.assert_close(layers[str(i)], seen[i][:, 1:].reshape(2, 14, 14, 768))
+    torch.testing.assert_close(cls, seen[12][:, 0])
+    # ln_post + proj of the kept class token is CLIP's image embedding.
+    torch.testing.assert_close(vit224.image_embedding(cls, normalize=False), pooled)
+
+
+def test_other_resolution_uses_interpolated_position_embedding():
+    bb = build_backbone("ViT-B-16", 160, pretrained=None, seed=0)
+    assert bb.layers == ["3", "6", "9", "12"]
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    layers, cls = bb.forward(x)
+    assert all(t.shape == (1, 10, 10, 768) for t in layers.values()) and cls.shape == (1, 768)
+    # Same numbers as open_clip's own forward once its position embedding is swapped for ours.
+    original = bb.visual.positional_embedding.data.clone()
+    bb.visual.positional_embedding.data = bb.pos_embed.clone()
+    try:
+        seen, _ = _hooked_open_clip_forward(bb, x, [3, 12])
+    finally:
+        bb.visual.positional_embedding.data = original
+    torch.testing.assert_close(layers["3"], seen[3][:, 1:].reshape(1, 10, 10, 768))
+    torch.testing.assert_close(cls, seen[12][:, 0])
+    assert bb.identity["resolution"] == 160 and bb.identity["quick_gelu"] is True
+
+
+def test_interpolate_pos_embed_keeps_class_position():
+    pos = torch.randn(1 + 4 * 4, 8, generator=torch.Generator().manual_seed(0))
+    assert interpolate_pos_embed(pos, (4, 4), (4, 4)) is pos
+    out = interpolate_pos_embed(pos, (4, 4), (6, 6))
+    assert out.shape == (37, 8)
+    assert torch.equal(out[0], pos[0])
+    flat = torch.cat([pos[:1], torch.full((16, 8), 0.25)])
+    torch.testing.assert_close(interpolate_pos_embed(flat, (4, 4), (7, 7))[1:], torch.full((49, 8), 0.25))
+    with pytest.raises(ValueError, match="does not fit grid"):
+        interpolate_pos_embed(pos, (5, 5), (6, 6))
+
+
+def test_default_layers_are_depth_quarters():
+    assert default_vit_layers(24) == [6, 12, 18, 24]
+    assert default_vit_layers(12) == [3, 6, 9, 12]
+
+
+def test_encode_text_is_normalised(vit224):
+    emb = vit224.encode_text(["a photo of a flawless bottle", "a photo of a damaged bottle"])
+    assert emb.shape == (2, 512)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    cls = vit224.forward(torch.zeros(1, 3, 224, 224))[1]
+    sim = vit224.image_embedding(cls) @ emb.T
+    assert sim.shape == (1, 2)
+
+
+def test_bad_requests_name_the_value():
+    with pytest.raises(ValueError, match="multiple of .* patch size 16"):
+        build_backbone("ViT-S-16", 100, pretrained=None)
+    with pytest.raises(ValueError, match="layer 13"):
+        build_backbone("ViT-S-16", 64, layers=[13], pretrained=None)
+    with pytest.raises(ValueError, match="not an open_clip tag"):
+        build_backbone("ViT-S-16", 64, pretrained="no-such-tag")
+
+
+@pytest.mark.slow
+def test_vit_l_14_336_paper_layers_at_518():
+    bb = build_backbone("ViT-L-14-336", 518, pretrained=None)
+    assert bb.layers == ["6", "12", "18", "24"] and bb.patch_stride == 14 and bb.grid == (37, 37)
+    assert bb.pos_embed.shape == (1 + 37 * 37, 1024)
+    layers, cls = bb.forward(torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(0)))
+    assert all(t.shape == (1, 37, 37, 1024) for t in layers.values())
+    assert cls.shape == (1, 1024)
+    assert bb.image_embedding(cls).shape == (1, 768)
+    assert bb.quick_gelu is True  # the OpenAI weights' activation
+    assert F.normalize(bb.encode_text(["a photo"]), dim=-1).shape == (1, 768)
