@@ -175,7 +175,7 @@ def pixel_ap_bars(metrics: pd.DataFrame, out_path: str | Path, dataset: str, bac
     ax.set_ylim(0, 100)
     ax.set_title(f"{dataset} / {backend}: {metric}, coarse vs refined", fontsize=9)
     ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.09, right=0.99, top=0.9, bottom=0.3)
+    fig.subplots_adjust(left=0.11, right=0.99, top=0.9, bottom=0.3)
     return _save(fig, out_path)
 
 

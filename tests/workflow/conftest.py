@@ -20,8 +20,8 @@ def tiny_config(tables_dir: Path) -> dict:
         "targets": [
             "tables/demo_table1.csv",
             "tables/audit.md",
-            "figures/qualitative_demo_musc_star_default_seed0.png",
-            "figures/bars_demo_musc_star_default_seed0.png",
+            "figures/demo/musc_star/default/seed0/qualitative.png",
+            "figures/demo/musc_star/default/seed0/bars.png",
         ],
         "datasets": {
             "demo": {

@@ -34,7 +34,7 @@ def test_tiny_pipeline_produces_every_stage(tiny_run):
     assert (workdir / "tables/demo_table1.md").is_file()
     assert (workdir / "tables/audit.md").read_text().strip()
     for png in ("qualitative", "bars"):
-        path = workdir / f"figures/{png}_demo_musc_star_default_seed0.png"
+        path = workdir / f"figures/demo/musc_star/default/seed0/{png}.png"
         assert path.stat().st_size > 10_000
 
 

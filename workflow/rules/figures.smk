@@ -7,12 +7,12 @@ rule figures:
         ready=dataset_ready,
     output:
         grid=report(
-            "figures/qualitative_{dataset}_{backend}_{variant}_seed{seed}.png",
+            "figures/{dataset}/{backend}/{variant}/seed{seed}/qualitative.png",
             caption="../report/figure.rst",
             category="Figures",
         ),
         bars=report(
-            "figures/bars_{dataset}_{backend}_{variant}_seed{seed}.png",
+            "figures/{dataset}/{backend}/{variant}/seed{seed}/bars.png",
             caption="../report/figure.rst",
             category="Figures",
         ),
@@ -20,7 +20,7 @@ rule figures:
         cli=ANOREFINER,
         root=lambda wc: dataset_root(wc.dataset),
     log:
-        "logs/figures/{dataset}_{backend}_{variant}_seed{seed}.log",
+        "logs/figures/{dataset}/{backend}/{variant}/seed{seed}.log",
     resources:
         mem_mb=4000,
         runtime=10,

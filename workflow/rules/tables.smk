@@ -37,6 +37,7 @@ rule audit:
         report("tables/audit.md", caption="../report/workflow.rst", category="Tables"),
     params:
         cli=ANOREFINER,
+        config_json=lambda wc: json.dumps({"tables": config["tables"]}, sort_keys=True),
     log:
         "logs/tables/audit.log",
     resources:
@@ -45,4 +46,4 @@ rule audit:
     conda:
         "../envs/anorefiner.yaml"
     shell:
-        "{params.cli} table --audit --out {output} {input} > {log} 2>&1"
+        "{params.cli} table --audit --config-json '{params.config_json}' --out {output} {input} > {log} 2>&1"

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", required=True, help="mvtec_ad, visa or demo (picks RsCIN's k_list)")
     p.add_argument("--category", required=True)
     p.add_argument("--byo-maps", default=None, help="maps file for --backend-type byo (docs/byo.md)")
-    p.add_argument("--backbone", default=None, help="PA-CLIP: backbone name (as in the cache attrs) for the text tower")
+    p.add_argument("--backbone", default=None, help="backbone name as in the cache attrs: PA-CLIP text tower, CLIP image embedding for RsCIN")
     p.add_argument("--resolution", type=int, default=None, help="PA-CLIP: backbone input resolution")
     p.add_argument("--data-root", default=None,
                    help="PA-CLIP: dataset root; gives CADA the images (else it augments the token grid)")
@@ -54,7 +54,7 @@ def main(args) -> int:
         options.setdefault("musc", {}).setdefault("dataset", args.dataset)
     key = args.backend_name if PRESETS.get(args.backend_name, (None,))[0] == t else t
     backbone = images = None
-    if t == "paclip":
+    if t == "paclip" or (t == "musc" and args.backbone):
         backbone, images = _paclip_inputs(args, feats, LOG)
     backend = get_backend(key, options, backbone=backbone, seed=args.seed)
     if images is not None:

@@ -20,12 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--downloads", type=Path, default=None,
                         help="folder for the archive (default resources/downloads/<dataset>); "
                              "a hand-downloaded archive placed here under its official name is used")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--url", default=None, help="mirror URL serving the same archive (default: official URL)")
-    source.add_argument("--archive", type=Path, default=None, help="an archive you already have (verified, not moved)")
-    source.add_argument("--root", type=Path, default=None,
-                        help="an already-extracted folder: validated (MVTec layout) or, for VisA, converted into --dest")
-    parser.add_argument("--sha256", default=None, help="expected SHA-256 (default: the official archive's)")
+    # The workflow passes every option, empty when unset; empty means "not given". Precedence when
+    # several are given: --root, then --archive, then --url (the config always holds a url).
+    parser.add_argument("--url", default="", help="mirror URL serving the same archive (default: official URL)")
+    parser.add_argument("--archive", default="", help="an archive you already have (verified, not moved); "
+                                                      "takes precedence over --url")
+    parser.add_argument("--root", default="", help="an already-extracted folder: validated (MVTec layout) or, "
+                                                   "for VisA, converted into --dest; takes precedence over both")
+    parser.add_argument("--sha256", default="", help="expected SHA-256 (default: the official archive's)")
     defaults = DownloadOptions()
     parser.add_argument("--retries", type=int, default=defaults.retries,
                         help=f"extra attempts after a failed request (default {defaults.retries})")
@@ -42,9 +44,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--retries must be >= 0, got {args.retries}")
     options = DownloadOptions(retries=args.retries, timeout_s=args.timeout, backoff_s=args.backoff)
     try:
-        out = prepare_dataset(args.dataset, dest, downloads, url=args.url, sha256=args.sha256,
-                              archive=args.archive, root=args.root, options=options)
-    except AcquisitionError as err:
+        out = prepare_dataset(args.dataset, dest, downloads, url=args.url or None, sha256=args.sha256 or None,
+                              archive=Path(args.archive) if args.archive else None,
+                              root=Path(args.root) if args.root else None, options=options)
+    except (AcquisitionError, FileExistsError) as err:
         LOG.error("%s", err)
         return 1
     LOG.info("dataset %s is ready at %s", args.dataset, out.resolve())

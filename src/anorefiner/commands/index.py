@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", nargs="+", default=None,
                         help="category name(s) (default: every category folder under --root)")
     parser.add_argument("--split", choices=("train", "test"), default=None, help="only this split (default both)")
-    parser.add_argument("--out", type=Path, default=None, help="CSV to write atomically (default: print a summary only)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV to write atomically (default: print a summary only)")
     parser.add_argument("--check", action="store_true",
                         help="read every anomalous image and its mask: readable, same size (fails otherwise)")
 

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "under --metrics-root)")
     parser.add_argument("--metrics-root", default="results/metrics")
     parser.add_argument("--audit", action="store_true", help="summarise rendered tables instead")
-    parser.add_argument("inputs", nargs="*", help="with --audit: rendered tables/<name>.csv files")
+    parser.add_argument("inputs", nargs="*",
+                        help="with --audit: rendered tables/<name>.csv files; otherwise tidy metric CSVs "
+                             "(same as --metrics)")
     parser.add_argument("--out", required=True, help="tables/<name>.csv (a .md is written beside it) "
                                                      "or, with --audit, tables/audit.md")
 
@@ -59,15 +61,13 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise ValueError("anorefiner table: give --name (or --audit)")
-    if args.inputs:
-        raise ValueError(f"unexpected positional arguments {args.inputs} without --audit (use --metrics)")
     from ..tables.render import load_metrics, render_table, status_kind, write_table
 
     decl = load_declaration(args.name, args.tables_dir)
-    if args.metrics is None:
+    if args.metrics is None and not args.inputs:
         files = [f for f in required_metric_files(decl, config, args.metrics_root) if Path(f).is_file()]
     else:
-        files = args.metrics
+        files = list(args.metrics or []) + list(args.inputs)
     frame = render_table(decl, config, load_metrics(files), args.metrics_root)
     csv_path, md_path = write_table(frame, decl, args.out, tolerance)
     counts = frame["status"].map(status_kind).value_counts().to_dict()

@@ -50,33 +50,35 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _TOTAL_ONLY = re.compile(r"bytes\s+\*/(\d+)")
 
 
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20, label: str | None = None) -> str:
     """Hex SHA-256 of a file, with a progress bar (multi-GB archives take a while)."""
     path = Path(path)
     digest = hashlib.sha256()
     with path.open("rb") as fh, progress(total=path.stat().st_size, unit="B", unit_scale=True,
-                                         desc=f"sha256 {path.name}", leave=False) as bar:
+                                         desc=f"sha256 {label or path.name}", leave=False) as bar:
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
             bar.update(len(chunk))
     return digest.hexdigest()
 
 
-def verify_sha256(path: str | Path, expected: str, move_aside: bool = True) -> str:
-    """Check ``path`` against ``expected``; on mismatch move it to ``<path>.bad-sha256`` (kept for
-    inspection) unless ``move_aside`` is False, and raise :class:`ChecksumError` with both sums."""
+def verify_sha256(path: str | Path, expected: str, move_aside: bool = True, name: str | Path | None = None) -> str:
+    """Check ``path`` against ``expected``; on mismatch move it to ``<name>.bad-sha256`` (kept for
+    inspection; ``name`` defaults to ``path``) unless ``move_aside`` is False, and raise
+    :class:`ChecksumError` with both sums."""
     path = Path(path)
+    name = Path(name) if name is not None else path
     expected = _normalise_sha(expected)
-    actual = sha256_file(path)
+    actual = sha256_file(path, label=name.name)
     if actual == expected:
         return actual
     where = f"left in place at {path}"
     if move_aside:
-        bad = path.with_name(path.name + ".bad-sha256")
+        bad = name.with_name(name.name + ".bad-sha256")
         os.replace(path, bad)
         where = f"moved aside to {bad}"
     raise ChecksumError(
-        f"SHA-256 mismatch for {path.name}: expected {expected}, actual {actual}; the file was {where} "
+        f"SHA-256 mismatch for {name.name}: expected {expected}, actual {actual}; the file was {where} "
         f"and nothing was extracted. Rerun to download again, or pass --sha256 {actual} if you trust this file."
     )
 
@@ -91,9 +93,10 @@ def _normalise_sha(value: str) -> str:
 def manual_route(dataset: str | None, dest: Path) -> str:
     """The sentence telling a user how to supply an archive by hand."""
     name = dataset or "<name>"
+    layout = "holding dtd/images/<class>/*.jpg" if name == "dtd" else "in MVTec layout"
     return (
         f"Download it by hand and place it at {dest}, or set the config key datasets.{name}.archive "
-        f"to its path (or datasets.{name}.root to an already-extracted folder in MVTec layout)."
+        f"to its path (or datasets.{name}.root to an already-extracted folder {layout})."
     )
 
 
@@ -131,9 +134,9 @@ def fetch(url: str, dest: str | Path, sha256: str, options: DownloadOptions | No
                     f"{manual_route(dataset, dest)}"
                 ) from None
             wait = 0.0 if gained else options.backoff_s * 2 ** (failures - 1)
-            LOG.warning("download of %s interrupted (%s); retrying in %.0f s", url, _describe(err), wait)
+            LOG.warning("download of %s interrupted (%s); retrying in %.1f s", url, _describe(err), wait)
             time.sleep(wait)
-    verify_sha256(partial, sha256)
+    verify_sha256(partial, sha256, name=dest)
     os.replace(partial, dest)
     LOG.info("downloaded and verified %s", dest)
     return dest
@@ -165,13 +168,14 @@ def _attempt(url: str, partial: Path, options: DownloadOptions) -> bool:
     try:
         response = urllib.request.urlopen(request, timeout=options.timeout_s)
     except urllib.error.HTTPError as err:
+        err.close()
         if err.code == 416 and offset:
             return _on_416(err, partial, offset)
         if err.code in _RETRY_HTTP:
             raise
         raise _Permanent(f"HTTP {err.code} {err.reason}") from None
     with response:
-        status = response.status
+        status = response.status or 200  # file:// and ftp:// mirrors have no status: whole file
         length = response.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
         if status == 206:
@@ -231,7 +235,7 @@ def prepare_dataset(name: str, dest: str | Path, downloads: str | Path, *, url: 
     expected = _normalise_sha(sha256 or source.sha256)
     if root is not None:
         root = Path(root)
-        if source.layout == "visa" and not (root / "train").exists() and _looks_like_raw_visa(root):
+        if source.layout == "visa" and _looks_like_raw_visa(root):
             return convert_visa(find_visa_root(root), dest)
         if source.layout == "textures":
             LOG.info("%s: %d texture images under %s", name, len(dtd_texture_paths(root)), root)

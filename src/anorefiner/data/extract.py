@@ -13,6 +13,7 @@ next run deletes and redoes.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,9 @@ from ..io import write_json_atomic
 from ..log import LOG, progress
 
 MARKER = ".complete"
+# Says "this folder was made by anorefiner" even after the marker is gone (Snakemake deletes a rule's
+# output, the marker, before rerunning it), so such a folder may be replaced; a user's folder may not.
+OWNER = ".anorefiner-owned"
 
 
 class UnsafeArchiveError(ValueError):
@@ -35,8 +39,6 @@ class UnsafeArchiveError(ValueError):
 
 def read_marker(dest: str | Path) -> dict | None:
     """The ``.complete`` marker of ``dest`` as a dict, or None when absent or unreadable."""
-    import json
-
     path = Path(dest) / MARKER
     try:
         data = json.loads(path.read_text())
@@ -56,11 +58,12 @@ def is_complete(dest: str | Path, sha256: str | None = None) -> bool:
 def publish_dir(staging: Path, dest: Path, marker: dict) -> Path:
     """Write ``marker`` into ``staging`` (last), then rename ``staging`` onto ``dest``.
 
-    An existing ``dest`` is replaced only if it is empty or carries a marker (i.e. it was made
-    here); anything else raises ``FileExistsError`` rather than deleting a user's folder.
+    An existing ``dest`` is replaced only if it is empty or was made here (marker or owner file);
+    anything else raises ``FileExistsError`` rather than deleting a user's folder.
     """
     marker = {**marker, "anorefiner": __version__,
               "completed_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    (staging / OWNER).write_text("made by anorefiner; this folder may be deleted and rebuilt\n")
     write_json_atomic(staging / MARKER, marker)
     old = dest.with_name(dest.name + ".old")
     if old.exists():
@@ -68,7 +71,7 @@ def publish_dir(staging: Path, dest: Path, marker: dict) -> Path:
     if dest.is_dir() and not any(dest.iterdir()):
         dest.rmdir()
     elif dest.exists():
-        if read_marker(dest) is None:
+        if read_marker(dest) is None and not (dest / OWNER).is_file():
             raise FileExistsError(
                 f"{dest} exists, is not empty and has no {MARKER} marker, so it was not made by anorefiner; "
                 f"move it away or choose another destination (the finished result is in {staging})"

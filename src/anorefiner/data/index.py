@@ -55,7 +55,9 @@ def _rows_for(cat_dir: Path, split: str, defect_dirs: list[Path]) -> list[dict]:
         seen: dict[str, Path] = {}
         for path in sorted(p for p in folder.iterdir() if _is_image(p)):
             if path.stem in seen:
-                raise DatasetError(f"two images share the id {split}/{defect}/{path.stem}: {seen[path.stem]} and {path}")
+                raise DatasetError(
+                    f"two images share the id {split}/{defect}/{path.stem}: {seen[path.stem]} and {path}"
+                )
             seen[path.stem] = path
             label = 0 if defect == "good" else 1
             mask = None
@@ -78,7 +80,9 @@ def _rows_for(cat_dir: Path, split: str, defect_dirs: list[Path]) -> list[dict]:
     return rows
 
 
-def index_category(root: str | Path, category: str, dataset: str = "mvtec_ad", split: str | None = None) -> pd.DataFrame:
+def index_category(
+    root: str | Path, category: str, dataset: str = "mvtec_ad", split: str | None = None
+) -> pd.DataFrame:
     """One row per image of ``<root>/<category>``, in index order (split, defect, file name).
 
     Columns: ``dataset, category, split, label, defect, image_id, image_path, mask_path``;
@@ -119,7 +123,10 @@ def index_category(root: str | Path, category: str, dataset: str = "mvtec_ad", s
 
 
 def index_dataset(
-    root: str | Path, categories: list[str] | tuple[str, ...] | None = None, dataset: str = "mvtec_ad", split: str | None = None
+    root: str | Path,
+    categories: list[str] | tuple[str, ...] | None = None,
+    dataset: str = "mvtec_ad",
+    split: str | None = None,
 ) -> pd.DataFrame:
     """:func:`index_category` for each category (all under ``root`` when None), concatenated."""
     cats = list_categories(root) if categories is None else list(categories)
@@ -181,19 +188,23 @@ def load_mask(path: str | Path, expected_size: tuple[int, int] | None = None) ->
 
     Threshold: masks whose maximum is >= 128 (MVTec's 0/255, possibly with interpolation or JPEG
     noise) are anomalous where value >= 128; masks with a smaller maximum (0/1 or instance labels
-    such as VisA's) are anomalous where value > 0. Colour masks use their brightest channel.
+    such as VisA's) are anomalous where value > 0. 16-bit masks are compared on the 8-bit scale
+    (value / 257) unless they hold only 0/1; colour masks use their brightest channel.
     ``expected_size`` is the image's ``(H, W)``; a mismatch raises naming both sizes and the file.
     """
-    arr = _to_uint8(_open(path, "mask"))
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
+    img = _open(path, "mask")
+    if img.mode in ("1", "L", "P", "F") or img.mode.startswith("I"):
+        arr = np.asarray(img).astype(np.float64)  # raw values: a 16-bit 0/1 mask must stay 0/1
+    else:
+        arr = np.asarray(img.convert("RGB")).max(axis=2).astype(np.float64)
+    if arr.max(initial=0) > 255:  # 16-bit 0/65535 masks
+        arr = arr / 257.0
     if expected_size is not None and tuple(arr.shape) != tuple(expected_size):
         raise DatasetError(
             f"mask {path} is {arr.shape[0]}x{arr.shape[1]} (HxW) but its image is "
             f"{expected_size[0]}x{expected_size[1]}"
         )
-    threshold = 128 if arr.max(initial=0) >= 128 else 1
-    return arr >= threshold
+    return arr >= 128 if arr.max(initial=0) >= 128 else arr > 0
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

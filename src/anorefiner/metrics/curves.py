@@ -50,6 +50,16 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def sort_dtype(dtype) -> np.dtype:
+    """Dtype the scores are sorted in: float16 is widened to float32 (exact, ties stay ties).
+
+    NumPy 2.4's default (SIMD) sort of float16 returned unsorted output here (AMD EPYC, mixed
+    signs; found by the tie tests) and its stable float16 sort is ~4x slower than a float32 sort.
+    """
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
 def score_dtype(arr: np.ndarray) -> np.ndarray:
     """Keep floating dtypes (float16 ties must stay ties); integers/bools become float64."""
     if arr.dtype.kind == "f":
@@ -65,8 +75,8 @@ class Ranked:
 
     ``neg_lt[i]`` / ``neg_le[i]``: number of normal scores ``<`` / ``<=`` ``pos[i]``.
     ``order``: permutation that sorted the anomalous scores (to carry per-pixel weights along).
-    ``neg_sorted``: the sorted normal scores (NumPy array or torch tensor), kept for threshold
-    counts (MuSc PRO); None once released.
+    ``sorted_all``: all scores sorted (NumPy array or torch tensor), kept for threshold counts
+    (MuSc PRO) when asked for, else None.
     """
 
     pos: np.ndarray
@@ -74,7 +84,7 @@ class Ranked:
     neg_lt: np.ndarray
     neg_le: np.ndarray
     n_neg: int
-    neg_sorted: Any = None
+    sorted_all: Any = None
 
     @property
     def n_pos(self) -> int:
@@ -82,27 +92,36 @@ class Ranked:
 
     def group_start(self) -> np.ndarray:
         """Index of the first element of each element's tie group in ``pos`` (int64)."""
-        n = self.n_pos
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        new = np.empty(n, dtype=bool)
-        new[0] = True
-        np.not_equal(self.pos[1:], self.pos[:-1], out=new[1:])
-        start = np.where(new, np.arange(n, dtype=np.int64), 0)
-        return np.maximum.accumulate(start)
+        return _group_bounds(self.pos)[0]
 
     def count_neg_greater(self, thresholds: np.ndarray) -> np.ndarray:
         """Number of normal scores ``> t`` for each float64 threshold ``t`` (exact comparison)."""
-        if self.neg_sorted is None:
-            raise RuntimeError("normal scores were released; rank again to count thresholds")
-        if is_torch(self.neg_sorted):
-            t = torch.from_numpy(floor_to_dtype(thresholds, _np_dtype(self.neg_sorted)))
-            t = t.to(self.neg_sorted.device)
-            le = torch.searchsorted(self.neg_sorted, t, right=True).cpu().numpy()
+        if self.sorted_all is None:
+            raise RuntimeError("sorted scores were not kept; rank(..., keep_sorted=True)")
+        pos_le = np.searchsorted(self.pos, floor_to_dtype(thresholds, self.pos.dtype), side="right")
+        if is_torch(self.sorted_all):
+            t = torch.from_numpy(floor_to_dtype(thresholds, _np_dtype(self.sorted_all)))
+            le = torch.searchsorted(self.sorted_all, t.to(self.sorted_all.device), right=True).cpu().numpy()
         else:
-            t = floor_to_dtype(thresholds, self.neg_sorted.dtype)
-            le = np.searchsorted(self.neg_sorted, t, side="right")
-        return self.n_neg - le.astype(np.int64)
+            le = np.searchsorted(self.sorted_all, floor_to_dtype(thresholds, self.sorted_all.dtype), side="right")
+        return self.n_neg - (le.astype(np.int64) - pos_le.astype(np.int64))
+
+
+def _group_bounds(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of a sorted array: start and end (exclusive) index of its tie group."""
+    n = sorted_values.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=new[1:])
+    idx = np.arange(n, dtype=np.int64)
+    start = np.maximum.accumulate(np.where(new, idx, 0))
+    last = np.empty(n, dtype=bool)  # last element of its group
+    last[:-1] = new[1:]
+    last[-1] = True
+    end = np.minimum.accumulate(np.where(last, idx + 1, n)[::-1])[::-1]
+    return start, end
 
 
 def _np_dtype(tensor) -> np.dtype:
@@ -122,51 +141,57 @@ def floor_to_dtype(values: np.ndarray, dtype) -> np.ndarray:
     return cast
 
 
-def rank(neg: Any, pos: Any, keep_neg: bool = False) -> Ranked:
-    """Sort ``neg`` and ``pos`` (1-D, same dtype family) once and rank ``pos`` among ``neg``.
+def rank(scores: Any, pos: Any, keep_sorted: bool = False) -> Ranked:
+    """Rank the anomalous scores ``pos`` among the normal ones, with one sort of ``scores``.
 
-    ``neg`` is sorted in place when it is a NumPy array (callers pass a fresh copy); tensors use
-    ``torch.sort`` on their device. ``keep_neg`` keeps the sorted normal scores for PRO thresholds.
+    ``scores`` holds *all* scores (normal and anomalous) and ``pos`` the anomalous subset: the
+    normal counts are "all" counts minus anomalous counts, so the normal scores are never
+    gathered (a masked copy of ~all pixels costs more than the sort's own copy). Tensors are
+    sorted with ``torch.sort`` on their device. ``keep_sorted`` keeps the sorted scores for
+    threshold counts (MuSc PRO).
     """
-    if is_torch(neg) or is_torch(pos):
-        return _rank_torch(neg, pos, keep_neg)
-    neg = score_dtype(np.asarray(neg).reshape(-1))
+    if is_torch(scores) or is_torch(pos):
+        return _rank_torch(scores, pos, keep_sorted)
+    scores = score_dtype(np.asarray(scores))
     pos = score_dtype(np.asarray(pos).reshape(-1))
-    if neg.dtype != pos.dtype:
-        common = np.promote_types(neg.dtype, pos.dtype)
-        neg, pos = neg.astype(common), pos.astype(common)
-    neg.sort()
+    common = sort_dtype(np.promote_types(scores.dtype, pos.dtype))
+    flat = np.array(scores, dtype=common, copy=True).reshape(-1)  # fresh copy: sorted in place
+    flat.sort()
     order = np.argsort(pos, kind="stable")
-    pos_sorted = pos[order]
-    lt = np.searchsorted(neg, pos_sorted, side="left").astype(np.int64, copy=False)
-    le = np.searchsorted(neg, pos_sorted, side="right").astype(np.int64, copy=False)
-    return Ranked(pos_sorted, order, lt, le, int(neg.shape[0]), neg if keep_neg else None)
+    pos_sorted = pos.astype(common, copy=False)[order]
+    lt = np.searchsorted(flat, pos_sorted, side="left").astype(np.int64, copy=False)
+    le = np.searchsorted(flat, pos_sorted, side="right").astype(np.int64, copy=False)
+    return _ranked(pos_sorted, order, lt, le, flat.shape[0], flat if keep_sorted else None)
 
 
-def _rank_torch(neg, pos, keep_neg: bool) -> Ranked:
-    neg = torch.as_tensor(neg).reshape(-1)
-    pos = torch.as_tensor(pos).reshape(-1).to(neg.device)
-    if not neg.dtype.is_floating_point:
-        neg = neg.double()
-    if not pos.dtype.is_floating_point:
-        pos = pos.double()
-    if neg.dtype not in _TORCH_NUMPY_FLOATS:
-        neg = neg.float()
-    if pos.dtype not in _TORCH_NUMPY_FLOATS:
-        pos = pos.float()
-    common = torch.promote_types(neg.dtype, pos.dtype)
-    neg, pos = neg.to(common), pos.to(common)
-    neg_sorted = torch.sort(neg).values
-    pos_sorted, order = torch.sort(pos, stable=True)
-    lt = torch.searchsorted(neg_sorted, pos_sorted, right=False)
-    le = torch.searchsorted(neg_sorted, pos_sorted, right=True)
-    return Ranked(
+def _ranked(pos_sorted, order, all_lt, all_le, n_all: int, sorted_all) -> Ranked:
+    start, end = _group_bounds(pos_sorted)
+    n_pos = pos_sorted.shape[0]
+    if n_all < n_pos:
+        raise ValueError(f"{n_pos} anomalous scores but only {n_all} scores in all")
+    # anomalous scores < pos[i] are the pos[:start]; <= pos[i] are the pos[:end]
+    return Ranked(pos_sorted, order, all_lt - start, all_le - end, n_all - n_pos, sorted_all)
+
+
+def _rank_torch(scores, pos, keep_sorted: bool) -> Ranked:
+    scores = torch.as_tensor(scores).reshape(-1)
+    pos = torch.as_tensor(pos).reshape(-1).to(scores.device)
+    common = torch.promote_types(scores.dtype, pos.dtype)
+    if not common.is_floating_point:
+        common = torch.float64
+    elif common not in _TORCH_NUMPY_FLOATS:
+        common = torch.float32  # bfloat16: exact in float32
+    sorted_all = torch.sort(scores.to(common)).values
+    pos_sorted, order = torch.sort(pos.to(common), stable=True)
+    lt = torch.searchsorted(sorted_all, pos_sorted, right=False)
+    le = torch.searchsorted(sorted_all, pos_sorted, right=True)
+    return _ranked(
         pos_sorted.cpu().numpy(),
         order.cpu().numpy(),
         lt.cpu().numpy().astype(np.int64, copy=False),
         le.cpu().numpy().astype(np.int64, copy=False),
-        int(neg_sorted.shape[0]),
-        neg_sorted if keep_neg else None,
+        int(sorted_all.shape[0]),
+        sorted_all if keep_sorted else None,
     )
 
 

@@ -160,7 +160,7 @@ def evaluate_category(
             if device != "cpu":
                 resized = torch.from_numpy(resized).to(device)
             px = prepare_pixels(
-                resized, gt_dev, keep_normals=options.compute_pro and options.pro_variant == "musc",
+                resized, gt_dev, keep_sorted=options.compute_pro and options.pro_variant == "musc",
                 components=components,
             )
         except ValueError as err:

@@ -46,4 +46,4 @@ def image_metrics(scores: Any, labels: Any) -> dict[str, float]:
         raise ValueError("image_metrics: empty input (no scores)")
     check_finite(s, "scores")
     y = validate_labels(y)
-    return binary_metrics(rank(s[~y].copy(), s[y]), what="image scores")
+    return binary_metrics(rank(s, s[y]), what="image scores")

@@ -87,13 +87,13 @@ def prepare_pixels(
     maps: Any,
     masks: Any,
     connectivity: int | None = None,
-    keep_normals: bool = False,
+    keep_sorted: bool = False,
     components: tuple[np.ndarray, int] | None = None,
 ) -> PixelScores:
     """Validate, split pixels by mask and rank them with one sort.
 
     ``connectivity`` (4 or 8; None = skip) labels the ground-truth components for PRO and attaches
-    per-anomalous-pixel weights. ``keep_normals`` keeps the sorted normal scores for threshold
+    per-anomalous-pixel weights. ``keep_sorted`` keeps all scores sorted for threshold
     counts (MuSc PRO) and the score range. ``components`` reuses the result of
     :func:`component_weights` for these masks (several methods, one ground truth).
     """
@@ -106,10 +106,8 @@ def prepare_pixels(
     elif connectivity is not None:
         cpu_masks = masks.cpu().numpy() if is_torch(masks) else masks
         weights, n_components = component_weights(cpu_masks, connectivity)
-    neg, pos = maps[~masks], maps[masks]  # fresh copies: rank() sorts neg in place
-    r = rank(neg, pos, keep_neg=keep_normals)
-    del neg, pos
-    lo, hi = _extremes(r) if keep_normals else (float("nan"), float("nan"))
+    r = rank(maps, maps[masks], keep_sorted=keep_sorted)
+    lo, hi = _extremes(r) if keep_sorted else (float("nan"), float("nan"))
     if weights is not None:
         weights = weights[r.order]
     return PixelScores(r, lo, hi, weights, n_components, tuple(maps.shape))
@@ -146,9 +144,9 @@ def _extremes(r: Ranked) -> tuple[float, float]:
     if r.n_pos:
         lows.append(float(r.pos[0]))
         highs.append(float(r.pos[-1]))
-    if r.n_neg:
-        lows.append(float(r.neg_sorted[0]))
-        highs.append(float(r.neg_sorted[-1]))
+    if r.sorted_all is not None and r.sorted_all.shape[0]:
+        lows.append(float(r.sorted_all[0]))
+        highs.append(float(r.sorted_all[-1]))
     if not lows:
         return float("nan"), float("nan")
     return min(lows), max(highs)

@@ -26,8 +26,13 @@ from typing import Any
 import numpy as np
 
 from anorefiner.log import LOG
-from anorefiner.metrics.curves import floor_to_dtype
-from anorefiner.metrics.pixel import PixelScores, prepare_pixels
+from anorefiner.metrics.curves import floor_to_dtype, is_torch, sort_dtype
+from anorefiner.metrics.pixel import (
+    PixelScores,
+    component_weights,
+    prepare_pixels,
+    validate_pixels,
+)
 
 PRO_VARIANTS = ("musc", "mvtec")
 
@@ -50,7 +55,10 @@ def pro(
     constant maps). Raises ``ValueError`` for bad input (see ``pixel.validate_pixels``).
     """
     check_pro_options(variant, max_fpr, steps)
-    px = prepare_pixels(maps, masks, connectivity=connectivity, keep_normals=variant == "musc")
+    if variant == "musc" and not (is_torch(maps) and maps.device.type != "cpu"):
+        maps, masks = validate_pixels(maps, masks)
+        return _pro_musc_unsorted(maps, masks, connectivity, max_fpr, int(steps))
+    px = prepare_pixels(maps, masks, connectivity=connectivity, keep_sorted=variant == "musc")
     return pro_from_pixels(px, variant, max_fpr, steps)
 
 
@@ -88,12 +96,24 @@ def _pro_musc(px: PixelScores, suffix: np.ndarray, max_fpr: float, steps: int) -
     if not px.hi > px.lo:
         LOG.warning("PRO (musc): all scores equal %s; no threshold grid, reporting NaN", px.lo)
         return float("nan")
-    thresholds = px.lo + np.arange(steps, dtype=np.float64) * ((px.hi - px.lo) / steps)
+    thresholds = musc_thresholds(px.lo, px.hi, steps)
     fpr = r.count_neg_greater(thresholds) / r.n_neg
-    above = np.searchsorted(r.pos, floor_to_dtype(thresholds, r.pos.dtype), side="right")
+    return _musc_area(thresholds, fpr, r.pos, suffix, max_fpr)
+
+
+def musc_thresholds(lo: float, hi: float, steps: int) -> np.ndarray:
+    """``t_k = lo + k (hi - lo) / steps`` for ``k = 0..steps-1`` (float64)."""
+    return lo + np.arange(steps, dtype=np.float64) * ((hi - lo) / steps)
+
+
+def _musc_area(
+    thresholds: np.ndarray, fpr: np.ndarray, pos: np.ndarray, suffix: np.ndarray, max_fpr: float
+) -> float:
+    above = np.searchsorted(pos, floor_to_dtype(thresholds, pos.dtype), side="right")
     pro_values = suffix[above]
     keep = fpr < max_fpr
-    fpr, pro_values = fpr[keep][::-1], pro_values[keep][::-1]  # ascending FPR
+    # reversed threshold order = ascending FPR: the same polyline as MuSc's (sklearn.metrics.auc)
+    fpr, pro_values = fpr[keep][::-1], pro_values[keep][::-1]
     if fpr.size < 2 or not fpr[-1] > fpr[0]:
         LOG.warning(
             "PRO (musc): %d thresholds with FPR < %s and no FPR range to rescale; reporting NaN",
@@ -102,6 +122,48 @@ def _pro_musc(px: PixelScores, suffix: np.ndarray, max_fpr: float, steps: int) -
         return float("nan")
     fpr = (fpr - fpr[0]) / (fpr[-1] - fpr[0])
     return float(np.sum(np.diff(fpr) * (pro_values[1:] + pro_values[:-1]) / 2.0))
+
+
+def _pro_musc_unsorted(maps: np.ndarray, masks: np.ndarray, connectivity: int, max_fpr: float, steps: int) -> float:
+    """MuSc PRO without sorting the normal pixels: bin every pixel against the equal-step grid.
+
+    The bin of a score is first estimated arithmetically, then corrected with exact float64
+    comparisons against the thresholds, so the counts equal a per-threshold ``maps > t`` pass.
+    """
+    weights, n_components = component_weights(masks, connectivity)
+    pos = maps[masks].astype(sort_dtype(maps.dtype), copy=False)
+    n_neg = masks.size - pos.size
+    if n_components == 0 or n_neg == 0:
+        LOG.warning(
+            "PRO: %d ground-truth components and %d normal pixels; PRO is undefined, reporting NaN",
+            n_components, n_neg,
+        )
+        return float("nan")
+    order = np.argsort(pos, kind="stable")
+    pos, weights = pos[order], weights[order]
+    suffix = np.zeros(pos.size + 1, dtype=np.float64)
+    suffix[:-1] = np.cumsum(weights[::-1])[::-1]
+    lo, hi = float(maps.min()), float(maps.max())
+    if not hi > lo:
+        LOG.warning("PRO (musc): all scores equal %s; no threshold grid, reporting NaN", lo)
+        return float("nan")
+    thresholds = musc_thresholds(lo, hi, steps)
+    counts = np.zeros(steps + 1, dtype=np.int64)  # counts[j]: pixels above exactly j thresholds
+    step = (hi - lo) / steps
+    for s in range(0, maps.shape[0], 8):
+        x = maps[s : s + 8].reshape(-1).astype(np.float64)
+        g = np.clip(np.ceil((x - lo) / step), 0, steps).astype(np.int64)
+        while True:  # rounding can put a score one bin off; fix with exact comparisons
+            up = (g < steps) & (x > thresholds[np.minimum(g, steps - 1)])
+            down = (g > 0) & ~(x > thresholds[np.maximum(g - 1, 0)])
+            if not (up.any() or down.any()):
+                break
+            g += up.astype(np.int64) - down.astype(np.int64)
+        counts += np.bincount(g, minlength=steps + 1)
+    all_greater = counts.sum() - np.cumsum(counts)[:steps]
+    pos_greater = pos.size - np.searchsorted(pos, floor_to_dtype(thresholds, pos.dtype), side="right")
+    fpr = (all_greater - pos_greater) / n_neg
+    return _musc_area(thresholds, fpr, pos, suffix, max_fpr)
 
 
 def _pro_mvtec(px: PixelScores, suffix: np.ndarray, max_fpr: float) -> float:

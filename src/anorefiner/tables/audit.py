@@ -43,7 +43,7 @@ def audit_markdown(frame: pd.DataFrame, tolerance: float | None = None) -> str:
     totals = frame["kind"].value_counts()
     compared = int(sum(totals.get(k, 0) for k in ("reproduced", "within tolerance", "outside tolerance")))
     ok = int(totals.get("reproduced", 0) + totals.get("within tolerance", 0))
-    out += [f"{len(frame)} cells in {frame['table'].nunique()} tables; {compared} compared with a published "
+    out += [f"{len(frame)} cells in {frame['table'].nunique()} table(s); {compared} compared with a published "
             f"number, {ok} of them within tolerance; {int(totals.get('not run', 0))} not run; "
             f"{int(totals.get('not implemented', 0))} not implemented.", ""]
     out += ["| table | " + " | ".join(STATUS_ORDER) + " | max abs diff |",

@@ -117,19 +117,27 @@ def _cell(row: RowDecl, paper_ds: str, metric: str, pub, config, values, toleran
     ds = dataset_key(paper_ds, config)
     cats = row_categories(row, ds, config)
     seeds = row.seed_list(config)
-    per_seed, missing = [], []
+    per_seed, missing, undefined = [], [], []
     for seed in seeds:
         vals = []
         for cat in cats:
             v = values.get((ds, row.backend, row.variant, seed, cat, row.method, metric))
-            if v is None or math.isnan(v):
-                missing.append(metric_file(ds, row.backend, row.variant, seed, cat, metrics_root))
+            where = metric_file(ds, row.backend, row.variant, seed, cat, metrics_root)
+            if v is None:
+                missing.append(where)
+            elif math.isnan(v):  # e.g. a category without anomalous test images
+                undefined.append(where)
             else:
                 vals.append(v)
         if len(vals) == len(cats):
             per_seed.append(100.0 * float(np.mean(vals)))
+    n = len(seeds) * len(cats)
     if missing:
-        note = f"missing {metric} ({row.method}) for {len(missing)} of {len(seeds) * len(cats)} (seed, category) pairs, e.g. {missing[0]}"
+        note = (f"missing {metric} ({row.method}) for {len(missing)} of {n} (seed, category) pairs, "
+                f"e.g. {missing[0]}")
+        return dict(status="not run", note=note)
+    if undefined:
+        note = f"{metric} ({row.method}) is undefined (NaN) for {len(undefined)} of {n}, e.g. {undefined[0]}"
         return dict(status="not run", note=note)
     mean = float(np.mean(per_seed))
     std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan

@@ -63,7 +63,7 @@ def get_backend(name_or_type: str, options: dict | None = None, backbone=None, s
     if kind == "musc":
         from .musc import MuscBackend, MuscConfig
 
-        return MuscBackend(from_dict(MuscConfig, opts, where), name=name_or_type, seed=seed)
+        return MuscBackend(from_dict(MuscConfig, opts, where), name=name_or_type, seed=seed, backbone=backbone)
     if kind == "paclip":
         from .paclip import PACLIPBackend, PACLIPConfig
 

@@ -229,8 +229,9 @@ def _resolve_device(name: str) -> torch.device:
 class MuscBackend:
     """The MuSc family as a :class:`~anorefiner.zsad.Backend` (``coarse`` + ``score_queries``)."""
 
-    def __init__(self, config: MuscConfig | None = None, name: str = "musc", seed: int = 0):
+    def __init__(self, config: MuscConfig | None = None, name: str = "musc", seed: int = 0, backbone=None):
         self.config = config or MuscConfig()
+        self.backbone = backbone
         self.name = name
         self.seed = seed
         c = self.config
@@ -274,9 +275,23 @@ class MuscBackend:
             LOG.warning("musc: the feature cache has no CLS token: RsCIN is skipped (image score = max of map)")
         elif c.rscin:
             scopes = groups if c.rscin_scope == "group" else [np.arange(n)]
+            cls = self.cls_embeddings(feats.cls)
             for g in scopes:
-                scores[g] = rscin(raw[g], np.asarray(feats.cls)[g], self.k_list())
+                scores[g] = rscin(raw[g], cls[g], self.k_list())
         return CoarseResult(maps=maps, scores=scores.astype(np.float32))
+
+    def cls_embeddings(self, cls) -> np.ndarray:
+        """RsCIN's image embeddings: the reference uses CLIP's projected image embedding
+        (ln_post + proj of the class token); the cache holds the raw class token, so map it through
+        the backbone when one is given, else use the raw token (cosine of a different space)."""
+        cls = np.asarray(cls, dtype=np.float32)
+        if self.backbone is not None:
+            try:
+                return np.asarray(self.backbone.image_embedding(torch.as_tensor(cls)).float().cpu())
+            except (TypeError, NotImplementedError, AttributeError):
+                pass
+        LOG.info("musc: RsCIN on the raw class token (no CLIP backbone given for its image embedding)")
+        return cls
 
     def score_queries(self, query_layers, query_cls, feats, reference_idx, exclude):
         """Coarse maps of new images against ``feats`` images ``reference_idx`` (``exclude[m]``:

@@ -158,14 +158,25 @@ class PACLIPBackend:
         self.last_info: dict = {}
 
     # ---- 3.2: normal image selection -------------------------------------------------------
+    def _text(self):
+        """``[2, D]`` normal/defective prompt embeddings, or None when the backbone has no text tower."""
+        if self.backbone is None:
+            return None
+        c = self.config
+        prompts = [c.prompt_normal.format(category=c.category), c.prompt_defect.format(category=c.category)]
+        try:
+            return torch.as_tensor(self.backbone.encode_text(prompts)).float().cpu()
+        except (TypeError, NotImplementedError, AttributeError):
+            return None
+
     def selection_mode(self, feats) -> str:
         c = self.config
-        has_text = self.backbone is not None and callable(getattr(self.backbone, "encode_text", None))
-        if c.normal_selection == "text" and not (has_text and feats.cls is not None):
+        has_text = feats.cls is not None and self._text() is not None
+        if c.normal_selection == "text" and not has_text:
             raise ValueError("paclip normal_selection='text' needs a backbone with encode_text and a CLS token")
         if c.normal_selection != "auto":
             return c.normal_selection
-        if has_text and feats.cls is not None:
+        if has_text:
             return "text"
         LOG.warning("PA-CLIP: no CLIP text tower for this backbone -> VISUAL normal-image selection "
                     "(lowest mean patch kNN distance), not the paper's text prompts (Eq. 2-3)")
@@ -176,9 +187,8 @@ class PACLIPBackend:
         c = self.config
         mode = self.selection_mode(feats)
         if mode == "text":
-            prompts = [c.prompt_normal.format(category=c.category), c.prompt_defect.format(category=c.category)]
+            text = self._text()
             with torch.no_grad():
-                text = torch.as_tensor(self.backbone.encode_text(prompts)).float().cpu()
                 img = torch.as_tensor(self.backbone.image_embedding(torch.as_tensor(np.asarray(feats.cls)[idx]))).float().cpu()
             text = text / text.norm(dim=-1, keepdim=True)
             img = img / img.norm(dim=-1, keepdim=True)
@@ -213,7 +223,7 @@ class PACLIPBackend:
             imgs = self.images(list(normal))
             for v in range(c.n_augment):
                 aug = [_photometric(im, gen) if photometric else
-                       np.ascontiguousarray(_geometric(torch.as_tensor(im), v).numpy()) for im in imgs]
+                       np.ascontiguousarray(_geometric(torch.from_numpy(np.array(im)), v).numpy()) for im in imgs]
                 with torch.no_grad():
                     layers, _ = self.backbone.forward(self.backbone.preprocess(aug))
                 for k in names:

@@ -34,13 +34,13 @@ def _hooked_open_clip_forward(bb, x, blocks):
 
 
 def test_tokens_are_the_raw_outputs_of_1_indexed_blocks(vit224):
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     layers, cls = vit224.forward(x)
     assert list(layers) == ["1", "6", "12"]
     seen, pooled = _hooked_open_clip_forward(vit224, x, [1, 6, 12])
     for i in (1, 6, 12):
-        assert layers[str(i)].shape == (2, 14, 14, 768)
-        torch.testing.assert_close(layers[str(i)], seen[i][:, 1:].reshape(2, 14, 14, 768))
+        assert layers[str(i)].shape == (1, 14, 14, 768)
+        torch.testing.assert_close(layers[str(i)], seen[i][:, 1:].reshape(1, 14, 14, 768))
     torch.testing.assert_close(cls, seen[12][:, 0])
     # ln_post + proj of the kept class token is CLIP's image embedding.
     torch.testing.assert_close(vit224.image_embedding(cls, normalize=False), pooled)

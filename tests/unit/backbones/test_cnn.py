@@ -56,7 +56,7 @@ def test_weight_mapping_fails_loudly_on_a_shape_mismatch(tmp_path):
         load_efficientnet_lite0_weights(model, str(bad))
 
 
-def test_resnet50_layer2_layer3_resized_to_layer2_grid(tmp_path):
+def test_resnet50_layer2_layer3_resized_to_layer2_grid():
     bb = build_backbone("resnet50", 64, pretrained=None, seed=3)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     layers, cls = bb.forward(x)
@@ -72,12 +72,15 @@ def test_resnet50_layer2_layer3_resized_to_layer2_grid(tmp_path):
     torch.testing.assert_close(layers["layer3"], up.permute(0, 2, 3, 1))
     assert bb.identity["preprocess"]["mean"] == [0.485, 0.456, 0.406]
 
-    # A local weights file loads (weights_only) and is identified by its hash.
-    path = tmp_path / "r50.pt"
-    torch.save(m.state_dict(), path)
-    again = build_backbone("resnet50", 64, pretrained=str(path))
-    assert again.identity["weights"].startswith("sha256:")
-    torch.testing.assert_close(again.forward(x)[0]["layer3"], layers["layer3"])
+
+def test_local_weights_file_with_timm_names_loads_and_is_hashed(tmp_path):
+    bb = build_backbone("efficientnet_lite0", 32, pretrained=None, seed=5)
+    path = tmp_path / "lite0.pt"
+    torch.save(bb.model.state_dict(), path)
+    again = build_backbone("efficientnet_lite0", 32, pretrained=str(path))
+    assert again.identity["weights"].startswith("lite0.pt sha256:")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again.forward(x)[0]["blocks.4"], bb.forward(x)[0]["blocks.4"])
 
 
 def test_random_weights_follow_the_seed():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from anorefiner.data import demo
-from anorefiner.data.demo import GENERATORS, MARKER, generate_demo, render_test_image, test_layout
+from anorefiner.data.demo import GENERATORS, MARKER, generate_demo, render_test_image, defect_counts
 from anorefiner.data.index import check_category, index_category
 
 
@@ -88,9 +88,9 @@ def test_normal_images_vary(category):
 
 
 def test_layout_splits_half_of_the_test_set():
-    assert test_layout("widget", 60) == {"good": 30, "displaced": 8, "missing": 8, "scratch": 7, "stain": 7}
-    assert sum(test_layout("tiles", 7).values()) == 7
-    assert test_layout("tiles", 7)["good"] == 4
+    assert defect_counts("widget", 60) == {"good": 30, "displaced": 8, "missing": 8, "scratch": 7, "stain": 7}
+    assert sum(defect_counts("tiles", 7).values()) == 7
+    assert defect_counts("tiles", 7)["good"] == 4
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -116,6 +116,9 @@ def test_marker_skips_and_regenerates(tmp_path):
     assert len(list((root / "tiles" / "train" / "good").glob("*.png"))) == 2
     assert json.loads((root / MARKER).read_text())["params"]["n_train"] == 2
     assert not (tmp_path / "demo.partial").exists() and not (tmp_path / "demo.old").exists()
+    (root / MARKER).unlink()  # Snakemake removes the output marker before it reruns the rule
+    generate_demo(root, categories=("tiles",), image_size=32, n_train=1, n_test=2, seed=0)
+    assert (root / MARKER).is_file() and not (root / "tiles" / "train" / "good" / "001.png").exists()
 
 
 def test_killed_generation_never_looks_complete(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ import socket
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +77,7 @@ def server():
     httpd.files, httpd.requests, httpd.statuses = {}, [], []
     httpd.not_found = httpd.ignore_range = False
     httpd.cuts_left, httpd.cut_after, httpd.fail_next = 0, 0, 0
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield httpd
@@ -213,8 +212,8 @@ def test_checksum_mismatch_keeps_file_aside_and_extracts_nothing(server, tmp_pat
         prepare_dataset("mvtec_ad", dest, downloads, url=server.base + "/m.tar.xz", sha256=wrong, options=FAST)
     assert wrong in str(info.value) and _sha(data) in str(info.value)
     name = SOURCES["mvtec_ad"].filename
-    assert (downloads / f"{name}.partial.bad-sha256").read_bytes() == data
-    assert not (downloads / name).exists()
+    assert (downloads / f"{name}.bad-sha256").read_bytes() == data
+    assert not (downloads / name).exists() and not (downloads / f"{name}.partial").exists()
     assert not dest.exists() and not list(tmp_path.glob("datasets/*"))
 
 
@@ -257,6 +256,20 @@ def test_local_archive_and_hand_placed_archive(tmp_path):
     with pytest.raises(ChecksumError, match="left in place"):
         prepare_dataset("mvtec_ad", tmp_path / "c", tmp_path / "dl", archive=local, sha256="1" * 64)
     assert local.is_file()
+    # A corrupt hand-placed archive is moved aside (kept) and nothing is extracted.
+    placed.write_bytes(data[:-10])
+    with pytest.raises(ChecksumError, match="moved aside"):
+        prepare_dataset("mvtec_ad", tmp_path / "c", tmp_path / "dl2", sha256=_sha(data), options=FAST)
+    assert placed.with_name(placed.name + ".bad-sha256").read_bytes() == data[:-10]
+    assert not placed.exists() and not (tmp_path / "c").exists()
+
+
+def test_file_url_mirror(tmp_path):
+    data = mvtec_archive()
+    (tmp_path / "mirror.tar.xz").write_bytes(data)
+    url = (tmp_path / "mirror.tar.xz").as_uri()
+    out = prepare_dataset("mvtec_ad", tmp_path / "d", tmp_path / "dl", url=url, sha256=_sha(data), options=FAST)
+    assert validate_mvtec_root(out) == ["widget"]
 
 
 def test_existing_root_validation_names_what_is_missing(tmp_path):
@@ -287,7 +300,7 @@ def test_dtd_download_and_texture_paths(server, tmp_path):
         dtd_texture_paths(tmp_path / "dl")
 
 
-def test_cli_download(server, tmp_path, caplog):
+def test_cli_download(server, tmp_path):
     from anorefiner.cli import main
 
     data = mvtec_archive()
@@ -295,8 +308,10 @@ def test_cli_download(server, tmp_path, caplog):
     dest = tmp_path / "out"
     argv = ["download", "--dataset", "mvtec_ad", "--dest", str(dest), "--downloads", str(tmp_path / "dl"),
             "--url", server.base + "/m.tar.xz", "--sha256", _sha(data), "--retries", "0", "--backoff", "0"]
-    assert main(argv) == 0 and (dest / MARKER).is_file()
+    assert main(argv + ["--archive", "", "--root", ""]) == 0 and (dest / MARKER).is_file()  # as the workflow calls it
     server.not_found = True
     argv[argv.index(str(dest))] = str(tmp_path / "out2")
     argv[argv.index(str(tmp_path / "dl"))] = str(tmp_path / "dl2")
     assert main(argv) == 1
+    local = tmp_path / "dl" / SOURCES["mvtec_ad"].filename  # --archive wins over the (failing) --url
+    assert main(argv + ["--archive", str(local)]) == 0 and (tmp_path / "out2" / MARKER).is_file()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from anorefiner.data import extract
-from anorefiner.data.extract import MARKER, UnsafeArchiveError, extract_archive, hoist_single_folder, read_marker
+from anorefiner.data.extract import MARKER, OWNER, UnsafeArchiveError, extract_archive, hoist_single_folder, read_marker
 
 GOOD = {"cat/train/good/000.png": b"a" * 100, "cat/test/good/000.png": b"b" * 50, "readme.txt": b"hello"}
 
@@ -53,7 +53,7 @@ def _files_under(root: Path) -> set[str]:
 def test_tar_extracts_with_marker(tmp_path, suffix, mode):
     archive = make_tar(tmp_path / f"a{suffix}", GOOD, mode=mode)
     dest = extract_archive(archive, tmp_path / "out")
-    assert _files_under(dest) == set(GOOD) | {MARKER}
+    assert _files_under(dest) == set(GOOD) | {MARKER, OWNER}
     assert (dest / "cat/train/good/000.png").read_bytes() == GOOD["cat/train/good/000.png"]
     marker = read_marker(dest)
     assert marker["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest() and marker["files"] == 3
@@ -63,7 +63,7 @@ def test_tar_extracts_with_marker(tmp_path, suffix, mode):
 def test_zip_extracts(tmp_path):
     archive = make_zip(tmp_path / "a.zip", GOOD)
     dest = extract_archive(archive, tmp_path / "out")
-    assert _files_under(dest) == set(GOOD) | {MARKER}
+    assert _files_under(dest) == set(GOOD) | {MARKER, OWNER}
 
 
 def test_data_filter_strips_special_permission_bits(tmp_path):
@@ -156,7 +156,7 @@ def test_killed_extraction_leaves_no_marker_and_rerun_succeeds(tmp_path, monkeyp
     assert (tmp_path / "out.partial-extract" / calls[0]).is_file()  # half-done work stays in staging only
     monkeypatch.setattr(extract, "_extract_tar_member", real)
     extract_archive(archive, dest)
-    assert _files_under(dest) == set(GOOD) | {MARKER} and not (tmp_path / "out.partial-extract").exists()
+    assert _files_under(dest) == set(GOOD) | {MARKER, OWNER} and not (tmp_path / "out.partial-extract").exists()
 
 
 def test_complete_dest_is_skipped_and_new_archive_replaces_it(tmp_path, monkeypatch):
@@ -171,7 +171,7 @@ def test_complete_dest_is_skipped_and_new_archive_replaces_it(tmp_path, monkeypa
     monkeypatch.undo()
     second = make_tar(tmp_path / "b.tar", {"only.txt": b"x"}, mode="w")
     extract_archive(second, dest)
-    assert _files_under(dest) == {"only.txt", MARKER}
+    assert _files_under(dest) == {"only.txt", MARKER, OWNER}
     assert read_marker(dest)["archive"] == "b.tar" and not (tmp_path / "out.old").exists()
 
 
@@ -179,6 +179,9 @@ def test_foreign_destination_is_not_overwritten(tmp_path):
     archive = make_tar(tmp_path / "a.tar", GOOD, mode="w")
     (tmp_path / "empty").mkdir()
     extract_archive(archive, tmp_path / "empty")  # an empty folder (made by Snakemake) is fine
+    (tmp_path / "empty" / MARKER).unlink()  # Snakemake removes a rule's output before a rerun
+    extract_archive(archive, tmp_path / "empty")  # the owner file says the folder is ours: rebuilt
+    assert extract.is_complete(tmp_path / "empty")
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("precious")
