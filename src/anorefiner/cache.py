@@ -131,8 +131,6 @@ def extract_features(
     ``workers`` threads decode and preprocess the next batches while the model runs (0: inline).
     A rerun after a kill resumes from ``<out_path>.partial`` when its attributes and ids match.
     """
-    import h5py
-
     compression = None if compression in (None, "none") else compression
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
@@ -158,8 +156,9 @@ def extract_features(
     partial = out_path.with_name(out_path.name + ".partial")
     f, start = _open_partial(partial, attrs, ids)
     bar = progress(total=n, initial=start, desc=f"features {out_path.name}", unit="img")
+    batches = _prefetched_batches(paths, start, batch_size, backbone, workers)
     try:
-        for (a, b), batch in _prefetched_batches(paths, start, batch_size, backbone, workers):
+        for (a, b), batch in batches:
             layers, cls = backbone.forward(batch)
             if f is None:
                 f = _create(partial, attrs, ids, layers, cls, dtype, compression)
@@ -169,6 +168,7 @@ def extract_features(
             f.flush()
             bar.update(b - a)
     finally:
+        batches.close()  # stop the loader threads now, not when the traceback is freed
         bar.close()
         if f is not None:
             f.close()
@@ -189,16 +189,10 @@ def _open_partial(partial: Path, attrs: dict, ids: list[str]):
         LOG.warning("%s is unreadable (%s): starting over", partial, err)
         partial.unlink()
         return None, 0
-    reason = None
-    stored = _decode_attrs(f.attrs)
-    for key in sorted(set(stored) | set(attrs)):
-        if key not in _NOT_COMPARED and not _same(key, stored.get(key), attrs.get(key)):
-            reason = f"attribute {key!r} was {stored.get(key)!r}, now {attrs.get(key)!r}"
-            break
-    if reason is None and ("ids" not in f or f["ids"].asstr()[()].tolist() != ids):
-        reason = "image ids differ"
-    if reason is None and any(f"layers/{name}" not in f for name in attrs["layers"]):
-        reason = "layers missing"
+    try:
+        reason = _partial_mismatch(f, attrs, ids)
+    except Exception as err:  # a file killed mid-write can hold damaged objects
+        reason = f"unreadable content: {err}"
     if reason is not None:
         LOG.warning("%s does not match this extraction (%s): starting over", partial, reason)
         f.close()
@@ -209,23 +203,41 @@ def _open_partial(partial: Path, attrs: dict, ids: list[str]):
     return f, n_done
 
 
+def _partial_mismatch(f, attrs: dict, ids: list[str]) -> str | None:
+    stored = _decode_attrs(f.attrs)
+    for key in sorted(set(stored) | set(attrs)):
+        if key not in _NOT_COMPARED and not _same(key, stored.get(key), attrs.get(key)):
+            return f"attribute {key!r} was {stored.get(key)!r}, now {attrs.get(key)!r}"
+    if "ids" not in f or f["ids"].asstr()[()].tolist() != ids:
+        return "image ids differ"
+    if any(f"layers/{name}" not in f for name in attrs["layers"]):
+        return "layers missing"
+    if not 0 <= int(f.attrs.get("n_done", -1)) <= len(ids):
+        return f"n_done {f.attrs.get('n_done')!r} out of range"
+    return None
+
+
 def _create(partial: Path, attrs, ids, layers, cls, dtype, compression):
     import h5py
 
     n = len(ids)
-    f = h5py.File(partial, "w")
-    f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-    group = f.create_group("layers")
     if list(layers) != list(attrs["layers"]):
         raise ValueError(f"backbone returned layers {list(layers)}, its identity says {attrs['layers']}")
-    for name, t in layers.items():
-        h, w, c = t.shape[1:]
-        group.create_dataset(name, shape=(n, h, w, c), dtype=dtype, chunks=(1, h, w, c), compression=compression)
-    if cls is not None:
-        f.create_dataset("cls", shape=(n, cls.shape[1]), dtype="float32")
-    f.attrs["n_done"] = 0
-    _encode_attrs(f.attrs, attrs)  # last: a file killed before this point fails the resume check
-    f.flush()
+    f = h5py.File(partial, "w")
+    try:
+        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        group = f.create_group("layers")
+        for name, t in layers.items():
+            h, w, c = t.shape[1:]
+            group.create_dataset(name, shape=(n, h, w, c), dtype=dtype, chunks=(1, h, w, c), compression=compression)
+        if cls is not None:
+            f.create_dataset("cls", shape=(n, cls.shape[1]), dtype="float32")
+        f.attrs["n_done"] = 0
+        _encode_attrs(f.attrs, attrs)  # last: a file killed before this point fails the resume check
+        f.flush()
+    except BaseException:
+        f.close()
+        raise
     return f
 
 

@@ -107,6 +107,13 @@ def test_partial_with_other_settings_starts_over(tmp_path, lite0, tiles_index):
     _assert_same_file(full, out)
 
 
+def test_damaged_partial_is_replaced(tmp_path, lite0, tiles_index):
+    out = tmp_path / "d.h5"
+    (tmp_path / "d.h5.partial").write_bytes(b"not an HDF5 file")
+    extract_features(tiles_index, lite0, out, batch_size=4)
+    assert len(read_features(out).ids) == 12 and not (tmp_path / "d.h5.partial").exists()
+
+
 def test_attribute_mismatch_names_the_key(tmp_path, lite0, tiles_index):
     out = extract_features(tiles_index, lite0, tmp_path / "t.h5", expected_attrs={"category": "tiles"})
     read_features(out, expect={"backbone": "efficientnet_lite0", "resolution": RES, "layers": ["blocks.2", "blocks.4"]})

@@ -9,6 +9,9 @@ rule download:
         url=lambda wc: dataset_cfg(wc.dataset).get("url") or "",
         sha256=lambda wc: dataset_cfg(wc.dataset).get("sha256") or "",
         archive=lambda wc: dataset_cfg(wc.dataset).get("archive") or "",
+        retries=config["download"]["retries"],
+        timeout=config["download"]["timeout_s"],
+        backoff=config["download"]["backoff_s"],
     wildcard_constraints:
         dataset="mvtec_ad|visa|dtd",
     log:
@@ -21,7 +24,8 @@ rule download:
     shell:
         "{params.cli} download --dataset {wildcards.dataset} --dest resources/datasets/{wildcards.dataset}"
         " --downloads resources/downloads/{wildcards.dataset}"
-        " --url '{params.url}' --sha256 '{params.sha256}' --archive '{params.archive}' > {log} 2>&1"
+        " --url '{params.url}' --sha256 '{params.sha256}' --archive '{params.archive}'"
+        " --retries {params.retries} --timeout {params.timeout} --backoff {params.backoff} > {log} 2>&1"
 
 
 rule demo_data:

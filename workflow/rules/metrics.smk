@@ -10,10 +10,7 @@ rule metrics:
     params:
         cli=ANOREFINER,
         root=lambda wc: dataset_root(wc.dataset),
-        resolution=config["evaluation"]["resolution"] or 0,
-        mask_resize=config["evaluation"]["mask_resize"],
-        pro_variant=config["evaluation"]["pro_variant"],
-        pro="--pro" if config["evaluation"]["compute_pro"] else "--no-pro",
+        options=json.dumps(config["evaluation"], sort_keys=True),
     log:
         "logs/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.log",
     threads: 1
@@ -25,6 +22,5 @@ rule metrics:
     shell:
         "{params.cli} metrics --root {params.root} --dataset {wildcards.dataset}"
         " --category {wildcards.category} --backend {wildcards.backend} --variant {wildcards.variant}"
-        " --seed {wildcards.seed} --source {input.source} --resolution {params.resolution}"
-        " --mask-resize {params.mask_resize} --pro-variant {params.pro_variant} {params.pro}"
+        " --seed {wildcards.seed} --source {input.source} --options '{params.options}'"
         " --out {output} > {log} 2>&1"

@@ -61,6 +61,7 @@ class ClipViT(Backbone):
     ):
         open_clip = import_open_clip()
         self._open_clip = open_clip
+        self._tokenizer = None
         if name not in open_clip.list_models():
             raise ValueError(
                 f"unknown backbone {name!r}: not 'resnet50'/'efficientnet_lite0' and not an open_clip model "
@@ -102,8 +103,6 @@ class ClipViT(Backbone):
         if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
             raise ValueError(f"open_clip model {name!r} has no VisionTransformer with resblocks (timm tower?)")
         self.visual = visual
-        self.blocks = visual.transformer.resblocks
-        self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
 
         ph, pw = visual.patch_size
         if ph != pw:
@@ -127,6 +126,15 @@ class ClipViT(Backbone):
         with torch.no_grad():
             self.pos_embed = interpolate_pos_embed(visual.positional_embedding.detach(), self.native_grid, (g, g))
         self.width = int(visual.class_embedding.shape[0])
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    @property
+    def batch_first(self) -> bool:
+        """open_clip 3.x runs blocks on (N, L, D); older releases and ``batch_first=False`` on (L, N, D)."""
+        return bool(getattr(self.visual.transformer, "batch_first", True))
 
     # ------------------------------------------------------------------ features
     def forward(self, batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -166,6 +174,7 @@ class ClipViT(Backbone):
         v = self.visual
         if v.attn_pool is not None or v.pool_type != "tok":
             raise TypeError(f"{self.name}: image embedding needs class-token pooling (pool_type 'tok')")
+        cls = torch.as_tensor(cls, dtype=v.proj.dtype if v.proj is not None else torch.float32)
         with torch.no_grad():
             emb = v.ln_post(cls.to(self.device))
             if v.proj is not None:
@@ -176,7 +185,9 @@ class ClipViT(Backbone):
         """L2-normalised CLIP text embeddings ``[T,D]`` (open_clip's tokenizer for this model)."""
         if isinstance(texts, str) or not texts:
             raise ValueError("encode_text takes a non-empty list of strings")
-        tokens = self._open_clip.get_tokenizer(self.name)(list(texts)).to(self.device)
+        if self._tokenizer is None:
+            self._tokenizer = self._open_clip.get_tokenizer(self.name)
+        tokens = self._tokenizer(list(texts)).to(self.device)
         with torch.no_grad():
             return self.model.encode_text(tokens, normalize=True).float()
 

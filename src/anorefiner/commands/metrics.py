@@ -7,7 +7,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 
 NAME = "metrics"
 HELP = "image/pixel AUROC, AP, F1-max and PRO of one category's maps, as tidy CSV rows"
@@ -21,11 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", required=True, help="'coarse' scores a coarse store as is")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--source", required=True, help="coarse store (.h5) or refined store (.h5)")
-    p.add_argument("--resolution", type=int, default=0, help="evaluation resolution (0: the maps' own)")
-    p.add_argument("--mask-resize", choices=["nearest", "bilinear_cast"], default="nearest")
-    p.add_argument("--pro-variant", choices=["musc", "mvtec"], default="musc")
-    p.add_argument("--pro", dest="compute_pro", action="store_true", default=True)
-    p.add_argument("--no-pro", dest="compute_pro", action="store_false")
+    p.add_argument("--options", default="", help="JSON of the config's `evaluation` section (EvalConfig)")
     p.add_argument("--out", required=True)
 
 
@@ -75,29 +70,19 @@ def ground_truth(root: str, dataset: str, category: str, ids: list[str]):
 
 
 def main(args) -> int:
-    from anorefiner.io import write_csv_atomic
+    from anorefiner.config import parse_json_options
     from anorefiner.log import LOG
     from anorefiner.metrics import EvalConfig, evaluate_category
+    from anorefiner.metrics.tidy import tidy_frame, write_metrics_csv
 
+    cfg = parse_json_options(args.options, EvalConfig, "evaluation")
     ids, methods = load_methods(args.source)
-    resolution = args.resolution or None
     masks, labels = ground_truth(args.root, args.dataset, args.category, ids)
-    cfg = EvalConfig(
-        resolution=resolution,
-        mask_resize=args.mask_resize,
-        pro_variant=args.pro_variant,
-        compute_pro=args.compute_pro,
-    )
-    LOG.info("scoring %s/%s (%s, %s, seed %d): %d images, methods %s",
-             args.dataset, args.category, args.backend, args.variant, args.seed, len(ids), sorted(methods))
+    LOG.info("scoring %s/%s (%s, %s, seed %d): %d images, methods %s, PRO variant %s",
+             args.dataset, args.category, args.backend, args.variant, args.seed, len(ids), sorted(methods),
+             cfg.pro_variant)
     rows = evaluate_category(methods, masks, labels, cfg)
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "dataset", args.dataset)
-    frame.insert(1, "category", args.category)
-    frame.insert(2, "backend", args.backend)
-    frame.insert(4, "variant", args.variant)
-    frame.insert(5, "seed", args.seed)
-    frame = frame[["dataset", "category", "backend", "method", "variant", "seed", "metric", "value"]]
-    write_csv_atomic(args.out, frame)
+    frame = tidy_frame(rows, args.dataset, args.category, args.backend, args.variant, args.seed)
+    write_metrics_csv(args.out, frame)
     LOG.info("wrote %d metric rows to %s", len(frame), args.out)
     return 0

@@ -1,10 +1,11 @@
 """Shared exact core of AUROC, AP and F1-max: one sort of the normal scores.
 
 The three threshold metrics only need, for every *anomalous* score ``a``, how many normal
-scores lie strictly below ``a`` and how many lie at or below ``a``. We sort the normal scores
-once (in their own dtype, so ties stay ties) and the anomalous scores once, and read those counts
-with ``searchsorted``; every metric is then a vectorised sum over the anomalous scores with int64
-counts and float64 accumulators. This is exact, ties included:
+scores lie strictly below ``a`` and how many lie at or below ``a``. We sort a copy of all scores
+once (float16 widened to float32, so ties stay ties) and the anomalous scores once, read the
+counts with ``searchsorted`` and subtract the anomalous ones; every metric is then a vectorised
+sum over the anomalous scores with int64 counts and float64 accumulators. This is exact, ties
+included:
 
 - AUROC (Mann-Whitney form of the trapezoidal ROC area):
   ``sum_a (#{n < a} + #{n <= a}) / 2 / (N_pos * N_neg)``.

@@ -1,8 +1,8 @@
 """Pixel-level AUROC, AP and F1-max over all pixels of all test images of a category.
 
 Paper Sec. 4 ("Evaluation Metrics"): pixel-wise AUROC, AP and F1-max; methods.md ("Metric
-conventions"): one pooled set of pixels per category. The pixels are split once into normal and
-anomalous scores and ranked with one sort (``curves.rank``); PRO (``pro.py``) reuses the same
+conventions"): one pooled set of pixels per category. All pixels are sorted once and the
+anomalous ones ranked among the normal ones (``curves.rank``); PRO (``pro.py``) reuses the same
 ranking through :func:`prepare_pixels`.
 """
 
@@ -90,7 +90,7 @@ def prepare_pixels(
     keep_sorted: bool = False,
     components: tuple[np.ndarray, int] | None = None,
 ) -> PixelScores:
-    """Validate, split pixels by mask and rank them with one sort.
+    """Validate and rank the anomalous pixels among the normal ones with one sort.
 
     ``connectivity`` (4 or 8; None = skip) labels the ground-truth components for PRO and attaches
     per-anomalous-pixel weights. ``keep_sorted`` keeps all scores sorted for threshold

@@ -13,10 +13,12 @@ against the false-positive rate (FPR) over the normal pixels.
   to ``FPR = max_fpr`` (linear interpolation at the limit), divided by ``max_fpr``.
 
 Both are computed from one sort of the anomalous pixels and their per-component weights
-(``PRO(t) = sum of the weights of the anomalous pixels above t``, suffix sums + searchsorted) and
-from the normal-pixel ranks of ``curves.rank`` -- no per-threshold pass over the images.
-The two variants are not the same number: report which one (``pixel_pro`` rows carry the variant
-through ``EvalConfig.pro_variant``).
+(``PRO(t) = sum of the weights of the anomalous pixels above t``, suffix sums + searchsorted) --
+no per-threshold pass over the images. The normal-pixel side comes from the ranks of
+``curves.rank`` (shared with the pixel metrics in ``evaluate_category``); a standalone ``"musc"``
+call instead bins every pixel against the threshold grid (no sort of the normal pixels).
+The two variants are not the same number; the ``pixel_pro`` metric rows do not name the variant,
+so it must be recorded with the evaluation options (``EvalConfig.pro_variant``).
 """
 
 from __future__ import annotations
@@ -124,10 +126,33 @@ def _musc_area(
     return float(np.sum(np.diff(fpr) * (pro_values[1:] + pro_values[:-1]) / 2.0))
 
 
+def _bin_against_grid(x: np.ndarray, thresholds: np.ndarray, lo: float, step: float) -> np.ndarray:
+    """Histogram of ``#{k : x > thresholds[k]}`` over the scores ``x`` (length ``steps + 1``).
+
+    The count is ``ceil((x - lo) / step)`` clipped to ``[0, steps]`` except where float rounding
+    could matter (the quotient within 1e-9 of an integer); those few scores are recounted with
+    exact float64 comparisons against the thresholds.
+    """
+    steps = thresholds.shape[0]
+    q = x.astype(np.float64)
+    q -= lo
+    q *= 1.0 / step
+    g = np.ceil(q)
+    g -= q  # distance to the next integer, in [0, 1)
+    near = np.flatnonzero((g < 1e-9) | (g > 1.0 - 1e-9))
+    g += q  # back to ceil(q)
+    np.clip(g, 0, steps, out=g)
+    idx = g.astype(np.intp)
+    if near.size:
+        exact = x[near].astype(np.float64)
+        idx[near] = np.searchsorted(thresholds, exact, side="left")  # thresholds < x
+    return np.bincount(idx, minlength=steps + 1)
+
+
 def _pro_musc_unsorted(maps: np.ndarray, masks: np.ndarray, connectivity: int, max_fpr: float, steps: int) -> float:
     """MuSc PRO without sorting the normal pixels: bin every pixel against the equal-step grid.
 
-    The bin of a score is first estimated arithmetically, then corrected with exact float64
+    The bin of a score is computed arithmetically and, near bin edges, by exact float64
     comparisons against the thresholds, so the counts equal a per-threshold ``maps > t`` pass.
     """
     weights, n_components = component_weights(masks, connectivity)
@@ -149,17 +174,8 @@ def _pro_musc_unsorted(maps: np.ndarray, masks: np.ndarray, connectivity: int, m
         return float("nan")
     thresholds = musc_thresholds(lo, hi, steps)
     counts = np.zeros(steps + 1, dtype=np.int64)  # counts[j]: pixels above exactly j thresholds
-    step = (hi - lo) / steps
     for s in range(0, maps.shape[0], 8):
-        x = maps[s : s + 8].reshape(-1).astype(np.float64)
-        g = np.clip(np.ceil((x - lo) / step), 0, steps).astype(np.int64)
-        while True:  # rounding can put a score one bin off; fix with exact comparisons
-            up = (g < steps) & (x > thresholds[np.minimum(g, steps - 1)])
-            down = (g > 0) & ~(x > thresholds[np.maximum(g - 1, 0)])
-            if not (up.any() or down.any()):
-                break
-            g += up.astype(np.int64) - down.astype(np.int64)
-        counts += np.bincount(g, minlength=steps + 1)
+        counts += _bin_against_grid(maps[s : s + 8].reshape(-1), thresholds, lo, (hi - lo) / steps)
     all_greater = counts.sum() - np.cumsum(counts)[:steps]
     pos_greater = pos.size - np.searchsorted(pos, floor_to_dtype(thresholds, pos.dtype), side="right")
     fpr = (all_greater - pos_greater) / n_neg

@@ -116,14 +116,14 @@ class AnomalyAttention(nn.Module):
         self.use_zeta = use_zeta
         self.use_weight = use_weight
         self.zeta_clamp = float(zeta_clamp)
-        self.beta = nn.Parameter(torch.ones(1, 1, int(grid[0]), int(grid[1])))
+        self.beta = nn.Parameter(torch.ones(1, 1, int(grid[0]), int(grid[1]))) if use_zeta else None
         # The two 3×3 convs of W: the paper names no width or activation in between; a ReLU keeps them
         # from collapsing into one linear conv.
         self.weight_net = nn.Sequential(
-            nn.Conv2d(channels, channels // 2, 3, padding=1),
+            nn.Conv2d(channels, max(channels // 2, 1), 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels // 2, 1, 3, padding=1),
-        )
+            nn.Conv2d(max(channels // 2, 1), 1, 3, padding=1),
+        ) if use_weight else None
         self.out_channels = down_channels if use_weight else channels
 
     def zeta(self, y_fuse: torch.Tensor) -> torch.Tensor:

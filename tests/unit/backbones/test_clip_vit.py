@@ -64,6 +64,27 @@ def test_other_resolution_uses_interpolated_position_embedding():
     assert bb.identity["resolution"] == 160 and bb.identity["quick_gelu"] is True
 
 
+def test_sequence_first_transformers_give_the_same_tokens():
+    from anorefiner._compat import import_open_clip
+
+    transformer_cls = import_open_clip().transformer.Transformer
+    bb = build_backbone("ViT-S-16", 32, layers=[2, 12], pretrained=None)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    layers, cls = bb.forward(x)
+    old = bb.visual.transformer
+    assert bb.batch_first  # open_clip 3.3's layout
+    blk = old.resblocks[0]
+    seq_first = transformer_cls(old.width, old.layers, blk.attn.num_heads, act_layer=type(blk.mlp.gelu),
+                                norm_layer=type(blk.ln_1), batch_first=False)
+    seq_first.load_state_dict(old.state_dict())
+    bb.visual.transformer = seq_first.eval()
+    assert not bb.batch_first
+    layers2, cls2 = bb.forward(x)
+    for name in ("2", "12"):
+        torch.testing.assert_close(layers2[name], layers[name])
+    torch.testing.assert_close(cls2, cls)
+
+
 def test_interpolate_pos_embed_keeps_class_position():
     pos = torch.randn(1 + 4 * 4, 8, generator=torch.Generator().manual_seed(0))
     assert interpolate_pos_embed(pos, (4, 4), (4, 4)) is pos

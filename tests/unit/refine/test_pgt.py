@@ -1,0 +1,153 @@
+"""PGT (paper Sec. 3.2, Tables 4, 7, 9) on the small demo dataset with the real backbone and MuSc."""
+
+import numpy as np
+import pytest
+import torch
+
+from anorefiner.cache import Features
+from anorefiner.config import from_dict
+from anorefiner.refine.pgt import RefinerOptions, dice_loss, run_pgt, select_pseudo_normals
+from anorefiner.refine.store import read_refined, write_refined
+from anorefiner.zsad.store import Coarse
+
+TINY = {
+    "ard": {"feat_channels": 16, "anomaly_channels": 8, "aa_channels": 12, "head_channels": 8},
+    "pgt": {"group_size": 6, "n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2, "batch_size": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def category(demo_dataset):
+    """Features (EfficientNet-Lite0, random weights: no download, 64 px) and MuSc coarse maps of 'tiles'."""
+    from anorefiner.backbones import build_backbone
+    from anorefiner.data.index import index_category, load_image
+    from anorefiner.zsad import get_backend
+
+    df = index_category(demo_dataset, "tiles", dataset="demo", split="test")
+    backbone = build_backbone("efficientnet_lite0", 64, pretrained=None, seed=0)
+    images = [load_image(p) for p in df.image_path]
+    layers, _ = backbone.forward(backbone.preprocess(images))
+    feats = Features(ids=list(df.image_id), layers={k: v.numpy() for k, v in layers.items()})
+    backend = get_backend("musc", {"rscin": False, "device": "cpu"})
+    res = backend.coarse(feats)
+    coarse = Coarse(ids=list(df.image_id), maps=res.maps, scores=res.scores)
+    return dict(feats=feats, coarse=coarse, images=images, backbone=backbone, backend=backend,
+                labels=df.label.to_numpy())
+
+
+def _textures():
+    gen = np.random.default_rng(0)
+    return [gen.integers(0, 255, size=(32, 32, 3), dtype=np.uint8) for _ in range(3)]
+
+
+def _run(category, seed=0, labels=None, **overrides):
+    opts = {k: dict(v) for k, v in TINY.items()}
+    for section, values in overrides.items():
+        opts.setdefault(section, {}).update(values)
+    options = from_dict(RefinerOptions, opts)
+    c = category
+    return run_pgt(c["feats"], c["coarse"], c["images"], c["backbone"], c["backend"], options, seed=seed,
+                   textures=_textures(), eval_resolution=32, labels=labels)
+
+
+def test_dice_loss():
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:5, 2:5] = 1
+    perfect = torch.where(target > 0, 50.0, -50.0)
+    assert float(dice_loss(perfect, target)) < 1e-3
+    assert float(dice_loss(-perfect, target)) > 0.9
+
+
+def test_outputs_and_group_one_keeps_the_coarse_map(category):
+    ref = _run(category)
+    n = len(category["feats"].ids)
+    assert set(ref.maps) == {"coarse", "ard", "combined"}
+    for m in ref.maps.values():
+        assert m.shape == (n, 32, 32) and np.isfinite(m).all()
+    assert list(ref.groups) == [0] * 6 + [1] * 6
+    g1 = ref.groups == 0
+    assert np.allclose(ref.maps["combined"][g1], ref.maps["ard"][g1])  # ARD output of group 1 = normalised coarse
+    assert np.allclose(ref.maps["combined"], 0.5 * (ref.maps["ard"] + _normalised(ref, category["coarse"].maps)), atol=1e-5)
+    assert not np.allclose(ref.maps["ard"][~g1], _normalised(ref, category["coarse"].maps)[~g1])  # group 2 really refined
+    assert np.array_equal(ref.scores["coarse"], category["coarse"].scores)
+    assert np.allclose(ref.scores["combined"], ref.maps["combined"].reshape(n, -1).max(1))
+
+
+def _normalised(ref, patch_maps):
+    """Running min-max of the patch-level maps: group 1 its own range, group 2 the range of groups 1-2."""
+    out = ref.maps["coarse"].copy()
+    g1 = ref.groups == 0
+    lo1, hi1 = patch_maps[g1].min(), patch_maps[g1].max()
+    lo, hi = patch_maps.min(), patch_maps.max()
+    assert np.isclose(ref.attrs["coarse_norm"]["lo"], lo) and np.isclose(ref.attrs["coarse_norm"]["hi"], hi)
+    out[g1] = (out[g1] - lo1) / (hi1 - lo1)
+    out[~g1] = (out[~g1] - lo) / (hi - lo)
+    return out
+
+
+def test_short_run_lowers_the_dice_loss(category):
+    ref = _run(category, pgt={"epochs": 12, "lr": 0.01, "group_size": 12, "train_last_group": True})
+    history = ref.attrs["loss_history"][0]
+    assert len(history) == 12
+    assert np.mean(history[-3:]) < np.mean(history[:3])
+
+
+def test_same_seed_same_maps_on_cpu(category):
+    a, b, c = _run(category, seed=5), _run(category, seed=5), _run(category, seed=6)
+    for m in a.maps:
+        assert np.array_equal(a.maps[m], b.maps[m])
+    assert not np.array_equal(a.maps["ard"], c.maps["ard"])
+
+
+@pytest.mark.parametrize("schedule", ["one_group", "same_anomalies", "same_normals"])
+def test_schedules_run(category, schedule):
+    ref = _run(category, pgt={"schedule": schedule, "group_size": 4, "epochs": 1})
+    assert ref.groups.max() == 2
+    trained_groups = len(ref.attrs["loss_history"])
+    assert trained_groups == (1 if schedule == "one_group" else 2)
+
+
+class _Untouchable:
+    """Labels that fail when read: PGT must not look at them unless the contamination ablation asks."""
+
+    def __getitem__(self, i):
+        raise AssertionError("ground-truth labels were read")
+
+    def __len__(self):
+        raise AssertionError("ground-truth labels were read")
+
+    def __array__(self, *a, **k):
+        raise AssertionError("ground-truth labels were read")
+
+
+def test_labels_are_read_only_for_contamination(category):
+    ref = _run(category, labels=_Untouchable())
+    assert ref.attrs["labels_used"] is False
+    with pytest.raises(AssertionError, match="labels were read"):
+        _run(category, labels=_Untouchable(), pgt={"contamination_ratio": 0.5})
+    with pytest.raises(ValueError, match="labels"):
+        _run(category, pgt={"contamination_ratio": 0.5})
+
+
+def test_contamination_forces_anomalous_pseudo_normals(category):
+    maps, labels = category["coarse"].maps, category["labels"]
+    group = np.arange(len(labels))
+    clean = select_pseudo_normals(maps, group, 4)
+    forced = select_pseudo_normals(maps, group, 4, contamination_ratio=0.5, labels=labels,
+                                   gen=np.random.default_rng(0))
+    assert len(clean) == len(forced) == 4
+    assert labels[forced].sum() >= 2
+    scores = maps.reshape(len(maps), -1).max(1)
+    assert set(clean) == set(np.argsort(scores, kind="stable")[:4])
+
+
+def test_store_round_trip(tmp_path, category):
+    ref = _run(category, pgt={"epochs": 1})
+    path = write_refined(tmp_path / "r.h5", ref)
+    back = read_refined(path)
+    assert back.ids == ref.ids and np.array_equal(back.groups, ref.groups)
+    for m in ref.maps:
+        assert np.allclose(back.maps[m], ref.maps[m], atol=2e-3)
+        assert np.array_equal(back.scores[m], ref.scores[m].astype(np.float32))
+    assert back.attrs["seed"] == 0 and back.attrs["options"]["pgt"]["epochs"] == 1
+    assert not list(tmp_path.glob(".*tmp"))
