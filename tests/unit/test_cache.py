@@ -151,8 +151,9 @@ def test_features_command(tmp_path, demo_dataset, lite0, tiles_index):
     out = tmp_path / "features" / "demo" / f"efficientnet_lite0@{RES}" / "widget.h5"
     rc = main(["features", "--root", str(demo_dataset), "--dataset", "demo", "--category", "widget",
                "--backbone", "efficientnet_lite0", "--resolution", str(RES), "--batch-size", "4",
-               "--compression", "gzip", "--device", "cpu", "--out", str(out)])
+               "--compression", "gzip", "--device", "cpu", "--pretrained", "imagenet", "--layers",
+               "--out", str(out)])
     assert rc == 0
     feats = read_features(out, expect={"dataset": "demo", "category": "widget", "backbone": "efficientnet_lite0"})
     assert len(feats.ids) == 12 and feats.layers["blocks.2"].shape == (12, 8, 8, 40)
-    assert feats.attrs["compression"] == "gzip"
+    assert feats.attrs["compression"] == "gzip" and feats.attrs["weights"] == lite0.weights

