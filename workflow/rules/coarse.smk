@@ -3,12 +3,14 @@
 
 rule coarse:
     input:
+        ready=dataset_ready,
         features=features_of,
         byo=byo_maps,
     output:
         "results/coarse/{dataset}/{backend}/{category}/seed{seed}.h5",
     params:
         cli=ANOREFINER,
+        root=lambda wc: dataset_root(wc.dataset),
         type=lambda wc: backend_cfg(wc.backend)["type"],
         options=lambda wc: backend_options(wc),
         backbone=lambda wc: backend_backbone(wc)["name"],
@@ -30,5 +32,5 @@ rule coarse:
         "{params.cli} coarse --features {input.features} --backend-type {params.type}"
         " --backend-name {wildcards.backend} --options '{params.options}' --seed {wildcards.seed}"
         " --dataset {wildcards.dataset} --category {wildcards.category}"
-        " --backbone {params.backbone} --resolution {params.resolution} {params.byo}"
+        " --backbone {params.backbone} --resolution {params.resolution} --data-root {params.root} {params.byo}"
         " --device {params.device} --out {output} > {log} 2>&1"

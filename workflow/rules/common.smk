@@ -85,7 +85,7 @@ def backend_options(wildcards):
     cfg = backend_cfg(wildcards.backend)
     opts = copy.deepcopy(cfg.get("options", {}))
     if cfg["type"] == "musc":
-        opts.setdefault("rscin_k", dataset_cfg(wildcards.dataset).get("rscin_k", [1, 2, 3]))
+        opts.setdefault("k_list", dataset_cfg(wildcards.dataset).get("rscin_k", [1, 2, 3]))
     return json.dumps(opts, sort_keys=True)
 
 

@@ -42,8 +42,9 @@ def main(args) -> int:
         raise ConfigError(f"--options for backend {args.backend_name!r} must be a JSON object")
     seed_everything(args.seed)
     feats = read_features(args.features)
-    options.setdefault("device", args.device)
     t = args.backend_type
+    if t in ("musc", "paclip"):
+        options.setdefault("device", args.device)
     if t == "musc":
         options.setdefault("dataset", args.dataset)
     elif t == "paclip":
@@ -51,7 +52,9 @@ def main(args) -> int:
     elif t == "byo":
         if args.byo_maps:
             options["maps_path"] = args.byo_maps
-        options.setdefault("musc", {}).setdefault("dataset", args.dataset)
+        proxy = options.setdefault("musc", {})
+        proxy.setdefault("dataset", args.dataset)
+        proxy.setdefault("device", args.device)
     key = args.backend_name if PRESETS.get(args.backend_name, (None,))[0] == t else t
     backbone = images = None
     if t == "paclip" or (t == "musc" and args.backbone):

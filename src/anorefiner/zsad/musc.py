@@ -266,7 +266,8 @@ class MuscBackend:
         maps = np.zeros((n,) + next(iter(layers.values())).shape[1:3], dtype=np.float32)
         groups = self.groups(n)
         for g in groups:
-            sub = {k: torch.as_tensor(np.ascontiguousarray(v[g])) for k, v in layers.items()}
+            # the whole set is passed without a copy (fancy indexing would duplicate every layer)
+            sub = {k: torch.as_tensor(v if len(g) == n else v[g]) for k, v in layers.items()}
             maps[g] = score(sub, c.r_list, c.topmin, l2_normalize=c.l2_normalize, chunk=c.chunk,
                             device=self.device).cpu().numpy()
         raw = maps.reshape(n, -1).max(1)
