@@ -14,7 +14,6 @@ rule pgt:
         root=lambda wc: dataset_root(wc.dataset),
         backbone=lambda wc: backend_backbone(wc)["name"],
         pretrained=lambda wc: backend_backbone(wc).get("pretrained") or "none",
-        layers=lambda wc: " ".join(backend_backbone(wc).get("layers", [])),
         resolution=lambda wc: backend_backbone(wc)["resolution"],
         backend_type=lambda wc: backend_cfg(wc.backend)["type"],
         backend_options=lambda wc: backend_options(wc),
@@ -36,7 +35,8 @@ rule pgt:
     shell:
         "{params.cli} pgt --root {params.root} --dataset {wildcards.dataset} --category {wildcards.category}"
         " --features {input.features} --coarse {input.coarse} --backbone {params.backbone}"
-        " --pretrained {params.pretrained} --layers {params.layers} --resolution {params.resolution}"
-        " --backend-type {params.backend_type} --backend-options '{params.backend_options}'"
+        " --pretrained {params.pretrained} --resolution {params.resolution}"
+        " --backend-type {params.backend_type} --backend-name {wildcards.backend}"
+        " --backend-options '{params.backend_options}'"
         " --options '{params.options}' --seed {wildcards.seed} --textures {params.textures}"
         " --eval-resolution {params.eval_resolution} --device {params.device} --out {output} > {log} 2>&1"

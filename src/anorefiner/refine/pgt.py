@@ -1,7 +1,7 @@
 """Progressive Group-wise Test-time Training (PGT), AnoRefiner Sec. 3.2, Fig. 6, Eq. 4, Tables 4, 6, 7, 9.
 
-For one category, the test images (index order) are split into ``ceil(N/u)`` groups
-(:func:`anorefiner.zsad.groups.make_groups`). One ARD is trained progressively:
+For one category, the test images are split into ``ceil(N/u)`` groups
+(:func:`anorefiner.zsad.groups.make_groups`; seeded shuffled order by default, see ``PGTConfig.group_order``). One ARD is trained progressively:
 
 1. group k is refined by the ARD trained on groups < k (group 1 keeps its coarse map);
 2. pseudo-normal selection: the r images of group k with the lowest coarse-map maximum;
@@ -40,6 +40,12 @@ class PGTConfig:
     """Options of PGT (section ``pgt`` of ``--options``; variants override these)."""
 
     group_size: int = 30  # u (paper Sec. 4; Table 10)
+    # Order in which images enter the groups. "index" = docs/architecture.md index order, which is sorted by
+    # defect type: on MVTec bottle group 1 then holds no good image at all and every pseudo-normal image of
+    # groups 1-2 is defective, so the ARD learns real defects as "normal". "shuffled" = a seeded permutation
+    # (make_groups(n, u, seed=run seed)), the mixed stream a production line gives and the paper simulates;
+    # MuSc* gets identical groups with its group_order="shuffled" and the same seed.
+    group_order: str = "shuffled"
     n_pseudo_normal: int = 5  # r (Table 6)
     n_anomalies_per_normal: int = 4  # l (Table 6)
     epochs: int = 20  # per group (paper Sec. 4)
@@ -61,6 +67,15 @@ class PGTConfig:
     # Image score of "ard"/"combined": "max" of the map (as the paper scores coarse maps, Sec. 3.2); "coarse"
     # keeps the backend's image score for every method. The "coarse" method always keeps the backend score.
     image_score: str = "max"
+    # Add the r pseudo-normal images themselves (empty masks) to the training set. The paper trains on the
+    # r·l pseudo-anomalies only; then every training image holds an anomaly and the ARD learns to always
+    # segment something, which shows up as false positives on the normal test images.
+    train_on_normals: bool = False
+    # What stands in for the ARD output in group 1 (no ARD trained yet). "coarse": the normalised coarse map, so
+    # combined = coarse (paper Sec. 3.2). "zeros": an ARD that detects nothing, so combined = coarse/2 — the scale
+    # of later groups' combined maps, whose ARD part is ~0 on normal pixels. Pooled pixel metrics mix groups, and
+    # on bottle "coarse" left group 1's normal pixels ranked above later groups' anomalies (see report).
+    first_group_ard: str = "coarse"
     train_last_group: bool = False  # training after the last group changes no output; True only for timing
     amp: bool = False  # mixed precision on CUDA (ignored on CPU)
     feature_batch_size: int = 16  # backbone batch for pseudo-anomaly features
@@ -68,6 +83,10 @@ class PGTConfig:
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"pgt.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if self.group_order not in ("index", "shuffled"):
+            raise ValueError(f"pgt.group_order={self.group_order!r}: expected 'index' or 'shuffled'")
+        if self.first_group_ard not in ("coarse", "zeros"):
+            raise ValueError(f"pgt.first_group_ard={self.first_group_ard!r}: expected 'coarse' or 'zeros'")
         if self.coarse_norm not in ("running_minmax", "group_minmax", "none"):
             raise ValueError(f"pgt.coarse_norm={self.coarse_norm!r}: expected running_minmax, group_minmax or none")
         if self.query_references not in ("group", "seen", "all"):
@@ -233,8 +252,17 @@ class _Trainer:
         qmaps = self.backend.score_queries(qlayers, qcls, self.feats, [int(i) for i in references], exclude)
         qmaps = torch.as_tensor(qmaps).float().cpu().numpy()
         x = fuse_layers({k: v.numpy() for k, v in qlayers.items()}, self.options.ard.feature_fusion)
-        return {"x": x, "coarse": qmaps, "masks": torch.as_tensor(masks[:, None].astype(np.float32)),
+        data = {"x": x, "coarse": qmaps, "masks": torch.as_tensor(masks[:, None].astype(np.float32)),
                 "normals": normals}
+        return self.add_normals(data) if p.train_on_normals else data
+
+    def add_normals(self, data: dict) -> dict:
+        """Append the pseudo-normal images (cached features, their coarse maps, empty masks)."""
+        normals = data["normals"]
+        x, _ = self.real_inputs(normals, CoarseNorm("none"))
+        empty = torch.zeros((len(normals),) + tuple(data["masks"].shape[1:]))
+        return {"x": torch.cat([data["x"], x]), "coarse": np.concatenate([data["coarse"], self.coarse.maps[normals]]),
+                "masks": torch.cat([data["masks"], empty]), "normals": normals}
 
     def train(self, data: dict, norm: CoarseNorm, stream: int) -> list[float]:
         p = self.options.pgt
@@ -288,7 +316,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     from ..zsad.groups import make_groups
 
     t0 = time.time()
-    groups = make_groups(n, p.group_size)
+    groups = make_groups(n, p.group_size, seed=seed if p.group_order == "shuffled" else None)
     trainer = _Trainer(feats, coarse, images, backbone, backend, options, seed, textures, device)
     norm = CoarseNorm(p.coarse_norm)
     e = int(eval_resolution)
@@ -307,7 +335,8 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
             x, c = trainer.real_inputs(g, norm)
             maps["ard"][g] = trainer.refine(x, c, e)
         else:
-            maps["ard"][g] = coarse_n  # group 1 (nothing trained yet): the coarse map, Sec. 3.2
+            # group 1 (nothing trained yet): the coarse map, Sec. 3.2 (or nothing, see first_group_ard)
+            maps["ard"][g] = coarse_n if p.first_group_ard == "coarse" else 0.0
         maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
         timings["refine_s"] += time.time() - t
         LOG.info("pgt: group %d/%d (%d images) refined by %s", k + 1, len(groups), len(g),

@@ -211,7 +211,9 @@ class MuscConfig:
     l2_normalize: bool = True  # reference models/musc.py normalises LNAMD output (see module doc)
     layers: tuple | None = None  # None: every layer of the feature cache (6/12/18/24 for ViT-L)
     group_size: int | None = None  # None = whole test set (musc); 30 = MuSc* (AnoRefiner Table 1)
-    group_order: str = "index"  # "index" = PGT's grouping contract; "shuffled" permutes with the seed
+    # Same default as PGTConfig.group_order so MuSc* scores exactly PGT's groups (same seed): the
+    # index order puts one defect type per group on MVTec (bottle's first group has no good image).
+    group_order: str = "shuffled"
     rscin: bool = True  # False for CNN features (AnoRefiner supplement B: RsCIN needs a CLS token)
     k_list: tuple | None = None  # None: RSCIN_K_LISTS[dataset] (MVTec [1,2,3], VisA [1,8,9])
     rscin_scope: str = "group"  # MuSc*: re-score within each group (a group is all one sees online)

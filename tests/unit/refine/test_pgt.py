@@ -8,6 +8,7 @@ from anorefiner.cache import Features
 from anorefiner.config import from_dict
 from anorefiner.refine.pgt import RefinerOptions, dice_loss, run_pgt, select_pseudo_normals
 from anorefiner.refine.store import read_refined, write_refined
+from anorefiner.zsad.groups import make_groups
 from anorefiner.zsad.store import Coarse
 
 TINY = {
@@ -64,7 +65,11 @@ def test_outputs_and_group_one_keeps_the_coarse_map(category):
     assert set(ref.maps) == {"coarse", "ard", "combined"}
     for m in ref.maps.values():
         assert m.shape == (n, 32, 32) and np.isfinite(m).all()
-    assert list(ref.groups) == [0] * 6 + [1] * 6
+    expected = np.zeros(n, int)
+    expected[make_groups(n, 6, seed=0)[1]] = 1  # default group_order "shuffled": seeded permutation
+    assert np.array_equal(ref.groups, expected) and not np.array_equal(ref.groups, np.repeat([0, 1], 6))
+    index = _run(category, pgt={"group_order": "index", "epochs": 1})
+    assert np.array_equal(index.groups, np.repeat([0, 1], 6))
     g1 = ref.groups == 0
     assert np.allclose(ref.maps["combined"][g1], ref.maps["ard"][g1])  # ARD output of group 1 = normalised coarse
     assert np.allclose(ref.maps["combined"], 0.5 * (ref.maps["ard"] + _normalised(ref, category["coarse"].maps)), atol=1e-5)
@@ -83,6 +88,13 @@ def _normalised(ref, patch_maps):
     out[g1] = (out[g1] - lo1) / (hi1 - lo1)
     out[~g1] = (out[~g1] - lo) / (hi - lo)
     return out
+
+
+def test_first_group_ard_zeros(category):
+    ref = _run(category, pgt={"first_group_ard": "zeros", "epochs": 1})
+    g1 = ref.groups == 0
+    assert np.all(ref.maps["ard"][g1] == 0)
+    assert np.allclose(ref.maps["combined"][g1], 0.5 * _normalised(ref, category["coarse"].maps)[g1], atol=1e-6)
 
 
 def test_short_run_lowers_the_dice_loss(category):
