@@ -14,7 +14,7 @@ wildcard_constraints:
     variant=r"[A-Za-z0-9_]+",
     seed=r"\d+",
     res=r"\d+",
-    table=r"(?!audit$)[A-Za-z0-9_]+",
+    table=r"(paclip_|demo_)?table\d+",
 
 
 # The rules run the package from this checkout's src/ (`python -m anorefiner`), so a conda env with
