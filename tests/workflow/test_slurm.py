@@ -87,7 +87,11 @@ def slurm_cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm")
     for sub in ("state", "spool"):
         (base / sub).mkdir()
-    conf = base / "slurm.conf"
+    # Job steps (srun inside the batch job) look for the configuration at the standard path, not
+    # at SLURM_CONF: install ours there and put back whatever was there before.
+    conf = Path("/etc/slurm/slurm.conf")
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    previous = conf.read_bytes() if conf.exists() else None
     conf.write_text(_slurm_conf(base))
     env = dict(os.environ, SLURM_CONF=str(conf))
 
@@ -134,6 +138,10 @@ def slurm_cluster(tmp_path_factory):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
         logs.close()
+        if previous is None:
+            conf.unlink(missing_ok=True)
+        else:
+            conf.write_bytes(previous)
 
 
 def _profile_for_test(workdir: Path) -> Path:
