@@ -153,7 +153,7 @@ def dtd_texture_paths(root: str | Path) -> list[Path]:
         if images.is_dir():
             paths = sorted(p for p in images.glob("*/*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
             if not paths:
-                raise FileNotFoundError(f"{images} holds no texture images (expected {images}/<class>/*.jpg)")
+                raise FileNotFoundError(f"no DTD images in {images} (expected {images}/<class>/*.jpg)")
             return paths
     raise FileNotFoundError(
         f"no DTD images under {root}: expected {root}/dtd/images/<class>/*.jpg or {root}/images/<class>/*.jpg"

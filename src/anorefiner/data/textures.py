@@ -23,7 +23,6 @@ from ..seeding import rng as make_rng
 OFFLINE_GREY = ("brick", "grass", "gravel", "moon", "coins", "cell", "camera")
 # Shipped colour images; natural photos work as DRAEM texture sources as well as DTD does.
 OFFLINE_COLOUR = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
-DTD_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,23 +86,10 @@ def offline_textures(size: int = 256, seed: int = 0) -> list[np.ndarray]:
 
 
 def dtd_images(dtd_root: str | Path) -> list[Path]:
-    """Sorted DTD image paths: ``<root>/images/<class>/*.jpg`` (``root`` may also be the folder
-    holding ``dtd/``, as the archive extracts it)."""
-    root = Path(dtd_root)
-    candidates = [root / "images", root / "dtd" / "images"]
-    images_dir = next((c for c in candidates if c.is_dir()), None)
-    if images_dir is None:
-        raise FileNotFoundError(
-            f"DTD root {root} has no images/ folder (looked for {candidates[0]} and {candidates[1]})"
-        )
-    paths = sorted(
-        p
-        for p in images_dir.glob("*/*")
-        if p.suffix.lower() in DTD_EXTENSIONS and not p.name.startswith(".")
-    )
-    if not paths:
-        raise FileNotFoundError(f"no DTD images (*.jpg) under {images_dir}/<class>/")
-    return paths
+    """Sorted DTD image paths (``<root>/images/<class>/*.jpg`` or ``<root>/dtd/images/...``)."""
+    from .sources import dtd_texture_paths
+
+    return dtd_texture_paths(dtd_root)
 
 
 def texture_source(kind: str, dtd_root: str | Path | None = None, size: int = 256, seed: int = 0):
