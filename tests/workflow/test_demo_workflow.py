@@ -63,3 +63,11 @@ def test_unknown_dataset_is_a_schema_error(tmp_path):
     proc = snakemake(tmp_path, cfg, "-n", check=False)
     assert proc.returncode != 0
     assert "mvtec" in proc.stdout + proc.stderr
+
+
+def test_html_report_collects_tables_and_figures(tiny_run):
+    workdir, cfg, _ = tiny_run
+    report = workdir / "report.html"
+    snakemake(workdir, cfg, "--report", str(report))
+    html = report.read_text(errors="replace")
+    assert "demo_table1" in html and "qualitative.png" in html
