@@ -129,17 +129,25 @@ def _musc_area(
 def _bin_against_grid(x: np.ndarray, thresholds: np.ndarray, lo: float, step: float) -> np.ndarray:
     """Histogram of ``#{k : x > thresholds[k]}`` over the scores ``x`` (length ``steps + 1``).
 
-    The count is ``ceil((x - lo) / step)`` clipped to ``[0, steps]`` except where float rounding
-    could matter (the quotient within 1e-9 of an integer); those few scores are recounted with
-    exact float64 comparisons against the thresholds.
+    The count is ``ceil((x - lo) / step)`` clipped to ``[0, steps]``, computed in float32 for
+    float32/float16 scores (half the memory traffic of float64) except where rounding could
+    matter: scores whose quotient lies within a bound on the float32 error of an integer are
+    recounted with exact float64 comparisons against the thresholds. When that bound is too wide
+    (scores far from zero relative to their range) the quotient is computed in float64.
     """
     steps = thresholds.shape[0]
-    q = x.astype(np.float64)
-    q -= lo
-    q *= 1.0 / step
+    work = np.float32 if x.dtype in (np.float16, np.float32) else np.float64
+    eps = np.finfo(work).eps
+    # |error of (x - lo) * (1/step)| <= a few ulps of max|x| divided by step, plus ulps of q <= steps.
+    window = 8 * eps * (max(abs(lo), abs(lo + step * steps)) / step + steps)
+    if work is np.float32 and window > 1e-2:
+        work, window = np.float64, 8 * np.finfo(np.float64).eps * (max(abs(lo), abs(lo + step * steps)) / step + steps)
+    q = x.astype(work, copy=True)
+    q -= work(lo)
+    q *= work(1.0 / step)
     g = np.ceil(q)
     g -= q  # distance to the next integer, in [0, 1)
-    near = np.flatnonzero((g < 1e-9) | (g > 1.0 - 1e-9))
+    near = np.flatnonzero((g < window) | (g > 1.0 - window))
     g += q  # back to ceil(q)
     np.clip(g, 0, steps, out=g)
     idx = g.astype(np.intp)
