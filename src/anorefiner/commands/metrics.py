@@ -44,15 +44,9 @@ def ground_truth(root: str, dataset: str, category: str, ids: list[str]):
     """Masks [N,H,W] bool (native image size) and labels [N] of the test images, in ``ids`` order."""
     from PIL import Image
 
-    from anorefiner.data.index import index_category, load_mask
+    from anorefiner.data.index import load_mask, test_rows
 
-    df = index_category(root, category, dataset=dataset, split="test").set_index("image_id")
-    missing = [i for i in ids if i not in df.index]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} image id(s) of the maps are not in {root}/{category}: first {missing[0]!r}"
-        )
-    df = df.loc[ids]
+    df = test_rows(root, category, ids, dataset=dataset)
     masks = []
     for image_id, row in df.iterrows():
         if row["mask_path"]:

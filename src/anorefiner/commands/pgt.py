@@ -77,7 +77,7 @@ def main(args) -> int:
     from ..backbones import resolve_device
     from ..cache import read_features
     from ..config import parse_json_options
-    from ..data.index import index_category
+    from ..data.index import test_rows
     from ..log import LOG
     from ..refine.pgt import RefinerOptions, run_pgt
     from ..refine.store import write_refined
@@ -91,16 +91,9 @@ def main(args) -> int:
     device = resolve_device(args.device)
     feats = read_features(args.features)
     coarse = read_coarse(args.coarse, expect_ids=feats.ids)
-    df = index_category(args.root, args.category, dataset=args.dataset, split="test").set_index("image_id")
-    missing = [i for i in feats.ids if i not in df.index]
-    if missing:
-        raise ValueError(f"{len(missing)} feature-cache id(s) have no image under {args.root}/{args.category}: "
-                         f"first {missing[0]!r}")
-    df = df.loc[feats.ids]
-    labels = None
-    if options.pgt.contamination_ratio > 0:
-        LOG.warning("CONTAMINATION ABLATION (Table 4): reading GROUND-TRUTH LABELS of %s/%s", args.dataset, args.category)
-        labels = df["label"].to_numpy(dtype=np.int64)
+    df = test_rows(args.root, args.category, feats.ids, dataset=args.dataset)
+    # Table 4 only; run_pgt logs loudly that ground-truth labels are used.
+    labels = df["label"].to_numpy(dtype=np.int64) if options.pgt.contamination_ratio > 0 else None
     backbone = build_for_cache(feats, args.backbone, args.resolution, args.pretrained, device)
     backend_opts = parse_backend_options(args.backend_options, args.backend_type, args.dataset, args.device)
     backend = get_backend(args.backend_name or args.backend_type, backend_opts, backbone=backbone, seed=args.seed)

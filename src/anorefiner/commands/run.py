@@ -61,7 +61,7 @@ def main(args) -> int:
     from ..backbones import build_backbone, resolve_device
     from ..cache import extract_features, read_features
     from ..config import ConfigError, from_dict
-    from ..data.index import index_category
+    from ..data.index import index_category, test_rows
     from ..io import write_csv_atomic, write_json_atomic
     from ..log import LOG
     from ..metrics import EvalConfig, evaluate_category
@@ -116,7 +116,7 @@ def main(args) -> int:
     coarse = read_coarse(coarse_path, expect_ids=feats.ids)
     timings["coarse_s"] = time.time() - t
 
-    test = index[index["split"] == "test"].set_index("image_id").loc[feats.ids]
+    test = test_rows(args.data_root, args.category, feats.ids, dataset=args.dataset)
     labels = test["label"].to_numpy(dtype=np.int64) if options.pgt.contamination_ratio > 0 else None
     t = time.time()
     refined = run_pgt(feats, coarse, list(test["image_path"]), backbone, backend, options, seed=args.seed,

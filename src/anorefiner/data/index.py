@@ -122,6 +122,17 @@ def index_category(
     return frame[COLUMNS].reset_index(drop=True)
 
 
+def test_rows(root: str | Path, category: str, ids: list[str], dataset: str = "mvtec_ad") -> pd.DataFrame:
+    """The index's test rows of ``category`` in the order of ``ids`` (a cache's or store's ids),
+    indexed by image id; ids with no image under ``root`` raise an error naming the first one."""
+    df = index_category(root, category, dataset=dataset, split="test").set_index("image_id")
+    missing = [i for i in ids if i not in df.index]
+    if missing:
+        raise ValueError(f"{len(missing)} image id(s) have no test image under {root}/{category}: "
+                         f"first {missing[0]!r}")
+    return df.loc[list(ids)]
+
+
 def index_dataset(
     root: str | Path,
     categories: list[str] | tuple[str, ...] | None = None,

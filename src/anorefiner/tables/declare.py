@@ -87,15 +87,17 @@ class TableDecl:
 
     def runs(self, config: dict) -> list[RunKey]:
         """Every (dataset, backend, variant, seed) an implemented, configured row needs."""
-        keys: dict[RunKey, None] = {}
+        keys = {RunKey(ds, row.backend, row.variant, seed): None for ds, row, seed in self.ready_runs(config)}
+        return list(keys)
+
+    def ready_runs(self, config: dict):
+        """(config dataset, row, seed) of every implemented, configured row."""
         for paper_ds in self.datasets:
             for row in self.rows:
-                if not row_ready(row, paper_ds, config)[0]:
-                    continue
-                ds = dataset_key(paper_ds, config)
-                for seed in row.seed_list(config):
-                    keys[RunKey(ds, row.backend, row.variant, seed)] = None
-        return list(keys)
+                if row_ready(row, paper_ds, config)[0]:
+                    ds = dataset_key(paper_ds, config)
+                    for seed in row.seed_list(config):
+                        yield ds, row, seed
 
 
 def table_settings(config: dict) -> dict:
@@ -153,16 +155,11 @@ def metric_file(dataset: str, backend: str, variant: str, seed: int, category: s
 
 def required_metric_files(decl: TableDecl, config: dict, metrics_root: str = "results/metrics") -> list[str]:
     """The metric CSVs the table's target depends on (implemented, configured rows only), sorted."""
-    files: set[str] = set()
-    for paper_ds in decl.datasets:
-        for row in decl.rows:
-            if not row_ready(row, paper_ds, config)[0]:
-                continue
-            ds = dataset_key(paper_ds, config)
-            for seed in row.seed_list(config):
-                for cat in row_categories(row, ds, config):
-                    files.add(metric_file(ds, row.backend, row.variant, seed, cat, metrics_root))
-    return sorted(files)
+    return sorted({
+        metric_file(ds, row.backend, row.variant, seed, cat, metrics_root)
+        for ds, row, seed in decl.ready_runs(config)
+        for cat in row_categories(row, ds, config)
+    })
 
 
 def list_tables(tables_dir: str | Path) -> list[str]:

@@ -36,8 +36,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = srv.files.get(self.path)
         if srv.fail_next > 0 and srv.cuts_left == 0:  # failures come after any scripted cuts
             srv.fail_next -= 1
+            srv.statuses.append(503)  # recorded before responding: the client may assert right after
             self.send_error(503)
-            srv.statuses.append(503)
             return
         if body is None or srv.not_found:
             self.send_error(404)
@@ -50,8 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(body)}")
                 self.send_header("Content-Length", "0")
-                self.end_headers()
                 srv.statuses.append(416)
+                self.end_headers()
                 return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
