@@ -6,7 +6,12 @@ on ``--n`` images, and both implementations on ``--n-direct`` images (baseline: 
 ``torch.cdist`` of each image's patches against all other images' patches at once, no chunking),
 with the ratio. MuSc's cost grows with N^2: extrapolate with (N/n)^2.
 
+The full workload is 12 identical passes (4 layers x 3 values of r) over all image pairs. ``--passes K``
+runs only the first K of them on all ``--n`` images (all 4 layers stay in memory, so the peak memory
+is that of the full run) and prints the time per pass and the total it implies (x 12 / K).
+
     python benchmarks/bench_musc.py --n 40 --n-direct 20
+    python benchmarks/bench_musc.py --n 200 --n-direct 12 --passes 1   # 200 images, one pass
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--chunk", type=int, default=musc.DEFAULT_CHUNK)
+    p.add_argument("--passes", type=int, default=None, help="run only the first K (r, layer) passes at --n")
     a = p.parse_args()
     g = torch.Generator().manual_seed(0)
     shape = (a.n, a.grid, a.grid, a.channels)
@@ -69,10 +75,17 @@ def main() -> None:
     err = (got - ref).abs().max().item()
     print(f"chunked n={a.n_direct}: {t_chunk_sub:.1f} s; max |chunked - direct| = {err:.2e}; "
           f"ratio chunked/direct = {t_chunk_sub / t_direct:.2f}")
+    r_list = (1, 3, 5)
+    all_passes = [(r, k) for r in r_list for k in tokens]
+    passes = all_passes[: a.passes] if a.passes else all_passes
     t = time.perf_counter()
-    musc.score(tokens, chunk=a.chunk)
-    t_full = time.perf_counter() - t
-    print(f"chunked n={a.n}: {t_full:.1f} s ({t_full / a.n:.2f} s/image), peak RSS {peak_gib():.2f} GiB")
+    for r, k in passes:
+        tp = time.perf_counter()
+        musc.score({k: tokens[k]}, (r,), chunk=a.chunk)
+        print(f"  pass r={r} layer={k}: {time.perf_counter() - tp:.1f} s", flush=True)
+    t_full = (time.perf_counter() - t) * len(all_passes) / len(passes)
+    measured = "measured" if len(passes) == len(all_passes) else f"{len(passes)} of {len(all_passes)} passes measured, x{len(all_passes) / len(passes):g}"
+    print(f"chunked n={a.n}: {t_full:.1f} s ({measured}; {t_full / a.n:.2f} s/image), peak RSS {peak_gib():.2f} GiB")
     if a.n < 200:
         est = t_full * (200 / a.n) ** 2
         print(f"extrapolated to n=200 (x(200/{a.n})^2 for the distance part): ~{est / 60:.0f} min on this machine")

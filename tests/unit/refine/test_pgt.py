@@ -60,7 +60,7 @@ def test_dice_loss():
 
 
 def test_outputs_and_group_one_keeps_the_coarse_map(category):
-    ref = _run(category)
+    ref = _run(category, pgt={"coarse_norm": "running_minmax", "first_group_ard": "coarse"})
     n = len(category["feats"].ids)
     assert set(ref.maps) == {"coarse", "ard", "combined"}
     for m in ref.maps.values():
@@ -90,11 +90,23 @@ def _normalised(ref, patch_maps):
     return out
 
 
+def test_first_group_norm_is_frozen_after_group_one(category):
+    ref = _run(category)  # default coarse_norm "first_group"
+    g1 = ref.groups == 0
+    patch = category["coarse"].maps
+    lo, hi = patch[g1].min(), patch[g1].max()
+    assert patch.min() < lo or patch.max() > hi  # group 2 falls outside group 1's range: the freeze is visible
+    assert np.isclose(ref.attrs["coarse_norm"]["lo"], lo) and np.isclose(ref.attrs["coarse_norm"]["hi"], hi)
+    expected = (ref.maps["coarse"] - lo) / (hi - lo)
+    assert np.allclose(ref.maps["combined"], 0.5 * (ref.maps["ard"] + expected), atol=1e-5)
+
+
 def test_first_group_ard_zeros(category):
-    ref = _run(category, pgt={"first_group_ard": "zeros", "epochs": 1})
+    ref = _run(category, pgt={"epochs": 1})  # default first_group_ard "zeros"
     g1 = ref.groups == 0
     assert np.all(ref.maps["ard"][g1] == 0)
-    assert np.allclose(ref.maps["combined"][g1], 0.5 * _normalised(ref, category["coarse"].maps)[g1], atol=1e-6)
+    lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
+    assert np.allclose(ref.maps["combined"][g1], 0.5 * (ref.maps["coarse"][g1] - lo) / (hi - lo), atol=1e-6)
 
 
 def test_short_run_lowers_the_dice_loss(category):

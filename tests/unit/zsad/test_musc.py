@@ -81,6 +81,16 @@ def test_chunking_does_not_change_result():
     np.testing.assert_allclose(big.numpy(), tiny.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 25 * 25 * 2, 25 * 25 * 9, 2**25])  # blocks of 1, 1, 3 and all 7 images
+def test_symmetric_pairwise_blocks_match_one_sided_distances(chunk):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(7, 25, 16, generator=g)
+    both = musc.pairwise_min_dist(z, chunk)
+    one_sided = musc.min_dist_to_images(z, z, 2**25)
+    assert both.shape == (7, 25, 7)
+    torch.testing.assert_close(both, one_sided, atol=1e-5, rtol=1e-5)
+
+
 def test_small_sets_use_documented_fallback_and_single_image_fails():
     tokens = _tokens(n=3)
     fast = musc.score({k: torch.from_numpy(v) for k, v in tokens.items()}, (1,), 0.3)
