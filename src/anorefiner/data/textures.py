@@ -68,20 +68,24 @@ def _random_square_crop(arr: np.ndarray, gen: np.random.Generator, min_frac: flo
     return arr[y : y + side, x : x + side]
 
 
-def offline_textures(size: int = 256, seed: int = 0) -> list[np.ndarray]:
-    """Offline DTD stand-in: one random square crop of each shipped scikit-image image, resized
-    to ``size``; grey images are colourised with two random colours. Same seed → same arrays."""
+def offline_textures(size: int = 256, seed: int = 0, crops: int = 1) -> list[np.ndarray]:
+    """Offline DTD stand-in: ``crops`` random square crops of each shipped scikit-image image, resized
+    to ``size``; grey crops are colourised with two random colours. Same seed → same arrays (the first
+    crop of each image does not depend on ``crops``)."""
     if size < 8:
         raise ValueError(f"texture size must be >= 8, got {size}")
+    if crops < 1:
+        raise ValueError(f"offline texture crops per image must be >= 1, got {crops}")
     out = []
     for name in OFFLINE_GREY + OFFLINE_COLOUR:
         gen = make_rng(seed, "offline_texture", name)
-        crop = _random_square_crop(skimage_image(name), gen)
-        if crop.ndim == 2:
-            dark = gen.uniform(0, 110, 3)
-            light = gen.uniform(140, 255, 3)
-            crop = colourise(crop, tuple(dark), tuple(light))
-        out.append(resize_rgb(np.ascontiguousarray(crop), size))
+        for _ in range(crops):
+            crop = _random_square_crop(skimage_image(name), gen)
+            if crop.ndim == 2:
+                dark = gen.uniform(0, 110, 3)
+                light = gen.uniform(140, 255, 3)
+                crop = colourise(crop, tuple(dark), tuple(light))
+            out.append(resize_rgb(np.ascontiguousarray(crop), size))
     return out
 
 

@@ -28,6 +28,16 @@ def test_offline_textures_load_without_network_and_are_seeded():
     assert sum(not np.array_equal(x, y) for x, y in zip(a, c)) >= len(a) - 1
 
 
+def test_more_crops_per_image_extend_the_single_crop_set():
+    one = offline_textures(size=32, seed=0)
+    three = offline_textures(size=32, seed=0, crops=3)
+    assert len(three) == 3 * len(one)
+    assert all(np.array_equal(one[i], three[3 * i]) for i in range(len(one)))  # crop 1 unchanged
+    assert not np.array_equal(three[0], three[1])
+    with pytest.raises(ValueError, match="crops"):
+        offline_textures(size=32, crops=0)
+
+
 def test_grey_sources_are_colourised():
     brick = offline_textures(size=32, seed=0)[OFFLINE_GREY.index("brick")]
     assert not (np.array_equal(brick[..., 0], brick[..., 1]) and np.array_equal(brick[..., 1], brick[..., 2]))
