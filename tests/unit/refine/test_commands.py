@@ -101,3 +101,16 @@ def test_bring_your_own_maps_are_refined_end_to_end(demo_dataset, stores, tmp_pa
     coarse_auroc = frame.query("method == 'coarse' and metric == 'pixel_auroc'")["value"].item()
     assert coarse_auroc > 0.8
     assert read_refined(refined).ids == list(index["image_id"])
+
+
+def test_cpu_preset_is_valid_and_options_override_it():
+    from anorefiner.commands.run import CPU_PRESET, _merge
+    from anorefiner.config import from_dict
+    from anorefiner.refine.pgt import RefinerOptions
+
+    merged = _merge(CPU_PRESET, {"pgt": {"lr": 0.05}, "ard": {"bi": False}})
+    options = from_dict(RefinerOptions, merged, "refiner")  # raises on a key RefinerOptions lacks
+    options.validate()
+    assert options.pgt.lr == 0.05 and options.ard.bi is False
+    assert options.ard.feat_channels == CPU_PRESET["ard"]["feat_channels"]
+    assert CPU_PRESET["pgt"]["lr"] == 0.01  # the preset itself is not modified by the merge
