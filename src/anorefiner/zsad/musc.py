@@ -79,6 +79,12 @@ def _lnamd_chunked(x, r: int, l2_normalize: bool, device, batch: int = 16) -> to
     return torch.cat(out, 0)
 
 
+def _sq_dist(q: torch.Tensor, q_sq: torch.Tensor, r: torch.Tensor, r_sq: torch.Tensor) -> torch.Tensor:
+    """Squared distances ``||q||^2 + ||r||^2 - 2 q r^T`` of ``q`` ``[a, C]`` (norms ``q_sq`` ``[a, 1]``)
+    to ``r`` ``[b, C]`` (norms ``r_sq``, any shape of ``b`` elements) -> ``[a, b]``; may dip below 0."""
+    return torch.addmm(q_sq + r_sq.reshape(1, -1), q, r.T, beta=1.0, alpha=-2.0)
+
+
 def min_dist_to_images(q: torch.Tensor, ref: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """For each patch of each query image, the min Euclidean distance to each reference image.
 
@@ -100,7 +106,7 @@ def min_dist_to_images(q: torch.Tensor, ref: torch.Tensor, chunk: int = DEFAULT_
         nq = qb.shape[0] // L
         for rs in range(0, n_ref, br):
             rb = ref[rs : rs + br].reshape(-1, c)
-            d2 = torch.addmm(qn + r_sq[rs : rs + br].reshape(1, -1), qb, rb.T, beta=1.0, alpha=-2.0)
+            d2 = _sq_dist(qb, qn, rb, r_sq[rs : rs + br])
             nr = rb.shape[0] // L2
             d2 = d2.view(nq, L, nr, L2).amin(-1)
             out[qs : qs + nq, :, rs : rs + nr] = d2.clamp_min_(0.0).sqrt_()
@@ -140,7 +146,7 @@ def pairwise_min_dist(z: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tens
         qn = sq[a0:a1].reshape(-1, 1)
         for b0 in range(a0, n, b):
             b1 = min(n, b0 + b)
-            d2 = torch.addmm(qn + sq[b0:b1].reshape(1, -1), qa, z[b0:b1].reshape(-1, c).T, beta=1.0, alpha=-2.0)
+            d2 = _sq_dist(qa, qn, z[b0:b1].reshape(-1, c), sq[b0:b1])
             d2 = d2.view(a1 - a0, L, b1 - b0, L)
             out[a0:a1, :, b0:b1] = d2.amin(-1)
             if b0 != a0:
