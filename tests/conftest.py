@@ -40,6 +40,17 @@ def demo_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip() -> str:
+    """Name of the tiny random open_clip model (width-64 ViT, 4 blocks, patch 14, 32-d text tower).
+
+    Build it with ``build_backbone(tiny_clip, R, pretrained=None, seed=...)``, R a multiple of 14.
+    """
+    from anorefiner.backbones.clip_vit import register_tiny_clip
+
+    return register_tiny_clip()
+
+
+@pytest.fixture(scope="session")
 def bottle_root() -> Path:
     """The real MVTec AD bottle category's parent folder (skips when ../shared is absent)."""
     if not BOTTLE.is_dir():

@@ -7,7 +7,9 @@ Layout of ``<category>.h5``::
     cls                 [N,D] float32 class token (ViTs only; kept in float32: PA-CLIP compares it
                                       with text embeddings)
     attrs               JSON-encoded values: backbone identity (name, weights, resolution, layers,
-                        preprocessing, package versions), dtype, compression, n_images, plus the
+                        preprocessing, package versions; ``activation`` gelu/quick_gelu for CLIP
+                        ViTs, which readers pass in ``expect`` so the two can never be mixed up),
+                        dtype, compression, n_images, plus the
                         caller's ``expected_attrs`` (dataset, category); integer ``n_done``.
 
 Extraction writes ``<path>.partial`` and renames it onto ``<path>`` only when every image is done,
@@ -150,6 +152,10 @@ def extract_features(
         raise ValueError("index has duplicate image_id values in the test split")
     n = len(ids)
     attrs = cache_attrs(backbone, dtype, compression, expected_attrs, n_images=n)
+    if str(attrs.get("weights", "")).startswith("random"):
+        LOG.warning("%s: backbone %s has RANDOM weights (%s): these features and every map, metric and table made "
+                    "from them are NOT MEANINGFUL (a smoke test of the code path only)", out_path, attrs.get("backbone"),
+                    attrs["weights"])
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -157,3 +157,13 @@ def test_features_command(tmp_path, demo_dataset, lite0, tiles_index):
     feats = read_features(out, expect={"dataset": "demo", "category": "widget", "backbone": "efficientnet_lite0"})
     assert len(feats.ids) == 12 and feats.layers["blocks.2"].shape == (12, 8, 8, 40)
     assert feats.attrs["compression"] == "gzip" and feats.attrs["weights"] == lite0.weights
+
+
+def test_clip_activation_is_recorded_and_checked(tiles_index, tiny_clip, tmp_path):
+    """A QuickGELU cache is never read where GELU features are expected (and vice versa)."""
+    bb = build_backbone(tiny_clip, 42, pretrained=None, seed=0, activation="quick_gelu")
+    path = extract_features(tiles_index.head(3), bb, tmp_path / "q.h5", batch_size=2)
+    assert read_attrs(path)["activation"] == "quick_gelu"
+    assert read_features(path, expect={"activation": "quick_gelu"}).layers["4"].shape == (3, 3, 3, 64)
+    with pytest.raises(ValueError, match="'activation' is 'quick_gelu' but the configuration expects 'gelu'"):
+        read_features(path, expect={"activation": "gelu"})

@@ -27,6 +27,12 @@ if SRC not in sys.path:
 _PYTHON = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
 ANOREFINER = f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" {_PYTHON} -m anorefiner'
 
+# A relative table-declarations folder absent from the working directory (`--directory elsewhere`, e.g.
+# the smoke run of config/smoke_paper.yaml) is the repository's own.
+_TABLES_DIR = Path(config["tables"]["dir"])
+if not _TABLES_DIR.is_absolute() and not _TABLES_DIR.is_dir():
+    config["tables"]["dir"] = str(Path(SRC).parent / _TABLES_DIR)
+
 
 def dataset_cfg(name):
     try:
@@ -78,6 +84,12 @@ def features_of(wildcards):
 
 def backend_backbone(wildcards):
     return backbone_cfg(backend_cfg(wildcards.backend)["backbone"])
+
+
+def activation_arg(key):
+    """`--activation X` for an open_clip backbone that sets it (the features are checked against it)."""
+    act = backbone_cfg(key).get("activation")
+    return f"--activation {act}" if act else ""
 
 
 def backend_options(wildcards):

@@ -12,6 +12,7 @@ rule features:
         name=lambda wc: backbone_cfg(wc.backbone)["name"],
         pretrained=lambda wc: backbone_cfg(wc.backbone).get("pretrained") or "none",
         layers=lambda wc: " ".join(backbone_cfg(wc.backbone).get("layers", [])),
+        activation=lambda wc: activation_arg(wc.backbone),
         batch_size=config["features"]["batch_size"],
         dtype=config["features"]["dtype"],
         compression=config["features"]["compression"],
@@ -30,6 +31,6 @@ rule features:
     shell:
         "{params.cli} features --root {params.root} --dataset {wildcards.dataset}"
         " --category {wildcards.category} --backbone {params.name} --resolution {wildcards.res}"
-        " --layers {params.layers} --pretrained {params.pretrained} --batch-size {params.batch_size}"
+        " --layers {params.layers} --pretrained {params.pretrained} {params.activation} --batch-size {params.batch_size}"
         " --dtype {params.dtype} --compression {params.compression} --device {params.device}"
         " --out {output} > {log} 2>&1"

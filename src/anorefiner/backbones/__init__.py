@@ -130,6 +130,7 @@ def build_backbone(
     pretrained: str | os.PathLike | None = DEFAULT,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    activation: str | None = None,
 ) -> Backbone:
     """Build a backbone by name (see module docstring).
 
@@ -137,17 +138,21 @@ def build_backbone(
     for ViT-L-14-336 as in the paper); CNNs take stage names (default in :mod:`.cnn`).
     ``pretrained``: ``DEFAULT``, an official tag (open_clip tag / torchvision enum name), a local
     weights file, or ``None`` for random weights drawn with ``seed``.
+    ``activation``: open_clip ViTs only, ``"gelu"`` (default: what the official code runs at 518 px,
+    see :mod:`.clip_vit`) or ``"quick_gelu"``; ``None`` means the default.
     """
     if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     device = resolve_device(device)
     if name in CNN_NAMES:
+        if activation is not None:
+            raise ValueError(f"backbone {name!r}: 'activation' is an open_clip ViT option (got {activation!r})")
         from .cnn import build_cnn
 
         return build_cnn(name, int(resolution), layers, pretrained, device, seed)
-    from .clip_vit import ClipViT
+    from .clip_vit import DEFAULT_ACTIVATION, ClipViT
 
-    return ClipViT(name, int(resolution), layers, pretrained, device, seed)
+    return ClipViT(name, int(resolution), layers, pretrained, device, seed, activation or DEFAULT_ACTIVATION)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -5,11 +5,24 @@ Paper supplement A and specs/methods.md (MuSc): ViT-L-14-336 with OpenAI weights
 taken straight from the residual stream (no ``ln_post``, no projection). The class token of the
 last block is kept separately: ``ln_post`` + ``proj`` of it is CLIP's image embedding, which
 PA-CLIP compares with text embeddings (:meth:`ClipViT.encode_text`).
+
+Activation (``activation="gelu"`` by default): OpenAI's weights were trained with QuickGELU, but
+the official MuSc, APRIL-GAN and RareCLIP code (vendored open_clip ``factory.py`` create_model,
+``pretrained == 'openai'`` branch, rebuilding ``CLIP(**model_cfg)`` from ``ViT-L-14-336.json`` when
+the image size is not 336) and VCP-CLIP (``models/transformer.py`` l.498-499) all run them with
+plain ``nn.GELU`` at 518 px, so every published number of these methods comes from GELU features
+(specs/methods.md, last section; specs/backends.md section 0.2). ``"quick_gelu"`` is the named
+alternative. The activation is part of :attr:`ClipViT.identity`, hence of every feature cache's
+attributes, and readers check it.
+
+:func:`register_tiny_clip` registers ``anorefiner-tiny-clip`` (width-64 ViT, 4 blocks, patch 14,
+a 2-block width-32 text tower), a random-weights model for tests and CPU smoke runs.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -21,6 +34,25 @@ from . import DEFAULT, Backbone, is_local_weights, random_init, sha256_file
 # OpenAI CLIP's normalisation (open_clip.constants); used when a model carries no preprocess cfg.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: Transformer MLP activations a :class:`ClipViT` can run with (see the module docstring).
+ACTIVATIONS = ("gelu", "quick_gelu")
+#: The official code's activation at 518 px (specs/methods.md, "CLIP activation at 518 px").
+DEFAULT_ACTIVATION = "gelu"
+
+TINY_CLIP = "anorefiner-tiny-clip"
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+
+
+def register_tiny_clip() -> str:
+    """Register the project's open_clip model configs (idempotent) and return the tiny model's name.
+
+    ``anorefiner-tiny-clip`` has no pretrained weights: build it with ``pretrained=None``.
+    """
+    open_clip = import_open_clip()
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+    return TINY_CLIP
 
 
 def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -58,10 +90,14 @@ class ClipViT(Backbone):
         pretrained: str | os.PathLike | None = DEFAULT,
         device: torch.device = torch.device("cpu"),
         seed: int = 0,
+        activation: str = DEFAULT_ACTIVATION,
     ):
         open_clip = import_open_clip()
+        register_tiny_clip()
         self._open_clip = open_clip
         self._tokenizer = None
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
         if name not in open_clip.list_models():
             raise ValueError(
                 f"unknown backbone {name!r}: not 'resnet50'/'efficientnet_lite0' and not an open_clip model "
@@ -69,8 +105,6 @@ class ClipViT(Backbone):
             )
         self.name, self.resolution, self.device = name, resolution, device
         tags = open_clip.list_pretrained_tags_by_model(name)
-        # The paper's weights are OpenAI's; their architecture uses QuickGELU, which open_clip's plain
-        # model configs do not: follow the tag's setting (and the OpenAI one for random/local weights).
         ref_tag = "openai" if "openai" in tags else None
         if pretrained is None:
             tag, path = None, None
@@ -86,9 +120,9 @@ class ClipViT(Backbone):
                 )
             path = None
             self.weights = tag
-            ref_tag = tag
-        cfg = open_clip.get_pretrained_cfg(name, ref_tag) if ref_tag else {}
-        self.quick_gelu = bool(cfg.get("quick_gelu", False))
+        # Not the tag's own setting (QuickGELU for OpenAI weights): see the module docstring.
+        self.activation = activation
+        self.quick_gelu = activation == "quick_gelu"
         with random_init(seed):
             model = open_clip.create_model(
                 name,
@@ -97,6 +131,7 @@ class ClipViT(Backbone):
                 device="cpu",
                 weights_only=True,
             )
+        _check_activation(model, activation, name)
         model.eval().requires_grad_(False)
         self.model = model.to(device)
         visual = self.model.visual
@@ -195,10 +230,24 @@ class ClipViT(Backbone):
     def identity(self) -> dict:
         ident = super().identity
         ident["family"] = "open_clip"
-        ident["quick_gelu"] = self.quick_gelu
+        ident["activation"] = self.activation
         ident["tokens"] = "raw residual stream of 1-indexed blocks (no ln_post/proj); cls of last block"
         ident["pos_embed"] = f"bicubic {self.native_grid}->{self.grid}, class position kept"
         return ident
+
+
+def _check_activation(model: torch.nn.Module, activation: str, name: str) -> None:
+    """The vision tower's MLPs really use ``activation`` (a ``-quickgelu`` config cannot run GELU)."""
+    blocks = getattr(getattr(model.visual, "transformer", None), "resblocks", None)
+    if not blocks:
+        return
+    act = type(blocks[0].mlp.gelu).__name__
+    got = "quick_gelu" if act == "QuickGELU" else "gelu" if act == "GELU" else act
+    if got != activation:
+        raise ValueError(
+            f"{name}: requested activation {activation!r} but the model config builds {act}; "
+            f"use the matching open_clip name (with or without '-quickgelu') or activation {got!r}"
+        )
 
 
 def _block_number(value, n_blocks: int, name: str) -> int:

@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--byo-maps", default=None, help="maps file for --backend-type byo (docs/byo.md)")
     p.add_argument("--backbone", default=None, help="backbone name as in the cache attrs: PA-CLIP text tower, CLIP image embedding for RsCIN")
     p.add_argument("--resolution", type=int, default=None, help="PA-CLIP: backbone input resolution")
+    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+                   help="open_clip ViTs: the activation the cache must have been extracted with (checked "
+                        "against its attrs) and the text tower is built with")
     p.add_argument("--data-root", default=None,
                    help="PA-CLIP: dataset root; gives CADA the images (else it augments the token grid)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -41,7 +44,7 @@ def main(args) -> int:
     if not isinstance(options, dict):
         raise ConfigError(f"--options for backend {args.backend_name!r} must be a JSON object")
     seed_everything(args.seed)
-    feats = read_features(args.features)
+    feats = read_features(args.features, expect={"activation": args.activation} if args.activation else None)
     t = args.backend_type
     if t in ("musc", "paclip"):
         options.setdefault("device", args.device)
@@ -98,7 +101,8 @@ def _paclip_inputs(args, feats, log):
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        backbone = build_backbone(args.backbone, resolution=resolution, device=device)
+        activation = args.activation or feats.attrs.get("activation")
+        backbone = build_backbone(args.backbone, resolution=resolution, device=device, activation=activation)
     else:
         log.warning("PA-CLIP without --backbone: no text tower, no image-level augmentation")
     if args.data_root and backbone is not None:

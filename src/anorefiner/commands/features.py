@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default="default",
                         help="'default' (OpenAI / ImageNet; 'imagenet' for the CNNs), an official tag, a local weights "
                              "file, or 'none' (random, seed 0)")
+    parser.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+                        help="open_clip ViTs: MLP activation (default gelu, as the official MuSc/APRIL-GAN code "
+                             "runs OpenAI weights at 518 px; recorded in the cache attrs)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     parser.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
@@ -36,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     index = index_category(args.root, args.category, dataset=args.dataset)
     layers = args.layers or None  # "--layers" with no values (config without layers): the default
-    backbone = build_backbone(args.backbone, args.resolution, layers=layers, pretrained=pretrained, device=args.device)
+    backbone = build_backbone(args.backbone, args.resolution, layers=layers, pretrained=pretrained,
+                              device=args.device, activation=args.activation)
     extract_features(
         index,
         backbone,

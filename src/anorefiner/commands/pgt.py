@@ -62,7 +62,8 @@ def build_for_cache(feats, backbone_name: str, resolution: int, pretrained: str,
 
     layers = feats.attrs.get("layers")
     pretrained = None if str(pretrained).lower() == "none" else pretrained
-    backbone = build_backbone(backbone_name, resolution, layers=layers, pretrained=pretrained, device=device)
+    backbone = build_backbone(backbone_name, resolution, layers=layers, pretrained=pretrained, device=device,
+                              activation=feats.attrs.get("activation"))
     for key in ("backbone", "resolution", "weights"):
         cached = feats.attrs.get(key)
         if cached is not None and str(cached) != str(backbone.identity[key]):

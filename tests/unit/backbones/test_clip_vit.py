@@ -61,7 +61,7 @@ def test_other_resolution_uses_interpolated_position_embedding():
         bb.visual.positional_embedding.data = original
     torch.testing.assert_close(layers["3"], seen[3][:, 1:].reshape(1, 10, 10, 768))
     torch.testing.assert_close(cls, seen[12][:, 0])
-    assert bb.identity["resolution"] == 160 and bb.identity["quick_gelu"] is True
+    assert bb.identity["resolution"] == 160 and bb.identity["activation"] == "gelu"
 
 
 def test_sequence_first_transformers_give_the_same_tokens():
@@ -129,5 +129,36 @@ def test_vit_l_14_336_paper_layers_at_518():
     assert all(t.shape == (1, 37, 37, 1024) for t in layers.values())
     assert cls.shape == (1, 1024)
     assert bb.image_embedding(cls).shape == (1, 768)
-    assert bb.quick_gelu is True  # the OpenAI weights' activation
+    assert bb.activation == "gelu"  # what the official code runs at 518 px (methods.md, last section)
     assert F.normalize(bb.encode_text(["a photo"]), dim=-1).shape == (1, 768)
+
+
+def test_activation_option_changes_tokens_and_defaults_to_gelu(tiny_clip):
+    x = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(3))
+    default = build_backbone(tiny_clip, 42, pretrained=None, seed=5)
+    quick = build_backbone(tiny_clip, 42, pretrained=None, seed=5, activation="quick_gelu")
+    assert default.activation == "gelu" and default.identity["activation"] == "gelu"
+    assert quick.identity["activation"] == "quick_gelu"
+    assert type(default.blocks[0].mlp.gelu) is torch.nn.GELU
+    assert type(quick.blocks[0].mlp.gelu).__name__ == "QuickGELU"
+    # Same random weights, different activation: different tokens.
+    torch.testing.assert_close(default.blocks[0].mlp.c_fc.weight, quick.blocks[0].mlp.c_fc.weight)
+    (a, cls_a), (b, cls_b) = default(x), quick(x)
+    assert (a["4"] - b["4"]).abs().max() > 1e-3 and (cls_a - cls_b).abs().max() > 1e-3
+
+
+def test_activation_is_validated(tiny_clip):
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        build_backbone(tiny_clip, 42, pretrained=None, activation="relu")
+    with pytest.raises(ValueError, match="open_clip ViT option"):
+        build_backbone("resnet50", 64, pretrained=None, activation="gelu")
+    with pytest.raises(ValueError, match="builds QuickGELU"):
+        build_backbone("ViT-B-32-quickgelu", 224, pretrained=None, activation="gelu")
+
+
+def test_tiny_clip_runs_both_towers(tiny_clip):
+    bb = build_backbone(tiny_clip, 56, pretrained=None, seed=0)
+    layers, cls = bb(torch.zeros(1, 3, 56, 56))
+    assert bb.layers == ["1", "2", "3", "4"] and layers["4"].shape == (1, 4, 4, 64)
+    assert bb.image_embedding(cls).shape == (1, 32)
+    assert bb.encode_text(["a photo of a widget."]).shape == (1, 32)
