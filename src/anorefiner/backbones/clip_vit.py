@@ -216,15 +216,15 @@ class ClipViT(Backbone):
                 emb = emb @ v.proj
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """L2-normalised CLIP text embeddings ``[T,D]`` (open_clip's tokenizer for this model)."""
+    def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """CLIP text embeddings ``[T,D]``, L2-normalised unless ``normalize=False`` (open_clip's tokenizer)."""
         if isinstance(texts, str) or not texts:
             raise ValueError("encode_text takes a non-empty list of strings")
         if self._tokenizer is None:
             self._tokenizer = self._open_clip.get_tokenizer(self.name)
         tokens = self._tokenizer(list(texts)).to(self.device)
         with torch.no_grad():
-            return self.model.encode_text(tokens, normalize=True).float()
+            return self.model.encode_text(tokens, normalize=normalize).float()
 
     @property
     def identity(self) -> dict:
