@@ -55,10 +55,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _remove_stale_temps(getattr(args, "out", None))
         return int(args._module.main(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOG.error("%s", err)
         return 1
+
+
+def _remove_stale_temps(out) -> None:
+    """A killed job leaves its atomic writer's hidden temp file beside ``--out``: remove it when the
+    command that writes ``--out`` starts again (``anorefiner run`` cleans the files in its folder)."""
+    if out is None:
+        return
+    from pathlib import Path
+
+    from .io import remove_stale_temps
+
+    if not Path(out).is_dir():
+        remove_stale_temps(out)
 
 
 def _light_parser() -> argparse.ArgumentParser:

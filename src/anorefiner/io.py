@@ -7,6 +7,7 @@ Every writer in the package writes to a temporary sibling and renames it into pl
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -35,6 +36,31 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Temporary siblings that :func:`atomic_path` left for ``path`` (``.<name>.*.tmp``), e.g. after a kill."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file())
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer of ``path`` left behind; returns what was removed.
+
+    Called when a stage starts writing ``path`` (Snakemake runs one job per output, so nothing else
+    is writing it then). Feature extraction's resumable ``<path>.partial`` is not touched.
+    """
+    from .log import LOG
+
+    removed = []
+    for tmp in stale_temps(path):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+            LOG.info("removed %s (left by an interrupted write of %s)", tmp, Path(path).name)
+    return removed
 
 
 def _umask() -> int:

@@ -15,6 +15,7 @@ rule coarse:
         options=lambda wc: backend_options(wc),
         backbone=lambda wc: backend_backbone(wc)["name"],
         resolution=lambda wc: backend_backbone(wc)["resolution"],
+        pretrained=lambda wc: backend_backbone(wc).get("pretrained") or "none",
         activation=lambda wc: activation_arg(backend_cfg(wc.backend)["backbone"]),
         byo=lambda wc, input: f"--byo-maps {input.byo}" if input.byo else "",
         device=config["compute"]["device"],
@@ -33,6 +34,7 @@ rule coarse:
         "{params.cli} coarse --features {input.features} --backend-type {params.type}"
         " --backend-name {wildcards.backend} --options '{params.options}' --seed {wildcards.seed}"
         " --dataset {wildcards.dataset} --category {wildcards.category}"
-        " --backbone {params.backbone} --resolution {params.resolution} {params.activation}"
+        " --backbone {params.backbone} --resolution {params.resolution} --pretrained {params.pretrained}"
+        " {params.activation}"
         " --data-root {params.root} {params.byo}"
         " --device {params.device} --out {output} > {log} 2>&1"

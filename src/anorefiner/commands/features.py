@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .. import stages
     from ..backbones import build_backbone
-    from ..cache import extract_features
     from ..data.index import index_category
 
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
@@ -41,14 +41,6 @@ def main(args: argparse.Namespace) -> int:
     layers = args.layers or None  # "--layers" with no values (config without layers): the default
     backbone = build_backbone(args.backbone, args.resolution, layers=layers, pretrained=pretrained,
                               device=args.device, activation=args.activation)
-    extract_features(
-        index,
-        backbone,
-        args.out,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        compression=args.compression,
-        expected_attrs={"dataset": args.dataset, "category": args.category},
-        workers=args.workers,
-    )
+    stages.features(index, backbone, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                    compression=args.compression, workers=args.workers)
     return 0

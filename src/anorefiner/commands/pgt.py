@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 NAME = "pgt"
 HELP = "AnoRefiner: progressive group-wise test-time training of the ARD -> refined store (coarse/ard/combined)"
@@ -29,82 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="refined store to write (results/refined/.../<category>.h5)")
 
 
-def load_textures(spec: str, seed: int):
-    """``offline`` → scikit-image stand-ins; anything else is a DTD root folder."""
-    from ..data.textures import texture_source
-
-    if spec == "offline":
-        return texture_source("offline", seed=seed)
-    return texture_source("dtd", dtd_root=spec)
-
-
-def parse_backend_options(text: str, backend_type: str, dataset: str, device: str) -> dict:
-    from ..config import ConfigError
-
-    try:
-        options = json.loads(text or "{}")
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--backend-options is not valid JSON: {err}") from err
-    if not isinstance(options, dict):
-        raise ConfigError("--backend-options must be a JSON object")
-    if backend_type in ("musc", "paclip"):
-        options.setdefault("device", device)
-    if backend_type == "musc":
-        options.setdefault("dataset", dataset)
-    elif backend_type == "byo":
-        options.setdefault("musc", {}).setdefault("dataset", dataset)
-    return options
-
-
-def build_for_cache(feats, backbone_name: str, resolution: int, pretrained: str, device):
-    """The backbone that made ``feats`` (same layers); a different resolution or weights is an error."""
-    from ..backbones import build_backbone
-
-    layers = feats.attrs.get("layers")
-    pretrained = None if str(pretrained).lower() == "none" else pretrained
-    backbone = build_backbone(backbone_name, resolution, layers=layers, pretrained=pretrained, device=device,
-                              activation=feats.attrs.get("activation"))
-    for key in ("backbone", "resolution", "weights"):
-        cached = feats.attrs.get(key)
-        if cached is not None and str(cached) != str(backbone.identity[key]):
-            raise ValueError(f"feature cache attribute {key!r} is {cached!r} but --backbone/--resolution/--pretrained "
-                             f"give {backbone.identity[key]!r}: pseudo-anomaly features must come from the same backbone")
-    return backbone
-
-
 def main(args) -> int:
-    import numpy as np
-
+    from .. import stages
     from ..backbones import resolve_device
-    from ..cache import read_features
+    from ..cache import read_attrs
     from ..config import parse_json_options
-    from ..data.index import test_rows
-    from ..log import LOG
-    from ..refine.pgt import RefinerOptions, run_pgt
-    from ..refine.store import write_refined
-    from ..seeding import seed_everything
-    from ..zsad import get_backend
-    from ..zsad.store import read_coarse
+    from ..refine.pgt import RefinerOptions
 
     options = parse_json_options(args.options, RefinerOptions, "refiner")
     options.validate()
-    seed_everything(args.seed)
     device = resolve_device(args.device)
-    feats = read_features(args.features)
-    coarse = read_coarse(args.coarse, expect_ids=feats.ids)
-    df = test_rows(args.root, args.category, feats.ids, dataset=args.dataset)
-    # Table 4 only; run_pgt logs loudly that ground-truth labels are used.
-    labels = df["label"].to_numpy(dtype=np.int64) if options.pgt.contamination_ratio > 0 else None
-    backbone = build_for_cache(feats, args.backbone, args.resolution, args.pretrained, device)
-    backend_opts = parse_backend_options(args.backend_options, args.backend_type, args.dataset, args.device)
-    backend = get_backend(args.backend_name or args.backend_type, backend_opts, backbone=backbone, seed=args.seed)
-    refined = run_pgt(feats, coarse, list(df["image_path"]), backbone, backend, options, seed=args.seed,
-                      textures=load_textures(args.textures, args.seed), eval_resolution=args.eval_resolution,
-                      labels=labels, device=device)
-    refined.attrs.update({"dataset": args.dataset, "category": args.category, "features": str(args.features),
-                          "coarse": str(args.coarse), "backend": args.backend_name or args.backend_type,
-                          "backend_options": backend_opts, "textures": args.textures, "device": str(device)})
-    write_refined(args.out, refined)
-    LOG.info("pgt %s/%s: %d images in %d groups, %.1f s -> %s", args.dataset, args.category, len(refined.ids),
-             refined.attrs["n_groups"], refined.attrs["timings"]["total_s"], args.out)
+    backbone = stages.cache_backbone(read_attrs(args.features), args.backbone, args.resolution, args.pretrained,
+                                     device)
+    backend_name = args.backend_name or args.backend_type
+    backend_opts = stages.backend_options(args.backend_type, args.backend_options, dataset=args.dataset,
+                                          category=args.category, device=args.device)
+    stages.refine(args.root, args.dataset, args.category, args.features, args.coarse, backbone=backbone,
+                  backend_name=backend_name, backend_type=args.backend_type, backend_opts=backend_opts,
+                  options=options, seed=args.seed, textures=args.textures, eval_resolution=args.eval_resolution,
+                  device=device, out=args.out)
     return 0

@@ -2,8 +2,11 @@
 
 features → coarse maps → PGT (ARD) → metrics, by the same library functions the workflow uses.
 Writes ``OUT/features.h5``, ``OUT/coarse.h5``, ``OUT/refined.h5``, ``OUT/metrics.csv`` (columns
-``method, metric, value``; methods ``coarse``, ``ard``, ``combined``) and ``OUT/run.json``. Existing
-intermediate files are reused (delete them, or pass ``--force``, to recompute).
+``method, metric, value``; methods ``coarse``, ``ard``, ``combined``) and ``OUT/run.json``. An existing
+intermediate file is reused only when the settings it records (backbone, resolution, activation, backend
+and its options, seed, refiner options, ...) equal this run's; otherwise it is recomputed and the log
+names the setting that differs (``--force`` recomputes everything). Each stage is a function of
+:mod:`anorefiner.stages`, the same the workflow's subcommands call.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ CPU_PRESET = {"ard": {"feat_channels": 64, "anomaly_channels": 16, "aa_channels"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, help="folder holding <category>/{train,test,ground_truth}")
-    p.add_argument("--category", required=True)
+    p.add_argument("--category", required=True, help="the category folder under --data-root to process")
     p.add_argument("--dataset", default="mvtec_ad", help="dataset name recorded in the outputs (picks RsCIN's k list)")
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="feature extractor: efficientnet_lite0 (CPU-friendly, default), resnet50, ViT-L-14-336 "
+                        "(the paper's) or another open_clip name")
     p.add_argument("--backend", default="musc", help="zero-shot backend name (musc, musc_star, musc_cnn, paclip)")
     p.add_argument("--backend-options", default="{}", help="backend options as JSON")
     p.add_argument("--resolution", type=int, default=None, help=f"backbone input size (default {DEFAULT_RESOLUTION})")
@@ -40,11 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refiner defaults: the paper's, or a lighter ARD for CPUs (--options override both)")
     p.add_argument("--options", default="{}", help="refiner options JSON (sections ard, pgt, synthesis)")
     p.add_argument("--textures", default="offline", help="'offline' or a DTD root folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every random step (groups, pseudo-anomalies, ARD initialisation); the paper averages 5")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-pro", action="store_true", help="skip the PRO metric (the slowest one)")
-    p.add_argument("--force", action="store_true", help="recompute intermediate files that already exist")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="recompute every intermediate file, even one made with the same settings")
+    p.add_argument("--out", required=True, help="output folder (reused files must match this run's settings, see above)")
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -57,23 +63,17 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def main(args) -> int:
-    import numpy as np
     import pandas as pd
 
+    from .. import stages
     from ..backbones import build_backbone, resolve_device
-    from ..cache import extract_features, read_features
     from ..config import ConfigError, from_dict
-    from ..data.index import index_category, test_rows
-    from ..io import write_csv_atomic, write_json_atomic
+    from ..data.index import index_category
+    from ..io import remove_stale_temps, write_csv_atomic, write_json_atomic
     from ..log import LOG
-    from ..metrics import EvalConfig, evaluate_category
-    from ..refine.pgt import RefinerOptions, run_pgt
-    from ..refine.store import write_refined
-    from ..seeding import seed_everything
-    from ..zsad import PRESETS, get_backend
-    from ..zsad.store import read_coarse, write_coarse
-    from .metrics import ground_truth
-    from .pgt import load_textures, parse_backend_options
+    from ..metrics import EvalConfig
+    from ..refine.pgt import RefinerOptions
+    from ..zsad import PRESETS
 
     try:
         user = json.loads(args.options or "{}")
@@ -87,58 +87,43 @@ def main(args) -> int:
         raise ValueError(f"--resolution is required for backbone {args.backbone!r}")
     if args.backend not in PRESETS:
         raise ValueError(f"--backend {args.backend!r}: expected one of {sorted(PRESETS)}")
-    seed_everything(args.seed)
+    backend_type = PRESETS[args.backend][0]
+    backend_opts = stages.backend_options(backend_type, args.backend_options, dataset=args.dataset,
+                                          category=args.category, device=args.device)
     device = resolve_device(args.device)
+    index = index_category(args.data_root, args.category, dataset=args.dataset)  # checks masks before any compute
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"{name}.h5" for name in ("features", "coarse", "refined")}
+    reuse = not args.force
     timings: dict[str, float] = {}
 
-    index = index_category(args.data_root, args.category, dataset=args.dataset)
+    t = time.time()
     backbone = build_backbone(args.backbone, resolution, device=device)
-    feat_path = out / "features.h5"
-    t = time.time()
-    if args.force or not feat_path.is_file():
-        extract_features(index, backbone, feat_path, expected_attrs={"dataset": args.dataset, "category": args.category})
-    else:
-        LOG.info("run: reusing %s", feat_path)
-    feats = read_features(feat_path, expect={"backbone": args.backbone, "resolution": resolution})
+    stages.features(index, backbone, paths["features"], reuse=reuse)
     timings["features_s"] = time.time() - t
-
-    backend_type = PRESETS[args.backend][0]
-    backend_opts = parse_backend_options(args.backend_options, backend_type, args.dataset, args.device)
-    backend = get_backend(args.backend, backend_opts, backbone=backbone, seed=args.seed)
-    coarse_path = out / "coarse.h5"
     t = time.time()
-    if args.force or not coarse_path.is_file():
-        res = backend.coarse(feats)
-        write_coarse(coarse_path, feats.ids, res.maps, res.scores,
-                     {"backend": args.backend, "options": backend_opts, "seed": args.seed, "features": str(feat_path)})
-    else:
-        LOG.info("run: reusing %s", coarse_path)
-    coarse = read_coarse(coarse_path, expect_ids=feats.ids)
+    stages.coarse(paths["features"], args.backend, backend_type, backend_opts, seed=args.seed, dataset=args.dataset,
+                  category=args.category, out=paths["coarse"], backbone=backbone, data_root=args.data_root,
+                  reuse=reuse)
     timings["coarse_s"] = time.time() - t
-
-    test = test_rows(args.data_root, args.category, feats.ids, dataset=args.dataset)
-    labels = test["label"].to_numpy(dtype=np.int64) if options.pgt.contamination_ratio > 0 else None
     t = time.time()
-    refined = run_pgt(feats, coarse, list(test["image_path"]), backbone, backend, options, seed=args.seed,
-                      textures=load_textures(args.textures, args.seed), eval_resolution=args.eval_resolution,
-                      labels=labels, device=device)
-    refined.attrs.update({"dataset": args.dataset, "category": args.category, "backend": args.backend,
-                          "backend_options": backend_opts, "textures": args.textures, "device": str(device)})
-    write_refined(out / "refined.h5", refined)
+    stages.refine(args.data_root, args.dataset, args.category, paths["features"], paths["coarse"], backbone=backbone,
+                  backend_name=args.backend, backend_type=backend_type, backend_opts=backend_opts, options=options,
+                  seed=args.seed, textures=args.textures, eval_resolution=args.eval_resolution, device=device,
+                  out=paths["refined"], reuse=reuse)
     timings["pgt_s"] = time.time() - t
-
     t = time.time()
-    masks, gt_labels = ground_truth(args.data_root, args.dataset, args.category, refined.ids)
     eval_cfg = EvalConfig(resolution=args.eval_resolution, compute_pro=not args.no_pro)
-    rows = evaluate_category({m: (refined.maps[m], refined.scores[m]) for m in refined.maps}, masks, gt_labels, eval_cfg)
+    rows = stages.evaluate(args.data_root, args.dataset, args.category, paths["refined"], eval_cfg)
     frame = pd.DataFrame(rows, columns=["method", "metric", "value"])
+    for name in ("metrics.csv", "run.json"):
+        remove_stale_temps(out / name)
     write_csv_atomic(out / "metrics.csv", frame)
     timings["metrics_s"] = time.time() - t
     write_json_atomic(out / "run.json", {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                                          "resolution": resolution, "options": opts, "timings": timings,
-                                         "pgt_timings": refined.attrs["timings"]})
+                                         "pgt_timings": stages.stored_attrs(paths["refined"]).get("timings")})
     table = frame.pivot(index="metric", columns="method", values="value")
     LOG.info("run %s: metrics -> %s\n%s", args.category, out / "metrics.csv", table.round(4).to_string())
     return 0

@@ -1,0 +1,380 @@
+"""The pipeline's stages as library functions (docs/architecture.md "Data flow").
+
+features → coarse → refine (PGT) → evaluate. Each workflow rule's subcommand (``anorefiner features``,
+``coarse``, ``pgt``, ``metrics``) and ``anorefiner run`` call these same functions, so the two paths
+cannot drift apart.
+
+Provenance: every stage records the settings that determine its output — the feature cache its
+backbone identity (name, weights, resolution, layers, preprocessing, activation when the backbone
+reports one), the coarse and refined stores a ``provenance`` attribute (backend and its options, seed,
+refiner options, evaluation resolution, textures, and the provenance of their inputs). With
+``reuse=True`` (``anorefiner run`` without ``--force``) an existing output is kept only when its
+recorded settings equal this call's; otherwise it is recomputed and the log names the first setting
+that differs. The workflow never reuses: Snakemake decides what to rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .io import remove_stale_temps
+from .log import LOG
+
+# Recorded but not compared: package versions, and options that change where or how fast a result
+# is computed, not what it is.
+NOT_COMPARED = ("versions", "n_done", "compression", "device", "chunk", "feature_batch_size")
+
+
+# ------------------------------------------------------------------------------------ provenance
+def _strip(value):
+    if isinstance(value, dict):
+        return {str(k): _strip(v) for k, v in sorted(value.items()) if k not in NOT_COMPARED}
+    if isinstance(value, (list, tuple)):
+        return [_strip(v) for v in value]
+    return value
+
+
+def canonical(value):
+    """``value`` as plain JSON types without the keys in :data:`NOT_COMPARED` (tuples become lists)."""
+    return _strip(json.loads(json.dumps(value, sort_keys=True, default=str)))
+
+
+def first_difference(stored, expected, where: str = "") -> str | None:
+    """``"key: stored X, now Y"`` for the first dotted key whose value differs; None when equal."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        for key in sorted(set(stored) | set(expected)):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in stored:
+                return f"{path}: not recorded, now {expected[key]!r}"
+            if key not in expected:
+                return f"{path}: recorded {stored[key]!r}, not set now"
+            diff = first_difference(stored[key], expected[key], path)
+            if diff is not None:
+                return diff
+        return None
+    if stored != expected:
+        return f"{where or 'value'}: {stored!r} there, {expected!r} now"
+    return None
+
+
+def feature_provenance(attrs: dict) -> dict:
+    """The settings of a feature cache that determine its contents (its attrs minus bookkeeping)."""
+    return canonical({k: v for k, v in attrs.items() if k not in ("n_images", "format", "dtype_note")})
+
+
+def stored_attrs(path: str | Path) -> dict:
+    """The file attributes of an HDF5 store, JSON strings decoded (as the feature cache decodes its own)."""
+    import h5py
+
+    from .cache import _decode_attrs
+
+    with h5py.File(path, "r") as f:
+        return _decode_attrs(f.attrs)
+
+
+def stored_provenance(path: str | Path) -> dict | None:
+    """The ``provenance`` attribute of a coarse or refined store (None when it has none)."""
+    value = stored_attrs(path).get("provenance")
+    return value if isinstance(value, dict) else None
+
+
+def stored_ids(path: str | Path) -> list[str]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["ids"].asstr()[()].tolist() if "ids" in f else []
+
+
+def reusable(path: str | Path, expected: dict, reuse: bool, ids: list[str] | None = None,
+             stored: dict | None = None) -> bool:
+    """True when ``reuse`` is set and ``path`` was made with exactly the ``expected`` settings (and ``ids``).
+
+    A mismatch is logged with the setting that differs; the caller then recomputes ``path``.
+    """
+    path = Path(path)
+    if not reuse or not path.is_file():
+        return False
+    try:
+        recorded = stored if stored is not None else stored_provenance(path)
+        why = ("it records no provenance (made by an older version)" if recorded is None
+               else first_difference(canonical(recorded), canonical(expected)))
+        if why is None and ids is not None and stored_ids(path) != list(ids):
+            why = "its image ids differ from the dataset's test images"
+    except (OSError, KeyError, ValueError) as err:
+        why = f"it is unreadable ({err})"
+    if why is None:
+        LOG.info("reusing %s (made with the same settings)", path)
+        return True
+    LOG.warning("%s was made with other settings (%s): recomputing it", path, why)
+    return False
+
+
+# ------------------------------------------------------------------------------------ inputs
+def backend_options(backend_type: str, options: dict | str | None, *, dataset: str, category: str,
+                    device: str = "auto", byo_maps: str | None = None) -> dict:
+    """A backend's options (config ``backends.<name>.options``) with what the pipeline fills in:
+    the device, MuSc's dataset (RsCIN k list), PA-CLIP's category (prompts), BYO's maps file."""
+    from .config import ConfigError
+
+    if isinstance(options, str) or options is None:
+        try:
+            options = json.loads(options or "{}")
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"backend options are not valid JSON: {err}") from err
+    if not isinstance(options, dict):
+        raise ConfigError(f"backend options must be a JSON object, got {options!r}")
+    options = json.loads(json.dumps(options))  # a deep copy
+    if backend_type in ("musc", "paclip"):
+        options.setdefault("device", device)
+    if backend_type == "musc":
+        options.setdefault("dataset", dataset)
+    elif backend_type == "paclip":
+        options.setdefault("category", category.replace("_", " "))
+    elif backend_type == "byo":
+        if byo_maps:
+            options["maps_path"] = str(byo_maps)
+        proxy = options.setdefault("musc", {})
+        proxy.setdefault("dataset", dataset)
+        proxy.setdefault("device", device)
+    return options
+
+
+def make_backend(backend_name: str, backend_type: str, options: dict, *, backbone=None, seed: int = 0):
+    """The backend of config ``backends.<backend_name>`` (a preset name keeps its preset)."""
+    from .zsad import PRESETS, get_backend
+
+    key = backend_name if PRESETS.get(backend_name, (None,))[0] == backend_type else backend_type
+    return get_backend(key, options, backbone=backbone, seed=seed)
+
+
+def cache_backbone(feature_attrs: dict, name: str, resolution: int | None = None, pretrained="default",
+                   device="auto", activation: str | None = None):
+    """The backbone that made a feature cache (its layers and activation); other weights, resolution or
+    activation is an error."""
+    from .backbones import build_backbone
+
+    resolution = resolution or feature_attrs.get("resolution")
+    if not resolution:
+        raise ValueError(f"backbone {name!r}: no resolution given and the feature cache records none")
+    cached = feature_attrs.get("activation")
+    if activation is not None and cached is not None and str(activation) != str(cached):
+        raise ValueError(f"feature cache attribute 'activation' is {cached!r} but {activation!r} was asked for: "
+                         "re-extract the features or fix the configuration")
+    pretrained = None if str(pretrained).lower() == "none" else pretrained
+    backbone = build_backbone(name, int(resolution), layers=feature_attrs.get("layers"), pretrained=pretrained,
+                              device=device, activation=activation or cached)
+    check_backbone(feature_attrs, backbone)
+    return backbone
+
+
+def check_backbone(feature_attrs: dict, backbone) -> None:
+    """Pseudo-anomaly features (PGT) and CADA views (PA-CLIP) must come from the cache's backbone."""
+    for key in ("backbone", "resolution", "weights", "activation"):
+        cached = feature_attrs.get(key)
+        if cached is not None and str(cached) != str(backbone.identity.get(key)):
+            raise ValueError(f"feature cache attribute {key!r} is {cached!r} but the backbone given has "
+                             f"{backbone.identity.get(key)!r}: it must be the backbone that made the cache")
+
+
+def image_source(root, dataset: str, category: str, ids: list[str]):
+    """``indices -> list of uint8 images`` of the test images ``ids`` under ``root`` (PA-CLIP's CADA)."""
+    from .data.index import load_image, test_rows
+
+    paths = list(test_rows(root, category, ids, dataset=dataset)["image_path"])
+    return lambda indices: [load_image(paths[int(i)]) for i in indices]
+
+
+def load_textures(spec: str, seed: int):
+    """``offline`` → scikit-image stand-ins; anything else is a DTD root folder."""
+    from .data.textures import texture_source
+
+    if spec == "offline":
+        return texture_source("offline", seed=seed)
+    return texture_source("dtd", dtd_root=spec)
+
+
+# ------------------------------------------------------------------------------------ stages
+def features(index, backbone, out, *, batch_size: int = 8, dtype: str = "float16", compression=None,
+             workers: int = 1, reuse: bool = False) -> Path:
+    """Stage 1 (rule ``features``): backbone features of the index's test images → feature cache."""
+    from .cache import cache_attrs, extract_features, read_attrs
+
+    out = Path(out)
+    compression = None if compression in (None, "none") else compression
+    expected_attrs = {"dataset": str(index["dataset"].iloc[0]), "category": str(index["category"].iloc[0])}
+    test_ids = [str(i) for i in index.loc[index["split"] == "test", "image_id"]]
+    if reuse and out.is_file():
+        expected = feature_provenance(cache_attrs(backbone, dtype, compression, expected_attrs))
+        try:
+            stored = feature_provenance(read_attrs(out))
+        except OSError:
+            stored = None
+        if reusable(out, expected, reuse, ids=test_ids, stored=stored):
+            return out
+    remove_stale_temps(out)
+    return extract_features(index, backbone, out, batch_size=batch_size, dtype=dtype, compression=compression,
+                            expected_attrs=expected_attrs, workers=workers)
+
+
+def coarse(features_path, backend_name: str, backend_type: str, options: dict, *, seed: int, dataset: str,
+           category: str, out, backbone=None, data_root=None, reuse: bool = False) -> Path:
+    """Stage 2 (rule ``coarse``): zero-shot coarse maps of the cached images → coarse store.
+
+    ``options``: from :func:`backend_options`. ``backbone`` (optional): PA-CLIP's text tower and image
+    re-extraction, RsCIN's CLIP image embedding; with ``data_root`` PA-CLIP's CADA augments real images.
+    """
+    from .cache import read_attrs, read_features
+    from .seeding import seed_everything
+    from .zsad.store import write_coarse
+
+    out = Path(out)
+    feature_attrs = read_attrs(features_path)
+    provenance = {"stage": "coarse", "backend": backend_name, "backend_type": backend_type, "options": options,
+                  "seed": int(seed), "dataset": dataset, "category": category,
+                  "features": feature_provenance(feature_attrs)}
+    if reusable(out, provenance, reuse):
+        return out
+    remove_stale_temps(out)
+    if backbone is not None:
+        check_backbone(feature_attrs, backbone)
+    seed_everything(seed)
+    feats = read_features(features_path)
+    backend = make_backend(backend_name, backend_type, options, backbone=backbone, seed=seed)
+    if backend_type == "paclip" and data_root and backbone is not None:
+        backend.images = image_source(data_root, dataset, category, feats.ids)
+    elif backend_type == "paclip" and backbone is None:
+        LOG.warning("PA-CLIP without a backbone: no text tower, no image-level augmentation")
+    LOG.info("coarse %s/%s (%s): scoring %d images", dataset, category, backend_name, len(feats.ids))
+    start = time.perf_counter()
+    result = backend.coarse(feats)
+    seconds = time.perf_counter() - start
+    attrs = {"backend": backend_name, "backend_type": backend_type, "options": options, "seed": int(seed),
+             "dataset": dataset, "category": category, "features": str(features_path),
+             "features_identity": {k: (v if isinstance(v, (int, float, str)) else str(v))
+                                   for k, v in feats.attrs.items()},
+             "seconds": seconds, "provenance": canonical(provenance)}
+    if backend_type == "paclip":
+        attrs["paclip_info"] = json.dumps(backend.last_info)
+    write_coarse(out, feats.ids, result.maps, result.scores, attrs)
+    LOG.info("coarse %s/%s (%s): %d maps %s in %.1f s -> %s", dataset, category, backend_name,
+             len(feats.ids), tuple(result.maps.shape[1:]), seconds, out)
+    return out
+
+
+def refine(root, dataset: str, category: str, features_path, coarse_path, *, backbone, backend_name: str,
+           backend_type: str, backend_opts: dict, options, seed: int, textures: str = "offline",
+           eval_resolution: int = 518, device="cpu", out, reuse: bool = False) -> Path:
+    """Stage 3 (rule ``pgt``): AnoRefiner (ARD trained by PGT) on the coarse maps → refined store.
+
+    ``backbone`` must be the one that made the feature cache (pseudo-anomaly features).
+    """
+    from .cache import read_attrs, read_features
+    from .data.index import test_rows
+    from .refine.pgt import run_pgt
+    from .refine.store import write_refined
+    from .seeding import seed_everything
+    from .zsad.store import read_coarse
+
+    out = Path(out)
+    options.validate()
+    provenance = {"stage": "refined", "coarse": stored_provenance(coarse_path), "options": asdict(options),
+                  "seed": int(seed), "eval_resolution": int(eval_resolution), "textures": str(textures),
+                  "backend": backend_name, "backend_options": backend_opts}
+    if reusable(out, provenance, reuse):
+        return out
+    remove_stale_temps(out)
+    check_backbone(read_attrs(features_path), backbone)
+    seed_everything(seed)
+    feats = read_features(features_path)
+    coarse_store = read_coarse(coarse_path, expect_ids=feats.ids)
+    df = test_rows(root, category, feats.ids, dataset=dataset)
+    # Table 4 only; run_pgt logs loudly that ground-truth labels are used.
+    labels = df["label"].to_numpy(dtype=np.int64) if options.pgt.contamination_ratio > 0 else None
+    backend = make_backend(backend_name, backend_type, backend_opts, backbone=backbone, seed=seed)
+    refined = run_pgt(feats, coarse_store, list(df["image_path"]), backbone, backend, options, seed=seed,
+                      textures=load_textures(textures, seed), eval_resolution=eval_resolution, labels=labels,
+                      device=device)
+    n_refined = refined_by_ard(refined)
+    if n_refined == 0:
+        LOG.warning("NOT REFINED: %s/%s: no image was refined by a trained ARD (%d test images in %d group(s), "
+                    "%d epochs); 'ard' and 'combined' only rescale the coarse maps", dataset, category,
+                    len(refined.ids), refined.attrs["n_groups"], options.pgt.epochs)
+    refined.attrs.update({"dataset": dataset, "category": category, "features": str(features_path),
+                          "coarse": str(coarse_path), "backend": backend_name, "backend_options": backend_opts,
+                          "textures": textures, "device": str(device), "n_refined_by_ard": n_refined,
+                          "provenance": canonical(provenance)})
+    write_refined(out, refined)
+    LOG.info("pgt %s/%s: %d images in %d groups (%d refined by the ARD), %.1f s -> %s", dataset, category,
+             len(refined.ids), refined.attrs["n_groups"], n_refined, refined.attrs["timings"]["total_s"], out)
+    return out
+
+
+def refined_by_ard(refined) -> int:
+    """How many images a trained ARD refined: those in groups after the first trained one."""
+    if not any(len(h) for h in refined.attrs.get("loss_history", [])):
+        return 0
+    return int((np.asarray(refined.groups) > 0).sum())
+
+
+def evaluate(root, dataset: str, category: str, source, options) -> list[dict]:
+    """Stage 4 (rule ``metrics``): ``{method, metric, value}`` rows of a coarse or refined store."""
+    from .metrics import evaluate_category
+
+    ids, methods, attrs = load_methods(source)
+    if attrs.get("n_refined_by_ard") == 0:
+        LOG.warning("NOT REFINED: %s holds no image refined by a trained ARD: its 'ard' and 'combined' rows "
+                    "describe rescaled coarse maps", source)
+    masks, labels = ground_truth(root, dataset, category, ids, resolution=options.resolution,
+                                 rule=options.mask_resize)
+    LOG.info("scoring %s/%s: %d images, methods %s, PRO %s", dataset, category, len(ids), sorted(methods),
+             options.pro_variant if options.compute_pro else "off")
+    return evaluate_category(methods, masks, labels, options)
+
+
+def load_methods(source) -> tuple[list[str], dict, dict]:
+    """``(ids, {method: (maps, scores)}, attrs)`` of a coarse store (method ``coarse``) or a refined store."""
+    import h5py
+
+    with h5py.File(source, "r") as f:
+        is_refined = "maps" in f and isinstance(f["maps"], h5py.Group)
+    if is_refined:
+        from .refine.store import read_refined
+
+        refined = read_refined(source)
+        return list(refined.ids), {m: (refined.maps[m], refined.scores[m]) for m in refined.maps}, refined.attrs
+    from .zsad.store import read_coarse
+
+    c = read_coarse(source)
+    return list(c.ids), {"coarse": (c.maps, c.scores)}, c.attrs
+
+
+def ground_truth(root, dataset: str, category: str, ids: list[str], resolution: int | None = None,
+                 rule: str = "nearest"):
+    """Masks ``[N,H,W]`` bool and labels ``[N]`` of the test images, in ``ids`` order.
+
+    Masks keep their size when all images share one; images of different sizes need an evaluation
+    ``resolution``, to which each mask is resized (``rule`` as in ``EvalConfig.mask_resize``).
+    """
+    from .data.index import image_size, load_mask, test_rows
+    from .metrics.evaluate import resize_masks
+
+    df = test_rows(root, category, ids, dataset=dataset)
+    masks, sizes = [], {}
+    for image_id, row in df.iterrows():
+        size = image_size(row["image_path"])
+        sizes.setdefault(size, row["image_path"])
+        # Good images have no mask file: an all-False mask of the image's size.
+        masks.append(load_mask(row["mask_path"], expected_size=size) if row["mask_path"]
+                     else np.zeros(size, dtype=bool))
+    if len(sizes) > 1:
+        if resolution is None:
+            (a, pa), (b, pb) = list(sizes.items())[:2]
+            raise ValueError(f"{root}/{category}: test images differ in size ({pa} is {a[0]}x{a[1]}, {pb} is "
+                             f"{b[0]}x{b[1]}); evaluating them needs one resolution (evaluation.resolution)")
+        masks = [resize_masks(m[None], (resolution, resolution), rule)[0] for m in masks]
+    return np.stack(masks), df["label"].to_numpy(dtype=np.int64)

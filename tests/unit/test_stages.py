@@ -1,0 +1,109 @@
+"""The stage layer (anorefiner.stages): provenance of reused intermediates, stale temp files."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from anorefiner import stages
+from anorefiner.cli import main as cli
+from anorefiner.refine.store import read_refined
+from anorefiner.zsad.store import read_coarse
+
+TINY = json.dumps({
+    "ard": {"feat_channels": 16, "anomaly_channels": 8, "aa_channels": 12, "head_channels": 8},
+    "pgt": {"group_size": 6, "n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2, "batch_size": 2},
+})
+
+
+def _run(root, out, backend="musc", seed=0, options=TINY, extra=()):
+    return cli(["run", "--data-root", str(root), "--category", "tiles", "--dataset", "demo",
+                "--backbone", "efficientnet_lite0", "--resolution", "64", "--eval-resolution", "32",
+                "--backend", backend, "--backend-options", json.dumps({"rscin": False} if "musc" in backend else {}),
+                "--options", options, "--seed", str(seed), "--no-pro", "--device", "cpu", "--out", str(out), *extra])
+
+
+def test_first_difference_names_the_dotted_key():
+    a = {"backend": "musc", "options": {"r_list": [1, 3, 5], "topmin": 0.3}, "seed": 0}
+    assert stages.first_difference(a, json.loads(json.dumps(a))) is None
+    assert stages.first_difference(a, {**a, "backend": "paclip"}) == "backend: 'musc' there, 'paclip' now"
+    b = {**a, "options": {"r_list": [1, 3], "topmin": 0.3}}
+    assert stages.first_difference(a, b).startswith("options.r_list:")
+    assert "not recorded" in stages.first_difference({}, {"seed": 1})
+    # where/how fast a result is computed is recorded but not compared
+    assert stages.canonical({"options": {"device": "cuda", "chunk": 5, "k": (1, 2)}}) == {"options": {"k": [1, 2]}}
+
+
+def test_run_recomputes_intermediates_made_with_other_settings(demo_dataset, tmp_path, caplog):
+    """musc then paclip (another seed) into one --out: the second run must not refine musc's maps."""
+    out = tmp_path / "run"
+    assert _run(demo_dataset, out, "musc", seed=0) == 0
+    musc = read_coarse(out / "coarse.h5")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="anorefiner"):
+        assert _run(demo_dataset, out, "paclip", seed=3) == 0
+    text = caplog.text
+    assert f"reusing {out / 'features.h5'}" in text  # same backbone and images: the features are valid
+    assert f"reusing {out / 'coarse.h5'}" not in text and f"reusing {out / 'refined.h5'}" not in text
+    assert "backend: 'musc' there, 'paclip' now" in text  # the log names the setting that differs
+    coarse = read_coarse(out / "coarse.h5")
+    assert coarse.attrs["backend"] == "paclip" and coarse.attrs["seed"] == 3
+    assert not np.allclose(coarse.maps, musc.maps)
+    refined = read_refined(out / "refined.h5")
+    assert refined.attrs["backend"] == "paclip" and refined.attrs["seed"] == 3
+    assert refined.attrs["provenance"]["coarse"]["backend"] == "paclip"
+    np.testing.assert_allclose(refined.scores["coarse"], coarse.scores)
+
+    # Same settings again: everything is reused, nothing rewritten.
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in ("features.h5", "coarse.h5", "refined.h5")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="anorefiner"):
+        assert _run(demo_dataset, out, "paclip", seed=3) == 0
+    assert {p: (out / p).stat().st_mtime_ns for p in mtimes} == mtimes
+    # Another refiner option: coarse maps reused, refined store recomputed (naming the option).
+    caplog.clear()
+    other = json.loads(TINY)
+    other["pgt"]["epochs"] = 1
+    with caplog.at_level(logging.INFO, logger="anorefiner"):
+        assert _run(demo_dataset, out, "paclip", seed=3, options=json.dumps(other)) == 0
+    assert f"reusing {out / 'coarse.h5'}" in caplog.text
+    assert "options.pgt.epochs: 2 there, 1 now" in caplog.text
+    assert read_refined(out / "refined.h5").attrs["options"]["pgt"]["epochs"] == 1
+
+
+def test_run_recomputes_features_of_another_resolution(demo_dataset, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert _run(demo_dataset, out) == 0
+    with caplog.at_level(logging.INFO, logger="anorefiner"):
+        assert cli(["run", "--data-root", str(demo_dataset), "--category", "tiles", "--dataset", "demo",
+                    "--resolution", "96", "--eval-resolution", "32", "--backend-options", '{"rscin": false}',
+                    "--options", TINY, "--no-pro", "--device", "cpu", "--out", str(out)]) == 0
+    assert "resolution: 64 there, 96 now" in caplog.text
+    from anorefiner.cache import read_attrs
+
+    assert read_attrs(out / "features.h5")["resolution"] == 96
+    assert read_coarse(out / "coarse.h5").maps.shape[1:] == (12, 12)  # stride 8 at 96 px
+
+
+def test_stages_remove_stale_temp_files_of_their_outputs(demo_dataset, tmp_path):
+    """A killed writer leaves .<name>.*.tmp beside its output; the next writer of that output removes it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".coarse.h5.k1ll3d.h5.tmp", out / ".refined.h5.x.h5.tmp", out / ".metrics.csv.y.csv.tmp",
+             out / ".features.h5.z.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    keep = out / ".other.h5.a.tmp"
+    keep.write_bytes(b"not ours")
+    assert _run(demo_dataset, out) == 0
+    assert not any(p.exists() for p in stale)
+    assert keep.exists()
+
+
+def test_subcommand_removes_stale_temp_of_its_out(demo_dataset, tmp_path):
+    out = tmp_path / "idx.csv"
+    stale = tmp_path / ".idx.csv.abc123.csv.tmp"
+    stale.write_text("half")
+    assert cli(["index", "--root", str(demo_dataset), "--category", "tiles", "--out", str(out)]) == 0
+    assert out.is_file() and not stale.exists()
