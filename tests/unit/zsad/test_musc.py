@@ -104,7 +104,7 @@ def test_make_groups_is_ceil_array_split():
     assert [len(g) for g in groups] == [28, 28, 27]
     assert np.concatenate(groups).tolist() == list(range(83))
     assert [len(g) for g in make_groups(42, 30)] == [21, 21]
-    assert len(make_groups(12, None)) == 1 and len(make_groups(30, 30)) == 1
+    assert len(make_groups(12, None)) == 1 and len(make_groups(31, 30)) == 2
     shuffled = make_groups(83, 30, seed=3)
     assert sorted(np.concatenate(shuffled).tolist()) == list(range(83))
     assert [g.tolist() for g in shuffled] == [g.tolist() for g in make_groups(83, 30, seed=3)]
