@@ -107,3 +107,40 @@ def test_subcommand_removes_stale_temp_of_its_out(demo_dataset, tmp_path):
     stale.write_text("half")
     assert cli(["index", "--root", str(demo_dataset), "--category", "tiles", "--out", str(out)]) == 0
     assert out.is_file() and not stale.exists()
+
+
+def test_run_refuses_a_wrong_size_mask_before_any_compute(demo_dataset, tmp_path, caplog):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_dataset / "tiles", root / "tiles")
+    mask = sorted((root / "tiles" / "ground_truth").rglob("*_mask.png"))[0]
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.ERROR, logger="anorefiner"):
+        assert _run(root, out) == 1
+    assert f"mask {mask} is 10x10 (HxW) but its image" in caplog.text and "is 64x64" in caplog.text
+    assert not out.exists() or not any(out.iterdir())  # nothing computed, nothing half-written
+
+
+def test_ground_truth_of_mixed_size_images_needs_and_uses_a_resolution(demo_dataset, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from anorefiner.data.index import index_category
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_dataset / "tiles", root / "tiles")
+    index = index_category(root, "tiles", split="test")
+    row = index[index.label == 1].iloc[0]
+    for path, resample in ((row.image_path, Image.BILINEAR), (row.mask_path, Image.NEAREST)):
+        Image.open(path).resize((96, 96), resample).save(path)  # one image (and its mask) at 96 px
+    ids = list(index.image_id)
+    with pytest.raises(ValueError, match=r"test images differ in size .*96x96.*64x64|64x64.*96x96"):
+        stages.ground_truth(root, "demo", "tiles", ids)
+    masks, labels = stages.ground_truth(root, "demo", "tiles", ids, resolution=32)
+    assert masks.shape == (len(ids), 32, 32) and masks[ids.index(row.image_id)].any()
+    assert labels.tolist() == index.label.tolist()

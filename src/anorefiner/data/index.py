@@ -48,7 +48,7 @@ def _find_mask(cat_dir: Path, defect: str, stem: str) -> Path | None:
     return None
 
 
-def _rows_for(cat_dir: Path, split: str, defect_dirs: list[Path]) -> list[dict]:
+def _rows_for(cat_dir: Path, split: str, defect_dirs: list[Path], check_sizes: bool = True) -> list[dict]:
     rows = []
     for folder in defect_dirs:
         defect = folder.name
@@ -66,6 +66,8 @@ def _rows_for(cat_dir: Path, split: str, defect_dirs: list[Path]) -> list[dict]:
                 if mask is None:
                     expected = cat_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
                     raise DatasetError(f"anomalous image {path} has no mask (expected {expected})")
+                if check_sizes:
+                    check_mask_size(path, mask)
             rows.append(
                 {
                     "split": split,
@@ -81,13 +83,16 @@ def _rows_for(cat_dir: Path, split: str, defect_dirs: list[Path]) -> list[dict]:
 
 
 def index_category(
-    root: str | Path, category: str, dataset: str = "mvtec_ad", split: str | None = None
+    root: str | Path, category: str, dataset: str = "mvtec_ad", split: str | None = None,
+    check_sizes: bool = True,
 ) -> pd.DataFrame:
     """One row per image of ``<root>/<category>``, in index order (split, defect, file name).
 
     Columns: ``dataset, category, split, label, defect, image_id, image_path, mask_path``;
     ``mask_path`` is None for good images (a mask next to a good image is ignored).
-    ``split``: None (both), ``"train"`` or ``"test"``.
+    ``split``: None (both), ``"train"`` or ``"test"``. ``check_sizes``: every mask must have its
+    image's size (read from the file headers, so before any compute); a mismatch raises
+    :class:`DatasetError` naming the mask and both sizes.
     """
     root = Path(root)
     if split not in (None, *SPLITS):
@@ -110,7 +115,7 @@ def index_category(
             defect_dirs = [good]
         else:
             defect_dirs = _subdirs(sp_dir)
-        sp_rows = _rows_for(cat_dir, sp, defect_dirs)
+        sp_rows = _rows_for(cat_dir, sp, defect_dirs, check_sizes)
         if not sp_rows:
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {sp_dir}")
         rows.extend(sp_rows)
@@ -229,6 +234,19 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError) as err:
         raise DatasetError(f"cannot read image {path}: {err}") from err
     return h, w
+
+
+def check_mask_size(image_path: str | Path, mask_path: str | Path) -> None:
+    """Raise :class:`DatasetError` naming the mask and both sizes when they differ (headers only)."""
+    image_hw = image_size(image_path)
+    try:
+        with Image.open(mask_path) as img:
+            mask_hw = (img.size[1], img.size[0])
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"cannot read mask {mask_path}: {err}") from err
+    if mask_hw != image_hw:
+        raise DatasetError(f"mask {mask_path} is {mask_hw[0]}x{mask_hw[1]} (HxW) but its image {image_path} is "
+                           f"{image_hw[0]}x{image_hw[1]}: masks must have their image's size")
 
 
 def check_category(df: pd.DataFrame, max_errors: int = 20) -> dict:

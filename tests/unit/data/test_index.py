@@ -175,7 +175,7 @@ def test_check_category_reports_size_mismatch_and_corrupt_image(tmp_path):
     _toy(tmp_path)
     _save(tmp_path / "toy" / "ground_truth" / "dent" / "000_mask.png", np.zeros((10, 10), np.uint8))
     (tmp_path / "toy" / "test" / "good" / "000.png").write_bytes(b"garbage")
-    frame = index_category(tmp_path, "toy")
+    frame = index_category(tmp_path, "toy", check_sizes=False)  # indexing itself refuses the mask (below)
     with pytest.raises(DatasetError) as err:
         check_category(frame)
     text = str(err.value)
@@ -204,3 +204,14 @@ def test_duplicate_stems_are_rejected(tmp_path):
     with pytest.raises(DatasetError, match="train/good/000"):
         index_category(tmp_path, "toy")
     assert idx.IMAGE_EXTENSIONS >= {".png", ".jpg", ".jpeg", ".bmp", ".tif"}
+
+
+def test_index_names_a_mask_of_another_size_before_any_compute(tmp_path):
+    """A 10x10 mask beside a 20x30 image fails at indexing, naming the mask, its image and both sizes."""
+    _toy(tmp_path)
+    bad = _save(tmp_path / "toy" / "ground_truth" / "dent" / "001_mask.png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(DatasetError) as err:
+        index_category(tmp_path, "toy")
+    text = str(err.value)
+    assert f"mask {bad} is 10x10 (HxW)" in text and "test/dent/001.png is 20x30" in text
+    assert len(index_category(tmp_path, "toy", split="train")) == 2  # the train split has no masks
