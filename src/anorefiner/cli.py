@@ -26,6 +26,7 @@ COMMANDS = {
     "table": "table",
     "figures": "figures",
     "run": "run",
+    "train-backend": "train_backend",
 }
 
 

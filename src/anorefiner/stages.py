@@ -129,8 +129,10 @@ def backend_options(backend_type: str, options: dict | str | None, *, dataset: s
     if not isinstance(options, dict):
         raise ConfigError(f"backend options must be a JSON object, got {options!r}")
     options = json.loads(json.dumps(options))  # a deep copy
-    if backend_type in ("musc", "paclip"):
+    if backend_type in ("musc", "paclip", "april_gan"):
         options.setdefault("device", device)
+    if backend_type == "april_gan":
+        options.setdefault("class_name", category)  # verbatim: the official prompts use meta.json's keys
     if backend_type == "musc":
         options.setdefault("dataset", dataset)
     elif backend_type == "paclip":
@@ -260,6 +262,8 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
              "seconds": seconds, "provenance": canonical(provenance)}
     if backend_type == "paclip":
         attrs["paclip_info"] = json.dumps(backend.last_info)
+    elif backend_type == "april_gan":
+        attrs["backend_info"] = json.dumps(backend.last_info)  # map_level: the store's token-grid choice
     write_coarse(out, feats.ids, result.maps, result.scores, attrs)
     LOG.info("coarse %s/%s (%s): %d maps %s in %.1f s -> %s", dataset, category, backend_name,
              len(feats.ids), tuple(result.maps.shape[1:]), seconds, out)

@@ -1,4 +1,4 @@
-"""Zero-shot anomaly detection backends that need no training, the coarse store and BYO maps.
+"""Zero-shot anomaly detection backends, the coarse store and BYO maps.
 
 ``get_backend(name_or_type, options, backbone=None)`` returns an object with the
 :class:`Backend` protocol (docs/architecture.md). Names (config ``backends.<name>``) map to a
@@ -12,6 +12,7 @@ name            type      preset
 ``musc_cnn``    musc      ``rscin=False`` (AnoRefiner Table 8, CNN features)
 ``paclip``      paclip    PA-CLIP defaults
 ``byo``         byo       user maps; MuSc proxy for pseudo-anomalies
+``april_gan``   april_gan APRIL-GAN zero-shot (adapters trained on the auxiliary dataset)
 ==============  ========  =============================================
 """
 
@@ -24,13 +25,14 @@ import numpy as np
 
 from ..config import from_dict
 
-TYPES = ("musc", "paclip", "byo")
+TYPES = ("musc", "paclip", "byo", "april_gan")
 PRESETS = {
     "musc": ("musc", {}),
     "musc_star": ("musc", {"group_size": 30}),
     "musc_cnn": ("musc", {"rscin": False}),
     "paclip": ("paclip", {}),
     "byo": ("byo", {}),
+    "april_gan": ("april_gan", {}),
 }
 
 
@@ -55,7 +57,7 @@ def get_backend(name_or_type: str, options: dict | None = None, backbone=None, s
     if name_or_type not in PRESETS:
         raise ValueError(
             f"unknown zero-shot backend {name_or_type!r}; known: {', '.join(PRESETS)} "
-            "(april_gan, vcp_clip, rareclip need trained checkpoints and are not implemented)"
+            "(vcp_clip and rareclip are not implemented)"
         )
     kind, preset = PRESETS[name_or_type]
     opts = {**preset, **dict(options or {})}
@@ -68,6 +70,10 @@ def get_backend(name_or_type: str, options: dict | None = None, backbone=None, s
         from .paclip import PACLIPBackend, PACLIPConfig
 
         return PACLIPBackend(from_dict(PACLIPConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
+    if kind == "april_gan":
+        from .april_gan import AprilGanBackend, AprilGanConfig
+
+        return AprilGanBackend(from_dict(AprilGanConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
     from .byo import ByoBackend, ByoConfig
 
     return ByoBackend(from_dict(ByoConfig, opts, where), name=name_or_type, seed=seed)

@@ -1,0 +1,195 @@
+"""Training of APRIL-GAN's linear adapters on the auxiliary dataset (``VAND-APRIL-GAN train.py``).
+
+Recipe (specs/backends.md section 1, "Training recipe"; the defaults of :class:`TrainConfig`):
+
+* data: the *test split with masks* of every category of the auxiliary dataset (VisA-trained
+  adapters score MVTec AD and vice versa; ``dataset.py`` defaults to ``mode='test'``); images
+  squash-resized like at test time, no other augmentation;
+* MVTec as the auxiliary set: with probability ``mosaic_p`` = 0.2 a sample is replaced by a 2x2
+  mosaic of 4 random test images of its class (defect type uniform, then file uniform; good
+  images with empty masks), pasted at their original size (``dataset.py`` combine_img);
+* frozen CLIP under no_grad; per layer: adapters -> L2 norm -> 100 * p @ T (T of the sample's
+  class) -> bilinear upsample to the input size (align_corners=True) -> softmax; loss = sum over
+  layers of focal (gamma 2, alpha all ones, smooth 1e-5) + binary dice (smooth 1) of the abnormal
+  channel (``loss.py``);
+* Adam lr 1e-3, betas (0.5, 0.999), batch 8, no weight decay, no scheduler; 3 epochs (MVTec) or
+  15 (VisA); seed 111 (``train.py`` setup_seed(111)); masks: binarised, resized bilinearly to the
+  input size, ``> 0.5`` (``dataset.py``).
+
+The checkpoint (the official format plus a ``meta`` dict of plain values) is written atomically
+and loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..io import atomic_path
+from ..log import LOG, progress
+from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs
+
+
+@dataclass
+class TrainConfig:
+    """Adapter training options (config ``backends.<name>.train.<auxiliary dataset>``)."""
+
+    epochs: int = 15  # train.sh: 15 on VisA (3 on MVTec: the config's mvtec_ad entry says so)
+    mosaic_p: float = 0.0  # train.sh aug_rate: 0.2 on MVTec, none on VisA
+    lr: float = 1e-3  # train.py --learning_rate default, not overridden by train.sh
+    betas: tuple = (0.5, 0.999)  # train.py Adam
+    batch_size: int = 8  # train.sh
+    seed: int = 111  # train.py setup_seed(111)
+    dim_out: int = 768  # model.py LinearLayer: CLIP's joint embedding width (the text width)
+    prompt_set: str = "april_gan"
+    temperature: float = 100.0
+    focal_gamma: float = 2.0  # loss.py FocalLoss
+    focal_smooth: float = 1e-5  # loss.py FocalLoss
+    dice_smooth: float = 1.0  # loss.py BinaryDiceLoss
+    autocast: bool = True  # train.py runs CLIP under torch.cuda.amp.autocast (CUDA only; CPU stays fp32)
+    max_images: int | None = None  # cap per category (smoke runs); None = the whole test split
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """``loss.py`` FocalLoss on softmaxed ``[B, 2, H, W]`` maps and a binary ``[B, H, W]`` target."""
+    one_hot = torch.stack([1 - target, target], dim=1).to(probs.dtype).clamp(smooth, 1.0 - smooth)
+    pt = (one_hot * probs).sum(1) + smooth
+    return (-((1 - pt) ** gamma) * pt.log()).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """``loss.py`` BinaryDiceLoss: 1 - mean over the batch of the per-sample smoothed dice."""
+    p, t = prob.reshape(prob.shape[0], -1), target.reshape(target.shape[0], -1).to(prob.dtype)
+    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return 1 - dice.mean()
+
+
+def training_samples(root: str | Path, dataset: str, max_images: int | None = None) -> list[dict]:
+    """Test-split rows (class, image, mask or None) of every category of the auxiliary dataset."""
+    from ..data.index import index_category, list_categories
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"auxiliary dataset {dataset!r}: folder {root} does not exist")
+    cats = list_categories(root)
+    if not cats:
+        raise FileNotFoundError(f"auxiliary dataset {dataset!r}: no category folders under {root}")
+    rows = []
+    for cat in cats:
+        df = index_category(root, cat, dataset=dataset, split="test")
+        if max_images is not None:
+            df = df.head(max_images)
+        rows += [{"category": cat, "image": r.image_path, "mask": r.mask_path, "defect": r.defect}
+                 for r in df.itertuples()]
+    return rows
+
+
+def _load_pair(row: dict) -> tuple[Image.Image, Image.Image]:
+    from ..data.index import load_image, load_mask
+
+    img = load_image(row["image"])
+    mask = np.zeros(img.shape[:2], bool) if row["mask"] is None else load_mask(row["mask"], img.shape[:2])
+    return Image.fromarray(img), Image.fromarray(mask.astype(np.uint8) * 255)
+
+
+def mosaic(rows_of_class: list[dict], rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """2x2 mosaic of 4 random test images of one class (defect type uniform, then file), original sizes."""
+    by_defect: dict[str, list[dict]] = {}
+    for r in rows_of_class:
+        by_defect.setdefault(r["defect"], []).append(r)
+    defects = sorted(by_defect)
+    pairs = []
+    for _ in range(4):
+        pool = by_defect[defects[int(rng.integers(len(defects)))]]
+        pairs.append(_load_pair(pool[int(rng.integers(len(pool)))]))
+    w, h = pairs[0][0].size
+    img, mask = Image.new("RGB", (2 * w, 2 * h)), Image.new("L", (2 * w, 2 * h))
+    for i, (im, m) in enumerate(pairs):
+        img.paste(im, ((i % 2) * w, (i // 2) * h))
+        mask.paste(m, ((i % 2) * w, (i // 2) * h))
+    return img, mask
+
+
+def resize_mask(mask: Image.Image, size: int) -> torch.Tensor:
+    """0/255 mask -> bilinear to ``size`` x ``size`` -> ``> 0.5`` (as a float 0/1 tensor)."""
+    m = np.asarray(mask.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy((m > 0.5).astype(np.float32))
+
+
+def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | Path,
+                   text_cache: str | None = None, meta: dict | None = None) -> Path:
+    """Train the adapters on ``rows`` (:func:`training_samples`) and write the checkpoint to ``out``."""
+    from .prompts import text_embeddings
+
+    c = config
+    if not rows:
+        raise ValueError("april_gan training: no training images")
+    if not 0 <= c.mosaic_p <= 1:
+        raise ValueError(f"april_gan training: mosaic_p must lie in [0, 1], got {c.mosaic_p}")
+    device = backbone.device
+    classes = sorted({r["category"] for r in rows})
+    text = {k: text_embeddings(backbone, k, c.prompt_set, text_cache).to(device) for k in classes}
+    gen = torch.Generator().manual_seed(c.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(c.seed)  # default (kaiming-uniform) init drawn from the config's seed
+        adapters = LinearAdapters(backbone.width, c.dim_out, len(backbone.layers)).to(device)
+    opt = torch.optim.Adam(adapters.parameters(), lr=c.lr, betas=tuple(c.betas))
+    rng = np.random.default_rng(c.seed)
+    by_class = {k: [r for r in rows if r["category"] == k] for k in classes}
+    size = backbone.resolution
+    grid = backbone.grid
+    use_amp = c.autocast and device.type == "cuda"
+    losses = []
+    start = time.time()
+    for epoch in range(1, c.epochs + 1):
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        total, steps = 0.0, 0
+        bar = progress(range(0, len(order), c.batch_size), desc=f"april_gan epoch {epoch}/{c.epochs}", unit="batch")
+        for a in bar:
+            batch = [rows[i] for i in order[a : a + c.batch_size]]
+            imgs, masks = [], []
+            for r in batch:
+                if c.mosaic_p > 0 and rng.random() < c.mosaic_p:
+                    im, m = mosaic(by_class[r["category"]], rng)
+                else:
+                    im, m = _load_pair(r)
+                imgs.append(np.asarray(im))
+                masks.append(resize_mask(m, size))
+            x = backbone.preprocess(imgs)
+            gt = torch.stack(masks).to(device)
+            t = torch.stack([text[r["category"]] for r in batch])
+            with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
+                layers, _ = backbone.forward(x)
+            toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in backbone.layers]
+            loss = torch.zeros((), device=device)
+            for p in adapters(toks):
+                probs = layer_probs(layer_logits(p, t, grid, c.temperature), size)
+                loss = loss + focal_loss(probs, gt, c.focal_gamma, c.focal_smooth)
+                loss = loss + dice_loss(probs[:, 1], gt, c.dice_smooth)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, steps = total + float(loss.detach()), steps + 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        losses.append(total / max(steps, 1))
+        LOG.info("april_gan epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
+                 time.time() - start)
+        if not math.isfinite(losses[-1]):
+            raise ValueError(f"april_gan training diverged at epoch {epoch} (loss {losses[-1]})")
+    info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
+            "classes": classes, "n_images": len(rows), "backbone": json.dumps(backbone.identity, default=str),
+            "seconds": float(time.time() - start)}
+    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str)) for k, v in (meta or {}).items()})
+    state = {k: v.detach().cpu().clone() for k, v in adapters.state_dict().items()}
+    with atomic_path(out) as tmp:
+        torch.save({CHECKPOINT_KEY: state, "meta": info}, tmp)
+    LOG.info("april_gan adapters (%d images of %d classes, %d epochs) -> %s", len(rows), len(classes), c.epochs, out)
+    return Path(out)

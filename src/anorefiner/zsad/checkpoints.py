@@ -1,0 +1,102 @@
+"""Official checkpoints of the trained CLIP backends, verified by git blob id.
+
+The APRIL-GAN repository ships its adapters in git (``exps/pretrained/{mvtec,visa}_pretrained.pth``,
+committed at 26f19a6 and never changed; specs/backends.md section 1). No SHA-256 is published, so
+a download is verified by its git blob id: ``sha1(b"blob <size>\\0" + content)``, what
+``git hash-object`` prints. The names say which dataset the adapters were *trained on*: the
+VisA-trained file scores MVTec AD and vice versa.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+from ..log import LOG
+
+_APRIL = "https://github.com/ByChelsea/VAND-APRIL-GAN/raw/26f19a6cd50eed387c443d3cfad49dbfba9ab8ee/exps/pretrained/"
+#: backend type -> auxiliary (training) dataset -> url and git blob id (specs/backends.md section 1).
+OFFICIAL = {
+    "april_gan": {
+        "visa": {"url": _APRIL + "visa_pretrained.pth", "git_blob": "86d6848c543f8393663d35c0333498ffb5ce9b68"},
+        "mvtec_ad": {"url": _APRIL + "mvtec_pretrained.pth", "git_blob": "a057cec6c2ba5996baa0160a51e155908156813f"},
+    },
+}
+
+
+def git_blob_id(path: str | Path, chunk: int = 1 << 20) -> str:
+    """``git hash-object <path>``: SHA-1 of ``b"blob <size>\\0"`` followed by the file's bytes."""
+    path = Path(path)
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_git_blob(path: str | Path, expected: str) -> None:
+    expected = str(expected).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{40}", expected):
+        raise ValueError(f"git blob id {expected!r} is not 40 hexadecimal digits")
+    actual = git_blob_id(path)
+    if actual != expected:
+        raise ValueError(f"checkpoint {path}: git blob id {actual} does not match the expected {expected} "
+                         f"(wrong or corrupted file)")
+
+
+def official_source(backend_type: str, auxiliary: str) -> dict:
+    try:
+        return OFFICIAL[backend_type][auxiliary]
+    except KeyError:
+        known = {k: sorted(v) for k, v in OFFICIAL.items()}
+        raise ValueError(f"no official {backend_type!r} checkpoint trained on {auxiliary!r} (known: {known})") from None
+
+
+def fetch_checkpoint(url: str, dest: str | Path, git_blob: str, options=None) -> Path:
+    """Download ``url`` (the project's resuming downloader) to ``dest`` and verify its git blob id.
+
+    A local file (``url`` without a scheme) is verified and copied. Nothing is left at ``dest`` on
+    failure; the download's ``.partial`` file stays for resuming.
+    """
+    import shutil
+
+    from ..data.download import DownloadError, DownloadOptions, _attempt
+    from ..io import atomic_path
+
+    dest = Path(dest)
+    options = options or DownloadOptions()
+    if "://" not in url:
+        src = Path(url)
+        if not src.is_file():
+            raise FileNotFoundError(f"checkpoint file {src} does not exist")
+        verify_git_blob(src, git_blob)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    failures = 0
+    while True:
+        before = partial.stat().st_size if partial.exists() else 0
+        try:
+            if _attempt(url, partial, options):
+                break
+        except Exception as err:  # noqa: BLE001 - network errors of every kind: retry, then report
+            gained = (partial.stat().st_size if partial.exists() else 0) > before
+            failures = 0 if gained else failures + 1
+            if failures > options.retries:
+                raise DownloadError(f"cannot download {url}: {err}. Download it by hand and set the config key "
+                                    f"backends.<name>.official_checkpoint to its path.") from None
+            time.sleep(0 if gained else options.backoff_s * 2 ** (failures - 1))
+    try:
+        verify_git_blob(partial, git_blob)
+    except ValueError:
+        bad = partial.with_name(dest.name + ".bad-git-blob")
+        os.replace(partial, bad)
+        raise
+    os.replace(partial, dest)
+    LOG.info("downloaded and verified (git blob %s) %s", git_blob, dest)
+    return dest
