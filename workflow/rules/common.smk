@@ -33,6 +33,12 @@ _TABLES_DIR = Path(config["tables"]["dir"])
 if not _TABLES_DIR.is_absolute() and not _TABLES_DIR.is_dir():
     config["tables"]["dir"] = str(Path(SRC).parent / _TABLES_DIR)
 
+# The library's option sections (ard, pgt, synthesis, variants, backends.*.options) are checked against its
+# dataclasses when the workflow loads: a typo fails `snakemake -n` naming the key, not the first job reading it.
+from anorefiner.config_check import check_workflow_config, deep_update as _deep_update
+
+check_workflow_config(config)
+
 
 def dataset_cfg(name):
     try:
@@ -101,6 +107,43 @@ def backend_options(wildcards):
     return json.dumps(opts, sort_keys=True)
 
 
+def tta_backend_pattern():
+    """Regex of the backends of type `tta` (rule tta's wildcard constraint; matches nothing if none)."""
+    import re
+
+    names = [n for n, b in config["backends"].items() if b["type"] == "tta"]
+    return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
+def tta_base(wildcards):
+    """The config name of the backend a `tta` backend adapts (it must read the same backbone)."""
+    cfg = backend_cfg(wildcards.backend)
+    base = cfg.get("base")
+    if not base:
+        raise ValueError(f"backends.{wildcards.backend}: a tta backend needs `base` (the adapted backend)")
+    base_cfg = backend_cfg(base)
+    if base_cfg["type"] == "tta" or base_cfg["backbone"] != cfg["backbone"]:
+        raise ValueError(
+            f"backends.{wildcards.backend}: base {base!r} must be a zero-shot backend on the same backbone "
+            f"({cfg['backbone']!r}), got type {base_cfg['type']!r} on {base_cfg['backbone']!r}"
+        )
+    return base
+
+
+def tta_base_options(wildcards):
+    """The adapted backend's options (JSON, with the dataset's RsCIN neighbourhoods for MuSc)."""
+    from types import SimpleNamespace
+
+    return backend_options(SimpleNamespace(backend=tta_base(wildcards), dataset=wildcards.dataset))
+
+
+def tta_options(wildcards):
+    """The `tta` section with the backend's own options applied, as JSON (TTAConfig)."""
+    base = copy.deepcopy(config.get("tta", {}))
+    own = copy.deepcopy(backend_cfg(wildcards.backend).get("options", {}))
+    return json.dumps(_deep_update(base, own), sort_keys=True)
+
+
 def byo_maps(wildcards):
     cfg = backend_cfg(wildcards.backend)
     if cfg["type"] != "byo":
@@ -108,25 +151,11 @@ def byo_maps(wildcards):
     return cfg["maps"].format(dataset=wildcards.dataset, category=wildcards.category)
 
 
-def _deep_update(base, extra):
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def variant_options(wildcards):
     """The ard/pgt/synthesis sections with the variant's overrides applied, as JSON."""
-    try:
-        overrides = config["variants"][wildcards.variant]
-    except KeyError:
-        raise ValueError(
-            f"variant {wildcards.variant!r} is not configured (variants: {', '.join(config['variants'])})"
-        ) from None
-    base = {k: copy.deepcopy(config.get(k, {})) for k in ("ard", "pgt", "synthesis")}
-    return json.dumps(_deep_update(base, copy.deepcopy(overrides)), sort_keys=True)
+    from anorefiner.config_check import refiner_options
+
+    return json.dumps(refiner_options(config, wildcards.variant), sort_keys=True)
 
 
 def textures_arg():

@@ -1,0 +1,132 @@
+"""Check the workflow configuration's option sections against the library's dataclasses, at load time.
+
+The JSON schema (workflow/schemas/config.schema.yaml) checks the workflow's own keys; the option
+sections that the library reads — ``ard``, ``pgt``, ``synthesis``, every ``variants.<name>`` and every
+``backends.<name>.options`` — are checked here by building the dataclasses that will read them
+(:func:`anorefiner.config.from_dict`), so their keys are always the dataclasses' current fields. A typo
+such as ``pgt: {epochz: 3}`` then fails ``snakemake -n`` naming the key, not the first PGT job hours later.
+Called from workflow/rules/common.smk.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+
+from .config import ConfigError, from_dict
+
+REFINER_SECTIONS = ("ard", "pgt", "synthesis")
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    """Merge ``extra`` into ``base`` in place (nested mappings merged key by key); returns ``base``."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def refiner_options(config: dict, variant: str | None = None) -> dict:
+    """The ``ard``/``pgt``/``synthesis`` sections with variant ``variant``'s overrides applied."""
+    base = {k: copy.deepcopy(config.get(k) or {}) for k in REFINER_SECTIONS}
+    if variant is None:
+        return base
+    variants = config.get("variants") or {}
+    if variant not in variants:
+        raise ConfigError(f"variant {variant!r} is not configured (variants: {', '.join(variants)})")
+    overrides = variants[variant] or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"variants.{variant} must be a mapping of sections {REFINER_SECTIONS}, got {overrides!r}")
+    unknown = sorted(set(overrides) - set(REFINER_SECTIONS))
+    if unknown:
+        raise ConfigError(f"variants.{variant}: unknown section(s) {unknown}; a variant overrides "
+                          f"{', '.join(REFINER_SECTIONS)}")
+    for section, values in overrides.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"variants.{variant}.{section} must be a mapping, got {values!r}")
+    return deep_update(base, copy.deepcopy(overrides))
+
+
+def _refiner(data: dict, where: str):
+    from .refine.pgt import RefinerOptions
+
+    for section in REFINER_SECTIONS:
+        if not isinstance(data.get(section), dict):
+            raise ConfigError(f"{where + '.' if where else ''}{section} must be a mapping, got {data.get(section)!r}")
+    try:
+        options = from_dict(RefinerOptions, data, where)
+        options.validate()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or 'refiner sections'}: {err}") from err
+    return options
+
+
+def options_class(kind: str):
+    """The dataclass that reads ``backends.<name>.options`` of backend type ``kind``: the one ``*Config``
+    dataclass of ``anorefiner.zsad.<kind>`` (zero-shot backends) or of ``anorefiner.<kind>`` (e.g. ``tta``);
+    None when there is none (the type's own rule then reads its options)."""
+    for module_name in (f"anorefiner.zsad.{kind}", f"anorefiner.{kind}"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue
+            raise
+        found = [obj for name, obj in vars(module).items()
+                 if name.endswith("Config") and isinstance(obj, type) and dataclasses.is_dataclass(obj)
+                 and obj.__module__.startswith(module_name)]
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def check_backend(name: str, cfg: dict, config: dict | None = None) -> None:
+    """``backends.<name>.options``: keys (and values the dataclass checks) of the type's options dataclass.
+
+    A top-level section named like the type (``tta``) holds defaults that the options override."""
+    from .zsad import PRESETS
+
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"backends.{name} must be a mapping, got {cfg!r}")
+    kind = str(cfg.get("type"))
+    options = cfg.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"backends.{name}.options must be a mapping, got {options!r}")
+    cls = options_class(kind)
+    if cls is None:
+        return
+    where = f"backends.{name}.options"
+    shared = (config or {}).get(kind)
+    base = copy.deepcopy(shared) if isinstance(shared, dict) else {}
+    preset = PRESETS[name][1] if PRESETS.get(name, (None,))[0] == kind else {}
+    opts = deep_update({**base, **copy.deepcopy(preset)}, copy.deepcopy(options))
+    try:
+        built = from_dict(cls, opts, where)
+        nested = getattr(built, "musc", None)
+        if kind == "byo" and nested is not None:  # BYO's MuSc proxy scores PGT's pseudo-anomalies
+            from .zsad.musc import MuscConfig
+
+            if not isinstance(nested, dict):
+                raise ConfigError(f"{where}.musc must be a mapping, got {nested!r}")
+            from_dict(MuscConfig, nested, f"{where}.musc")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def check_workflow_config(config: dict) -> None:
+    """Raise :class:`ConfigError` naming the first bad key or value of the library's option sections."""
+    _refiner(refiner_options(config), "")
+    for variant in config.get("variants") or {}:
+        _refiner(refiner_options(config, variant), f"variants.{variant}")
+    for name, cfg in (config.get("backends") or {}).items():
+        check_backend(name, cfg, config)
+    from .tta import check_config as check_tta
+
+    check_tta(config)
