@@ -144,3 +144,27 @@ def test_ground_truth_of_mixed_size_images_needs_and_uses_a_resolution(demo_data
     masks, labels = stages.ground_truth(root, "demo", "tiles", ids, resolution=32)
     assert masks.shape == (len(ids), 32, 32) and masks[ids.index(row.image_id)].any()
     assert labels.tolist() == index.label.tolist()
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("musc_star", ["musc_star: scoring 12 images in 2 group(s)", "musc_star: group 1/2 (6 images) scored",
+                   "musc_star: group 2/2 (6 images) scored"]),
+    ("paclip", ["paclip: 2 normal images selected", "paclip: scale r=1 (1/3) scored for 12 images",
+                "paclip: scale r=5 (3/3) scored for 12 images"]),
+])
+def test_coarse_stage_reports_progress(demo_dataset, tmp_path, caplog, backend, expected):
+    """The coarse maps (minutes at paper scale) log a line per MuSc group / PA-CLIP scale, not silence."""
+    from anorefiner.backbones import build_backbone
+    from anorefiner.data.index import index_category
+
+    index = index_category(demo_dataset, "widget", dataset="demo")
+    backbone = build_backbone("efficientnet_lite0", 64, pretrained=None)
+    feats = stages.features(index, backbone, tmp_path / "f.h5")
+    kind = "paclip" if backend == "paclip" else "musc"
+    opts = {"group_size": 6, "rscin": False} if kind == "musc" else {}
+    options = stages.backend_options(kind, opts, dataset="demo", category="widget", device="cpu")
+    with caplog.at_level(logging.INFO, logger="anorefiner"):
+        stages.coarse(feats, backend, kind, options, seed=0, dataset="demo", category="widget",
+                      out=tmp_path / "c.h5")
+    for line in expected:
+        assert line in caplog.text, (line, caplog.text)

@@ -31,13 +31,14 @@ distance, so only half of the image pairs are multiplied.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
+from ..log import LOG, progress
 from .groups import make_groups
 from .rscin import rscin
 
@@ -305,11 +306,16 @@ class MuscBackend:
         n = len(feats.ids)
         maps = np.zeros((n,) + next(iter(layers.values())).shape[1:3], dtype=np.float32)
         groups = self.groups(n)
-        for g in groups:
+        LOG.info("%s: scoring %d images in %d group(s) on %s (layers %s, r %s)", self.name, n, len(groups),
+                 self.device, list(layers), list(c.r_list))
+        start = time.perf_counter()
+        for gi, g in enumerate(progress(groups, desc=f"{self.name} groups", unit="group")):
             # the whole set is passed without a copy (fancy indexing would duplicate every layer)
             sub = {k: torch.as_tensor(v if len(g) == n else v[g]) for k, v in layers.items()}
             maps[g] = score(sub, c.r_list, c.topmin, l2_normalize=c.l2_normalize, chunk=c.chunk,
                             device=self.device).cpu().numpy()
+            LOG.info("%s: group %d/%d (%d images) scored, %.1f s elapsed", self.name, gi + 1, len(groups), len(g),
+                     time.perf_counter() - start)
         raw = maps.reshape(n, -1).max(1)
         scores = raw.astype(np.float32)
         if c.rscin and feats.cls is None:

@@ -31,13 +31,14 @@ photometric case falls back to the un-augmented tokens (logged).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
+from ..log import LOG, progress
 from .coreset import greedy_coreset
 from .musc import DEFAULT_CHUNK, _resolve_device
 
@@ -271,8 +272,12 @@ class PACLIPBackend:
         vals = torch.topk(mins[:, valid], k_max, dim=1, largest=False, sorted=True).values
         return vals[:, k_min:].mean(1)
 
-    def _score(self, query_layers: dict, query_image: list, ref_feats, ref_idx: np.ndarray) -> np.ndarray:
+    def _score(self, query_layers: dict, query_image: list, ref_feats, ref_idx: np.ndarray,
+               report: bool = False) -> np.ndarray:
+        """``report``: a progress bar over (r, layer) and a log line per scale (the coarse maps of a category;
+        PGT's many small pseudo-anomaly batches stay quiet)."""
         c = self.config
+        start = time.perf_counter()
         names = self._names(ref_feats)
         m = len(query_image)
         h, w = next(iter(query_layers.values())).shape[1:3]
@@ -284,6 +289,10 @@ class PACLIPBackend:
         aug, aug_source = self._augmented_tokens(ref_feats, normal, sigma)
         self.last_info = {"normal_images": normal.tolist(), "sigma": sigma, "sigma_spatial": s_sp,
                           "sigma_temporal": s_tm, "n_views": int(len(aug_source))}
+        if report:
+            LOG.info("%s: %d normal images selected, CADA sigma %.3f, %d views in the normal bank (%.1f s)",
+                     self.name, len(normal), sigma, len(aug_source), time.perf_counter() - start)
+        bar = progress(total=len(c.r_list) * len(names), desc=f"{self.name} scales x layers") if report else None
         weights = c.r_weights or tuple(1.0 / len(c.r_list) for _ in c.r_list)
         if len(weights) != len(c.r_list):
             raise ValueError(f"paclip: r_weights {weights} does not match r_list {c.r_list}")
@@ -301,9 +310,16 @@ class PACLIPBackend:
                 for i in range(m):
                     s_c[i] += self.psi(q[i], query_image[i], full) / len(names)
                     s_b[i] += self.psi(q[i], query_image[i], normal_bank) / len(names)
+                if bar is not None:
+                    bar.update(1)
             tau = torch.quantile(s_b.flatten().double(), c.tau_quantile).float()
             s_final = s_c - c.alpha * s_b * (s_b <= tau).float()  # Eq. 7
             total += weights[ri] * s_final.cpu().numpy()  # Eq. 8
+            if report:
+                LOG.info("%s: scale r=%d (%d/%d) scored for %d images, %.1f s elapsed", self.name, r, ri + 1,
+                         len(c.r_list), m, time.perf_counter() - start)
+        if bar is not None:
+            bar.close()
         return total.reshape(m, h, w).astype(np.float32)
 
     def coarse(self, feats):
@@ -312,7 +328,7 @@ class PACLIPBackend:
         n = len(feats.ids)
         idx = np.arange(n)
         layers = {k: np.asarray(feats.layers[k]) for k in self._names(feats)}
-        maps = self._score(layers, list(idx), feats, idx)
+        maps = self._score(layers, list(idx), feats, idx, report=True)
         flat = maps.reshape(n, -1)
         scores = flat.mean(1) if self.config.image_score == "mean" else flat.max(1)
         return CoarseResult(maps=maps, scores=scores.astype(np.float32))
