@@ -135,8 +135,14 @@ def qualitative_grid(items: list[QualitativeItem], out_path: str | Path, n_per_i
 def pixel_ap_bars(metrics: pd.DataFrame, out_path: str | Path, dataset: str, backend: str,
                   variant: str = "default", metric: str = "pixel_ap") -> Path:
     """Grouped bars per category: coarse vs refined (``combined``) ``metric`` in %, mean over seeds
-    (error bar = std over seeds when there are several). The coarse values come from the variant's own
-    ``coarse`` rows, else from variant ``coarse``."""
+    (error bar = std over seeds when there are several; none for a single seed). The coarse values come
+    from the variant's own ``coarse`` rows, else from variant ``coarse``."""
+    return _save(bars_figure(metrics, dataset, backend, variant, metric), out_path)
+
+
+def bars_figure(metrics: pd.DataFrame, dataset: str, backend: str, variant: str = "default",
+                metric: str = "pixel_ap"):
+    """The matplotlib figure of :func:`pixel_ap_bars`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,23 +166,26 @@ def pixel_ap_bars(metrics: pd.DataFrame, out_path: str | Path, dataset: str, bac
     cats = sorted(set(stats["coarse"].index) & set(stats["refined"].index))
     if not cats:
         raise ValueError("pixel_ap_bars: coarse and refined rows share no category")
+    n_seeds = int(refined.groupby("category")["seed"].nunique().max()) if "seed" in refined else 1
     x = np.arange(len(cats) + 1)
     width = 0.38
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(x) + 2), 3.6), dpi=DPI)
     for offset, name, color in ((-width / 2, "coarse", "#9e9e9e"), (width / 2, "refined", "#d62728")):
         s = stats[name].loc[cats]
         means = list(s["mean"]) + [float(s["mean"].mean())]
-        errs = [0.0 if np.isnan(v) else v for v in list(s["std"]) + [np.nan]]
+        # one seed: no std, so no error bars at all (zero-length bars would read as "no spread")
+        errs = [0.0 if np.isnan(v) else v for v in list(s["std"]) + [np.nan]] if n_seeds > 1 else None
         label = "coarse" if name == "coarse" else f"refined ({variant}, combined)"
         ax.bar(x + offset, means, width, yerr=errs, label=label, color=color, capsize=2)
     ax.set_xticks(x)
     ax.set_xticklabels(cats + ["mean"], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{dataset} / {backend}: {metric}, coarse vs refined", fontsize=9)
+    seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "1 seed, no error bars"
+    ax.set_title(f"{dataset} / {backend}: {metric}, coarse vs refined ({seeds})", fontsize=9)
     ax.legend(fontsize=8)
     fig.subplots_adjust(left=0.11, right=0.99, top=0.9, bottom=0.3)
-    return _save(fig, out_path)
+    return fig
 
 
 def _save(fig, out_path: str | Path) -> Path:

@@ -72,6 +72,21 @@ def synthetic_metrics():
     return pd.DataFrame(rows)
 
 
+def test_bars_have_error_bars_only_with_several_seeds():
+    from anorefiner.figures import bars_figure
+
+    from matplotlib.container import ErrorbarContainer
+
+    def n_error_bars(fig):
+        return sum(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
+
+    frame = synthetic_metrics()
+    assert n_error_bars(bars_figure(frame, "mvtec_ad", "musc_star")) == 2  # coarse and refined
+    one = bars_figure(frame[frame["seed"] == frame["seed"].min()], "mvtec_ad", "musc_star")
+    assert n_error_bars(one) == 0  # no zero-length bars for one seed
+    assert "1 seed, no error bars" in one.axes[0].get_title()
+
+
 def test_pixel_ap_bars(tmp_path):
     out = pixel_ap_bars(synthetic_metrics(), tmp_path / "bars.png", "mvtec_ad", "musc_star")
     assert png_size(out) == (600, 360)

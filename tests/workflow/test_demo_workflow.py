@@ -71,3 +71,5 @@ def test_html_report_collects_tables_and_figures(tiny_run):
     snakemake(workdir, cfg, "--report", str(report))
     html = report.read_text(errors="replace")
     assert "demo_table1" in html and "qualitative.png" in html
+    assert "demo_table1.md" in html  # the Markdown table too, not only the CSV
+    assert "Qualitative results" in html and "Error bars are the" in html  # captions say what each figure shows

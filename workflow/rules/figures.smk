@@ -8,12 +8,12 @@ rule figures:
     output:
         grid=report(
             "figures/{dataset}/{backend}/{variant}/seed{seed}/qualitative.png",
-            caption="../report/figure.rst",
+            caption="../report/qualitative.rst",
             category="Figures",
         ),
         bars=report(
             "figures/{dataset}/{backend}/{variant}/seed{seed}/bars.png",
-            caption="../report/figure.rst",
+            caption="../report/bars.rst",
             category="Figures",
         ),
     params:

@@ -11,7 +11,12 @@ rule table:
             category="Tables",
             labels={"table": "{table}", "format": "csv"},
         ),
-        md="tables/{table}.md",
+        md=report(
+            "tables/{table}.md",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}", "format": "markdown"},
+        ),
     params:
         cli=ANOREFINER,
         tables_dir=config["tables"]["dir"],
