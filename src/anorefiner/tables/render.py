@@ -30,6 +30,7 @@ from .published import published_lookup
 TIDY_COLUMNS = ["dataset", "category", "backend", "method", "variant", "seed", "metric", "value"]
 REPRODUCED_PP = 0.1  # the published values carry one decimal: closer than that is a reproduction
 PAPER_CATEGORY_COUNTS = {"MVTec AD": 15, "VisA": 12}  # datasets.md
+PAPER_DATASET_KEYS = {"MVTec AD": "mvtec_ad", "VisA": "visa"}  # config datasets holding the paper's categories
 STATUS_ORDER = ["reproduced", "within tolerance", "outside tolerance", "no published value", "not run",
                 "not implemented"]
 OUT_COLUMNS = [
@@ -144,7 +145,9 @@ def _cell(row: RowDecl, paper_ds: str, metric: str, pub, config, values, toleran
     status, diff = _status(mean, pub, tolerance)
     note = ""
     full = PAPER_CATEGORY_COUNTS.get(paper_ds)
-    if row.category is None and full and len(cats) < full:
+    if row.category is None and full and ds != PAPER_DATASET_KEYS.get(paper_ds):
+        note = f"mean over the {len(cats)} categories of dataset {ds!r}, not the paper's {paper_ds}"
+    elif row.category is None and full and len(cats) < full:
         note = f"mean over {len(cats)} of the paper's {full} categories"
     return dict(reproduced_mean=mean, reproduced_std=std, n_seeds=len(per_seed),
                 difference=math.nan if diff is None else diff, status=status, note=note)
