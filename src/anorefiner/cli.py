@@ -82,9 +82,17 @@ def _light_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"anorefiner {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        sub.add_parser(name, help=f"run 'anorefiner {name} --help'")
+    for name, module_name in COMMANDS.items():
+        sub.add_parser(name, help=_summary(name, module_name))
     return parser
+
+
+def _summary(name: str, module_name: str) -> str:
+    """A subcommand's one-line ``HELP`` (its module imports its heavy dependencies only in ``main``)."""
+    try:
+        return importlib.import_module(f"anorefiner.commands.{module_name}").HELP
+    except (ImportError, AttributeError):
+        return f"see 'anorefiner {name} --help'"
 
 
 if __name__ == "__main__":  # pragma: no cover
