@@ -61,3 +61,17 @@ def test_dry_run_refuses_a_typo_before_any_job(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "unknown config key 'pgt.epochz' for PGTConfig" in proc.stdout + proc.stderr
+
+
+def test_byo_config_example_in_the_docs_is_valid():
+    text = (REPO / "docs" / "byo.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load(block)["backends"]
+    config = copy.deepcopy(_config())
+    config["backends"].update(example)
+    check_workflow_config(config)
+    assert example["mymethod"]["type"] == "byo" and "{category}" in example["mymethod"]["maps"]
+    example["mymethod"]["options"]["musc"]["r_lst"] = [1]
+    config["backends"].update(example)
+    with pytest.raises(ConfigError, match=r"backends\.mymethod\.options\.musc\.r_lst"):
+        check_workflow_config(config)
