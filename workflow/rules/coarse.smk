@@ -1,4 +1,4 @@
-# Coarse, patch-level anomaly maps of a zero-shot backend (MuSc, PA-CLIP, or maps you bring).
+# Coarse, patch-level anomaly maps of a zero-shot backend (MuSc, PA-CLIP, APRIL-GAN, or maps you bring).
 
 
 rule coarse:
@@ -6,6 +6,7 @@ rule coarse:
         ready=dataset_ready,
         features=features_of,
         byo=byo_maps,
+        checkpoint=backend_checkpoint,
     output:
         "results/coarse/{dataset}/{backend}/{category}/seed{seed}.h5",
     params:

@@ -104,7 +104,57 @@ def backend_options(wildcards):
     opts = copy.deepcopy(cfg.get("options", {}))
     if cfg["type"] == "musc":
         opts.setdefault("k_list", dataset_cfg(wildcards.dataset).get("rscin_k", [1, 2, 3]))
+    if cfg["type"] == "april_gan":
+        opts["checkpoint"] = backend_checkpoint(wildcards)
+        opts.setdefault("text_cache", TEXT_CACHE)
     return json.dumps(opts, sort_keys=True)
+
+
+# Per-(model, class, prompt set) text embeddings of the CLIP backends (zsad/prompts.py), shared by jobs.
+TEXT_CACHE = "results/text"
+
+
+def auxiliary_dataset(backend, dataset):
+    """The dataset whose test split (with masks) trains `backend`'s adapters for scoring `dataset`."""
+    aux = backend_cfg(backend).get("auxiliary", {}).get(dataset)
+    if not aux:
+        raise ValueError(
+            f"backends.{backend}.auxiliary has no entry for dataset {dataset!r}: name the dataset whose "
+            f"test split trains the adapters (APRIL-GAN: visa for mvtec_ad, mvtec_ad for visa)"
+        )
+    dataset_cfg(aux)
+    return aux
+
+
+def backend_checkpoint(wildcards):
+    """The trained weights a backend reads (APRIL-GAN's adapters), or nothing."""
+    cfg = backend_cfg(wildcards.backend)
+    if cfg["type"] != "april_gan":
+        return []
+    source = cfg.get("weights", "trained")
+    aux = auxiliary_dataset(wildcards.backend, wildcards.dataset)
+    return f"results/checkpoints/{wildcards.backend}/{source}_{aux}.pt"
+
+
+def train_ready(wildcards):
+    """Training reads the auxiliary dataset; the official checkpoint needs nothing local."""
+    return [] if wildcards.source == "official" else dataset_ready(wildcards)
+
+
+def train_options(wildcards):
+    """The training options for this auxiliary dataset (backends.<name>.train.<dataset>) as JSON."""
+    section = backend_cfg(wildcards.backend).get("train", {})
+    return json.dumps(section.get(wildcards.dataset, {}), sort_keys=True)
+
+
+def official_args(wildcards):
+    """`--official ...` for the official checkpoint (a configured source, else the known one)."""
+    if wildcards.source != "official":
+        return ""
+    src = backend_cfg(wildcards.backend).get("official", {}).get(wildcards.dataset)
+    if src:
+        return f"--official '{src['url']}' --git-blob {src['git_blob']}"
+    return "--official default"
 
 
 def tta_backend_pattern():
