@@ -50,6 +50,17 @@ def to_dict(obj) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def json_object(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object from a ``--options``-style string (empty = ``{}``); errors name ``what``."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{what} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {text!r}")
+    return value
+
+
 def parse_json_options(text: str | None, cls: type[T], where: str) -> T:
     """Parse a ``--options`` JSON string (as passed by the workflow rules) into ``cls``."""
     if not text:

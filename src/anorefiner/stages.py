@@ -119,13 +119,10 @@ def backend_options(backend_type: str, options: dict | str | None, *, dataset: s
                     device: str = "auto", byo_maps: str | None = None) -> dict:
     """A backend's options (config ``backends.<name>.options``) with what the pipeline fills in:
     the device, MuSc's dataset (RsCIN k list), PA-CLIP's category (prompts), BYO's maps file."""
-    from .config import ConfigError
+    from .config import ConfigError, json_object
 
     if isinstance(options, str) or options is None:
-        try:
-            options = json.loads(options or "{}")
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"backend options are not valid JSON: {err}") from err
+        options = json_object(options, "backend options")
     if not isinstance(options, dict):
         raise ConfigError(f"backend options must be a JSON object, got {options!r}")
     options = json.loads(json.dumps(options))  # a deep copy

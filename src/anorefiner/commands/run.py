@@ -12,7 +12,6 @@ names the setting that differs (``--force`` recomputes everything). Each stage i
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def main(args) -> int:
 
     from .. import stages
     from ..backbones import build_backbone, resolve_device
-    from ..config import ConfigError, from_dict
+    from ..config import from_dict, json_object
     from ..data.index import index_category
     from ..io import remove_stale_temps, write_csv_atomic, write_json_atomic
     from ..log import LOG
@@ -75,10 +74,7 @@ def main(args) -> int:
     from ..refine.pgt import RefinerOptions
     from ..zsad import PRESETS
 
-    try:
-        user = json.loads(args.options or "{}")
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--options is not valid JSON: {err}") from err
+    user = json_object(args.options, "--options")
     opts = _merge(CPU_PRESET if args.preset == "cpu" else {}, user)
     options = from_dict(RefinerOptions, opts, "refiner")
     options.validate()
