@@ -21,6 +21,7 @@ COMMANDS = {
     "index": "index",
     "features": "features",
     "coarse": "coarse",
+    "tta": "tta",
     "pgt": "pgt",
     "metrics": "metrics",
     "table": "table",
