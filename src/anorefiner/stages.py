@@ -344,10 +344,11 @@ def load_methods(source) -> tuple[list[str], dict, dict]:
     with h5py.File(source, "r") as f:
         is_refined = "maps" in f and isinstance(f["maps"], h5py.Group)
     if is_refined:
-        from .refine.store import read_refined
+        from .refine.store import METHODS, read_refined
 
         refined = read_refined(source)
-        return list(refined.ids), {m: (refined.maps[m], refined.scores[m]) for m in refined.maps}, refined.attrs
+        order = sorted(refined.maps, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
+        return list(refined.ids), {m: (refined.maps[m], refined.scores[m]) for m in order}, refined.attrs
     from .zsad.store import read_coarse
 
     c = read_coarse(source)
