@@ -289,7 +289,13 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
     if reusable(out, provenance, reuse):
         return out
     remove_stale_temps(out)
-    check_backbone(read_attrs(features_path), backbone)
+    feature_attrs = read_attrs(features_path)
+    made_from = (provenance["coarse"] or {}).get("features")
+    why = made_from and first_difference(canonical(made_from), feature_provenance(feature_attrs))
+    if why:
+        raise ValueError(f"coarse store {coarse_path} was computed from other features than {features_path} "
+                         f"({why}); recompute the coarse maps from this cache")
+    check_backbone(feature_attrs, backbone)
     seed_everything(seed)
     feats = read_features(features_path)
     coarse_store = read_coarse(coarse_path, expect_ids=feats.ids)

@@ -168,3 +168,22 @@ def test_coarse_stage_reports_progress(demo_dataset, tmp_path, caplog, backend, 
                       out=tmp_path / "c.h5")
     for line in expected:
         assert line in caplog.text, (line, caplog.text)
+
+
+def test_refine_refuses_coarse_maps_of_other_features(demo_dataset, tmp_path):
+    from anorefiner.backbones import build_backbone
+    from anorefiner.data.index import index_category
+    from anorefiner.refine.pgt import RefinerOptions
+
+    index = index_category(demo_dataset, "widget", dataset="demo")
+    small, large = (build_backbone("efficientnet_lite0", r, pretrained=None) for r in (64, 96))
+    f64 = stages.features(index, small, tmp_path / "f64.h5")
+    f96 = stages.features(index, large, tmp_path / "f96.h5")
+    opts = stages.backend_options("musc", {"rscin": False}, dataset="demo", category="widget", device="cpu")
+    coarse = stages.coarse(f64, "musc", "musc", opts, seed=0, dataset="demo", category="widget",
+                           out=tmp_path / "c.h5")
+    with pytest.raises(ValueError, match=r"computed from other features .*resolution: 64 there, 96 now"):
+        stages.refine(demo_dataset, "demo", "widget", f96, coarse, backbone=large, backend_name="musc",
+                      backend_type="musc", backend_opts=opts, options=RefinerOptions(), seed=0,
+                      eval_resolution=32, out=tmp_path / "r.h5")
+    assert not (tmp_path / "r.h5").exists()
