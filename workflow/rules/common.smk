@@ -180,11 +180,20 @@ def tta_base(wildcards):
     return base
 
 
-def tta_base_options(wildcards):
-    """The adapted backend's options (JSON, with the dataset's RsCIN neighbourhoods for MuSc)."""
+def _tta_base_wildcards(wildcards):
     from types import SimpleNamespace
 
-    return backend_options(SimpleNamespace(backend=tta_base(wildcards), dataset=wildcards.dataset))
+    return SimpleNamespace(backend=tta_base(wildcards), dataset=wildcards.dataset)
+
+
+def tta_base_options(wildcards):
+    """The adapted backend's options (JSON: MuSc's RsCIN neighbourhoods, APRIL-GAN's adapters file)."""
+    return backend_options(_tta_base_wildcards(wildcards))
+
+
+def tta_base_checkpoint(wildcards):
+    """The trained weights the adapted backend reads (APRIL-GAN's adapters), or nothing."""
+    return backend_checkpoint(_tta_base_wildcards(wildcards))
 
 
 def tta_options(wildcards):

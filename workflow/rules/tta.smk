@@ -9,6 +9,7 @@ ruleorder: tta > coarse
 rule tta:
     input:
         ready=dataset_ready,
+        checkpoint=tta_base_checkpoint,
     output:
         "results/coarse/{dataset}/{backend}/{category}/seed{seed}.h5",
     wildcard_constraints:

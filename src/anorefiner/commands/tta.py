@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", required=True, help="mvtec_ad, visa or demo (picks RsCIN's k_list)")
     p.add_argument("--category", required=True)
     p.add_argument("--method", required=True, choices=["tipi", "sar", "deyo"])
-    p.add_argument("--base-type", required=True, help="type of the adapted backend (musc; april_gan/vcp_clip when present)")
+    p.add_argument("--base-type", required=True, help="type of the adapted backend: musc or april_gan")
     p.add_argument("--base-name", required=True, help="config name of the adapted backend, e.g. musc_star")
     p.add_argument("--base-options", default="{}", help="the adapted backend's options as JSON")
     p.add_argument("--options", default="{}", help="TTA options as JSON (config tta + backends.<name>.options)")
@@ -29,39 +29,28 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="coarse store to write (results/coarse/.../seed<k>.h5)")
 
 
-def _json(text: str, what: str) -> dict:
-    from ..config import ConfigError
-
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{what} is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise ConfigError(f"{what} must be a JSON object, got {text!r}")
-    return value
-
-
 def main(args) -> int:
     import numpy as np
     import torch
 
     from ..backbones import build_backbone, resolve_device
-    from ..config import from_dict
+    from ..config import from_dict, json_object
     from ..data.index import index_category, load_image
     from ..log import LOG
     from ..seeding import seed_everything
     from ..tta import TTAConfig, adapt_category, build_tta_backend
     from ..zsad.groups import make_groups
+    from ..stages import backend_options
     from ..zsad.store import write_coarse
 
-    base_options = _json(args.base_options, "--base-options")
-    options = _json(args.options, "--options")
+    options = json_object(args.options, "--options")
     config = from_dict(TTAConfig, options, "tta")
     config.validate()
-    if args.base_type == "musc":
-        base_options.setdefault("dataset", args.dataset)
-    seed_everything(args.seed)
     device = resolve_device(args.device if config.device == "auto" else config.device)
+    # what the coarse stage fills in: MuSc's dataset (RsCIN k list), APRIL-GAN's class name, the device
+    base_options = backend_options(args.base_type, json_object(args.base_options, "--base-options"),
+                                   dataset=args.dataset, category=args.category, device=str(device))
+    seed_everything(args.seed)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     backbone = build_backbone(args.backbone, args.resolution, layers=args.layers or None, pretrained=pretrained,
                               device=device, seed=args.seed, activation=args.activation)
@@ -71,7 +60,8 @@ def main(args) -> int:
     if len(index) < 2:
         raise ValueError(f"{args.root}/{args.category}: {len(index)} test image(s); TTA over groups needs >= 2")
     ids, paths = list(index["image_id"]), list(index["image_path"])
-    group_size = base_options.get("group_size", 30)  # the PGT groups (u = 30) unless the base says otherwise
+    # the base backend's groups (MuSc*: its group_size and order), else the paper's u = 30, shuffled
+    group_size = config.group_size or base_options.get("group_size") or 30
     order = base_options.get("group_order", "shuffled")
     groups = make_groups(len(ids), group_size, seed=args.seed if order == "shuffled" else None)
 

@@ -8,11 +8,12 @@ anomaly detection (A.5), implemented here:
 * :mod:`.common` - the :class:`~.common.TTABackend` protocol, 2-class entropy/KL, LN-affine selection;
 * :mod:`.sar`, :mod:`.deyo`, :mod:`.tipi` - one group step of each method;
 * :mod:`.adapt` - the per-category loop (:func:`~.adapt.adapt_category`, :class:`~.adapt.TTAConfig`);
-* :mod:`.musc` - MuSc as a TTA backend (differentiable mutual scoring).
+* :mod:`.musc` - MuSc as a TTA backend (differentiable mutual scoring);
+* :mod:`.april_gan` - APRIL-GAN as a TTA backend (its own 2-class token and image logits).
 
-A new backend (APRIL-GAN, VCP-CLIP) plugs in by providing the protocol: either its zero-shot backend
-object has a ``tta_backend(backbone, seed, autocast_dtype)`` method returning one, or it is added
-to :func:`build_tta_backend`.
+A new backend (VCP-CLIP) plugs in by providing the protocol: either its zero-shot backend object
+has a ``tta_backend(backbone, seed, autocast_dtype)`` method returning one, or it is added to
+:func:`build_tta_backend`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ def build_tta_backend(base_type: str, base_name: str, base_options: dict, backbo
 
         musc = from_dict(MuscConfig, base_options, f"backends.{base_name}.options")
         return MuscTTA(backbone, musc, config.musc, seed=seed, autocast_dtype=dtype, name=base_name)
-    from ..zsad import get_backend
+    from ..zsad import PRESETS, get_backend
 
-    zsad = get_backend(base_name, base_options, backbone=backbone, seed=seed)
+    key = base_name if PRESETS.get(base_name, (None,))[0] == base_type else base_type
+    zsad = get_backend(key, base_options, backbone=backbone, seed=seed)
+    if base_type == "april_gan":
+        from .april_gan import AprilGanTTA
+
+        return AprilGanTTA(zsad, autocast_dtype=dtype, name=base_name)
     if hasattr(zsad, "tta_backend"):
         return zsad.tta_backend(backbone, seed=seed, autocast_dtype=dtype)
     raise ValueError(

@@ -34,6 +34,7 @@ class TTAConfig:
     """Options of ``anorefiner tta`` (config ``tta`` + ``backends.<name>.options``). The paper gives one
     sentence (Sec. 4 Baselines); every value below is open there and chosen as commented."""
 
+    group_size: int | None = None  # None: the base backend's groups (MuSc*: its group_size), else the paper's u = 30
     micro_batch: int = 5  # images per forward with gradient; gradients accumulate to one step per group (A.5 P5)
     prediction: str = "post"  # "post": maps after the group's update; "pre": before it (official SAR/DeYO)
     adapt_blocks: int | None = None  # None: SAR/DeYO adapt the first 3/4 of the blocks (18 of 24), TIPI all

@@ -56,3 +56,22 @@ def test_a_cnn_backbone_is_refused(demo_dataset, tmp_path):
         cli(_args(demo_dataset, "x", out, **{"--method": "tent"}))
     assert cli(_args(demo_dataset, "efficientnet_lite0", out, **{"--resolution": "64"})) == 1
     assert not out.exists()
+
+
+def test_april_gan_base_gets_its_class_name_and_the_tta_group_size(demo_dataset, tiny_clip, tmp_path):
+    import torch
+
+    from anorefiner.zsad.april_gan import CHECKPOINT_KEY, LinearAdapters
+
+    ck = tmp_path / "adapters.pt"
+    torch.save({CHECKPOINT_KEY: LinearAdapters(64, 32, 4).state_dict()}, ck)
+    out = tmp_path / "ag.h5"
+    base = json.dumps({"checkpoint": str(ck), "text_cache": str(tmp_path / "text")})
+    assert cli(_args(demo_dataset, tiny_clip, out, method="tipi", **{
+        "--base-type": "april_gan", "--base-name": "april_gan", "--base-options": base,
+        "--options": json.dumps({"micro_batch": 4, "group_size": 6})})) == 0
+    store = read_coarse(out)
+    assert store.maps.shape == (12, 4, 4) and ((store.scores > 0) & (store.scores < 1)).all()
+    assert json.loads(store.attrs["groups"]) == [g.tolist() for g in make_groups(12, 6, seed=1)]
+    assert store.attrs["options"]["base"]["class_name"] == "widget"
+    assert store.attrs["backend"] == "april_gan_tipi"
