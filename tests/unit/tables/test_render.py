@@ -86,9 +86,9 @@ def test_every_status_and_the_aggregation(table1_metrics):
     ours = _cell(frame, "MVTec AD", "MuSc/+ Ours", "AP-segm")
     assert ours["status"] == "not run" and "1 of 4" in ours["note"] and "seed1/cable.csv" in ours["note"]
     assert _cell(frame, "VisA", "MuSc*", "AP-segm")["status"] == "not run"
-    ni = _cell(frame, "VisA", "APRIL-GAN/+ TIPI", "AP-segm")
-    assert ni["status"].startswith("not implemented: TIPI")
-    assert ni["published"] == 25.6
+    ni = _cell(frame, "VisA", "VCP-CLIP/+ TIPI", "AP-segm")
+    assert ni["status"].startswith("not implemented: VCP-CLIP backend")
+    assert ni["published"] == 29.7
 
 
 def test_no_published_value_and_unmapped_dataset(tmp_path):
