@@ -61,7 +61,15 @@ def test_units_are_calibrated_msm_scores(tiny_vit, group_images):
         assert float(backend.scale[li]) == pytest.approx(scale, rel=1e-4)
         assert float(backend.tau[li]) == pytest.approx(med + 3.0 * scale, rel=1e-4)
         torch.testing.assert_close(z[:, li] * backend.scale[li] + backend.tau[li], s_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(u.image[:, 1].detach(), z.mean(1).amax(-1))
+    # image unit: the max of the layer-mean z, standardised again over the group's images
+    m = z.mean(1).amax(-1).double().numpy()
+    med = np.median(m)
+    sc = MAD_TO_SIGMA * np.median(np.abs(m - med))
+    np.testing.assert_allclose(u.image[:, 1].detach().double().numpy(), (m - med - 3.0 * sc) / sc, rtol=1e-4, atol=1e-4)
+    patch_only = MuscTTA(tiny_vit, MuscConfig(), MuscTTAConfig(image_calibration="patch"))
+    patch_only.begin_group(group_images)
+    torch.testing.assert_close(patch_only.units(group_images, torch.arange(g)).image[:, 1].detach(),
+                               torch.as_tensor(m, dtype=torch.float32), rtol=1e-5, atol=1e-5)
     assert effective_k(g - 1, 0.3) == 1  # small group: the documented k >= 1 fallback
 
 
@@ -91,6 +99,8 @@ def test_gradients_reach_only_the_adapted_layernorms(tiny_vit, group_images):
 def test_bad_options_are_named(tiny_vit):
     with pytest.raises(ValueError, match="query_fraction"):
         MuscTTA(tiny_vit, MuscConfig(), MuscTTAConfig(query_fraction=0.0))
+    with pytest.raises(ValueError, match="image_calibration"):
+        MuscTTA(tiny_vit, MuscConfig(), MuscTTAConfig(image_calibration="max"))
     with pytest.raises(ValueError, match="layers"):
         MuscTTA(tiny_vit, MuscConfig(layers=("7",)))
     with pytest.raises(ValueError, match="at least 2 images"):
