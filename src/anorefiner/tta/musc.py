@@ -17,8 +17,8 @@ implements the mapping of ``shared/specs/tta.md`` A.5 P2(b) (a PROPOSAL, adopted
   calibration itself (``image_calibration: patch``: logits ``(0, m)``), but the maximum of 1,369
   patches nearly always exceeds the patches' 3-sigma point, so almost every image is "abnormal"
   (measured: 28 of 28 images of a MVTec bottle group, random ViT-B-16 at 224 px; 0 of 28 with the
-  image calibration), and a shuffled copy, whose seams look anomalous, then always lowers
-  ``p(y_hat | x')`` less than ``p(y_hat | x)``: DeYO's PLPD would be negative for every image.
+  image calibration), and a shuffled copy, whose seams look anomalous, is at least as abnormal:
+  DeYO's PLPD ``p(abn | x) - p(abn | x')`` would then be <= 0 for nearly every image.
 * **Gradient**: the reference tokens (all images of the group) are computed without gradient at
   the current weights (:meth:`MuscTTA.begin_group`); the images of a micro-batch are forwarded with
   gradient and scored against them, leaving themselves out (a perturbed or shuffled copy replaces
