@@ -97,3 +97,19 @@ def test_bad_options_are_named():
         TTAConfig(prediction="later").validate()
     with pytest.raises(ValueError, match="unknown TTA method 'tent'"):
         build_method("tent", TTAConfig())
+
+
+@pytest.mark.gpu
+def test_cuda_bfloat16_run_matches_the_cpu_maps_without_updates(tiny_clip, images):
+    from anorefiner.backbones import build_backbone
+
+    cpu = build_backbone(tiny_clip, 56, pretrained=None, seed=0)
+    gpu = build_backbone(tiny_clip, 56, pretrained=None, seed=0, device="cuda")
+    ref, _, _ = _run(cpu, images, "tipi", lr=0.0)
+    cfg = TTAConfig(micro_batch=4, lr=0.0)  # autocast "auto": bfloat16 on CUDA
+    backend = build_tta_backend("musc", "musc_star", {"group_size": U}, gpu, cfg, 0, torch.device("cuda"))
+    assert backend.autocast_dtype == torch.bfloat16
+    maps, scores, logs = adapt_category(backend, "tipi", make_groups(N, U, seed=0), lambda idx: images[idx],
+                                        cfg, 0, nominal_batch=U)
+    assert np.isfinite(maps).all() and np.isfinite(scores).all() and all(g["stepped"] for g in logs)
+    np.testing.assert_allclose(maps, ref, rtol=0.05, atol=0.05)  # bfloat16 tokens
