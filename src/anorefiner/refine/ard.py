@@ -56,6 +56,14 @@ class ARDConfig:
     upsample_mode: str = "bilinear"  # ×2 and final upsampling: not given; bilinear is the usual choice
     zeta_clamp: float = 20.0  # |(β−1)⊙Y_fuse| is clamped before exp so ζ cannot overflow to inf
     feature_fusion: str = "auto"  # how cached layers become F: "mean" (ViT, supp. A), "concat" (CNN), auto
+    # Add logit(A) (the coarse map upsampled to the output, clamped to [coarse_skip_eps, 1 − eps]) to the head's
+    # logits, so the ARD learns a correction of the coarse map instead of a map from scratch. The paper's head
+    # has no such skip (False = paper-literal). Why it exists: with pseudo-anomalies only, the ARD learns to call
+    # "anomalous" what looks like a pasted texture; real defects that look locally normal (missing parts) are
+    # missed and normal textured structures can be flagged at full confidence. With the skip, where the image
+    # branch has no evidence the ARD falls back to the coarse map (Table 9's "ARD ≈ ZSAD").
+    coarse_skip: bool = False
+    coarse_skip_eps: float = 1e-3
 
     def validate(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -68,6 +76,8 @@ class ARDConfig:
             raise ValueError(f"ard.norm={self.norm!r}: expected 'bn' or 'none'")
         if self.bi and not self.anob:
             raise ValueError("ard.bi=True needs ard.anob=True: BI (Eq. 3) interacts with the score branch")
+        if not 0 < float(self.coarse_skip_eps) < 0.5:
+            raise ValueError(f"ard.coarse_skip_eps={self.coarse_skip_eps!r}: expected 0 < eps < 0.5")
         if self.ar_channels is not None and len(self.ar_channels) != 2:
             raise ValueError(f"ard.ar_channels={self.ar_channels!r}: expected two values (one per AR block)")
         for key in ("feat_channels", "anomaly_channels", "aa_channels", "head_channels"):
@@ -276,7 +286,12 @@ class ARD(nn.Module):
             f = torch.cat([f, a], dim=1)
         f = self.upsample_block(f)
         f = _resize(f, size, self.config.upsample_mode)
-        return self.head(f)
+        logits = self.head(f)
+        if self.config.coarse_skip:
+            eps = float(self.config.coarse_skip_eps)
+            prior = F.interpolate(coarse.float(), size=size, mode="bilinear", align_corners=False)
+            logits = logits + torch.logit(prior.clamp(eps, 1 - eps)).to(logits.dtype)
+        return logits
 
 
 def fuse_layers(layers: dict, mode: str = "auto") -> torch.Tensor:

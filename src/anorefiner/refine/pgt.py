@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
+from ..log import LOG, progress
 from ..seeding import rng as make_rng
 from .ard import ARDConfig, build_refiner, fuse_layers
 from .store import Refined
@@ -35,6 +35,8 @@ from .synthesis import SynthesisConfig, synthesize
 
 SCHEDULES = ("progressive", "one_group", "same_anomalies", "same_normals")
 COARSE_NORMS = ("first_group", "running_minmax", "group_minmax", "none")
+LOSSES = ("dice", "dice_bce", "dice_focal")
+FIRST_GROUP = ("zeros", "coarse", "self")
 
 
 @dataclass
@@ -81,7 +83,13 @@ class PGTConfig:
     # of later groups' combined maps (their ARD half is ~0 on normal pixels); per image it ranks pixels exactly as
     # the coarse map. "coarse": combined = coarse, twice that scale: pooled pixel metrics then rank group 1's normal
     # pixels above later groups' anomalies (bottle, EfficientNet-Lite0, MuSc: pixel AP 71.8 against 83.6 for zeros).
+    # "self": group 1 is refined by the ARD trained on group 1's own pseudo-anomalies (ordinary test-time training:
+    # adapt on the batch, then predict it), so every group's maps come from an ARD and share one scale. Not the paper.
     first_group_ard: str = "zeros"
+    # Training loss. "dice": Eq. 4 exactly. "dice_bce" / "dice_focal": Eq. 4 plus a per-pixel binary cross-entropy
+    # (or its focal form, gamma 2, as APRIL-GAN trains its maps). Dice alone is blind to how confident a pixel is:
+    # it pushes outputs to 0/1, and a confident false positive then outranks true defects in pooled pixel metrics.
+    loss: str = "dice"
     train_last_group: bool = False  # training after the last group changes no output; True only for timing
     amp: bool = False  # mixed precision on CUDA (ignored on CPU)
     feature_batch_size: int = 16  # backbone batch for pseudo-anomaly features
@@ -91,12 +99,14 @@ class PGTConfig:
             raise ValueError(f"pgt.schedule={self.schedule!r}: expected one of {SCHEDULES}")
         if self.group_order not in ("index", "shuffled"):
             raise ValueError(f"pgt.group_order={self.group_order!r}: expected 'index' or 'shuffled'")
-        if self.first_group_ard not in ("coarse", "zeros"):
-            raise ValueError(f"pgt.first_group_ard={self.first_group_ard!r}: expected 'coarse' or 'zeros'")
+        if self.first_group_ard not in FIRST_GROUP:
+            raise ValueError(f"pgt.first_group_ard={self.first_group_ard!r}: expected one of {FIRST_GROUP}")
         if self.coarse_norm not in COARSE_NORMS:
             raise ValueError(f"pgt.coarse_norm={self.coarse_norm!r}: expected one of {COARSE_NORMS}")
         if self.query_references not in ("group", "seen", "all"):
             raise ValueError(f"pgt.query_references={self.query_references!r}: expected group, seen or all")
+        if self.loss not in LOSSES:
+            raise ValueError(f"pgt.loss={self.loss!r}: expected one of {LOSSES}")
         if self.image_score not in ("max", "coarse"):
             raise ValueError(f"pgt.image_score={self.image_score!r}: expected 'max' or 'coarse'")
         if not 0.0 <= self.contamination_ratio <= 1.0:
@@ -128,6 +138,27 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
     t = target.float().flatten(1)
     dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
     return 1 - dice.mean()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Mean binary focal loss −(1−p_t)^γ·log p_t over pixels (Lin et al. 2017; APRIL-GAN's map loss, 2 classes)."""
+    logits, t = logits.float(), target.float()
+    log_p = F.logsigmoid(logits)
+    log_q = F.logsigmoid(-logits)
+    log_pt = t * log_p + (1 - t) * log_q
+    return (-(1 - log_pt.exp()) ** gamma * log_pt).mean()
+
+
+def refiner_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dice") -> torch.Tensor:
+    """``PGTConfig.loss``: Eq. 4 (Dice), optionally plus a per-pixel BCE or focal term."""
+    loss = dice_loss(logits, target)
+    if kind == "dice_bce":
+        loss = loss + F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    elif kind == "dice_focal":
+        loss = loss + focal_loss(logits, target)
+    elif kind != "dice":
+        raise ValueError(f"pgt.loss={kind!r}: expected one of {LOSSES}")
+    return loss
 
 
 class CoarseNorm:
@@ -279,7 +310,8 @@ class _Trainer:
         gen = make_rng(self.seed, "pgt_order", stream)
         self.model.train()
         history = []
-        for _ in range(p.epochs):
+        bar = progress(range(p.epochs), desc=f"pgt group {stream + 1} epochs", unit="epoch", leave=False)
+        for _ in bar:
             order = gen.permutation(len(x))
             total = 0.0
             for s in range(0, len(order), p.batch_size):
@@ -287,13 +319,14 @@ class _Trainer:
                 with torch.autocast(self.device.type, enabled=self.amp):
                     logits = self.model(x[b].to(self.device), c[b].to(self.device),
                                         out_size=(self.resolution, self.resolution))
-                loss = dice_loss(logits, masks[b].to(self.device))
+                loss = refiner_loss(logits, masks[b].to(self.device), p.loss)
                 self.opt.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 total += float(loss.detach()) * len(b)
             history.append(total / len(x))
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
         self.trained = self.trained or p.epochs > 0
         self.loss_history.append(history)
         return history
@@ -349,7 +382,8 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         timings["refine_s"] += time.time() - t
         LOG.info("pgt: group %d/%d (%d images) refined by %s", k + 1, len(groups), len(g),
                  "the ARD" if trainer.trained else "nothing (coarse map kept)")
-        if k == len(groups) - 1 and not p.train_last_group:
+        refine_self = k == 0 and p.first_group_ard == "self"
+        if k == len(groups) - 1 and not p.train_last_group and not refine_self:
             break
         if p.schedule == "one_group" and k > 0:
             continue
@@ -373,8 +407,14 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         history = trainer.train(data, norm, stream=k)
         timings["train_s"] += time.time() - t
         if history:
-            LOG.info("pgt: group %d trained on %d pseudo-anomalies (normals %s): dice loss %.4f -> %.4f",
-                     k + 1, len(data["x"]), [str(feats.ids[int(i)]) for i in data["normals"]], history[0], history[-1])
+            LOG.info("pgt: group %d trained on %d pseudo-anomalies (normals %s): %s loss %.4f -> %.4f in %.0f s",
+                     k + 1, len(data["x"]), [str(feats.ids[int(i)]) for i in data["normals"]], p.loss, history[0],
+                     history[-1], time.time() - t)
+        if refine_self and trainer.trained:
+            x, c = trainer.real_inputs(g, norm)
+            maps["ard"][g] = trainer.refine(x, c, e)
+            maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
+            LOG.info("pgt: group 1 refined by the ARD trained on its own pseudo-anomalies (first_group_ard='self')")
     scores = {"coarse": np.asarray(coarse.scores, np.float32)}
     for m in ("ard", "combined"):
         scores[m] = maps[m].reshape(n, -1).max(1) if p.image_score == "max" else scores["coarse"].copy()

@@ -108,3 +108,31 @@ def test_fuse_layers_mean_and_concat():
     assert fuse_layers(mixed).shape == (2, 10, 3, 3)  # auto → concat
     with pytest.raises(ValueError, match="concat"):
         fuse_layers(mixed, "mean")
+
+
+def test_coarse_skip_adds_the_logit_of_the_upsampled_coarse_map():
+    torch.manual_seed(0)
+    cfg = ARDConfig(**SMALL, coarse_skip=True)
+    model = ARD(5, cfg, grid=(4, 4), patch_stride=4).eval()
+    plain = ARD(5, ARDConfig(**SMALL), grid=(4, 4), patch_stride=4).eval()
+    plain.load_state_dict(model.state_dict())
+    x, c = torch.randn(2, 5, 4, 4), torch.rand(2, 1, 4, 4) * 1.4 - 0.2  # normalised maps can leave [0, 1]
+    with torch.no_grad():
+        skip, base = model(x, c), plain(x, c)
+    # slow reference: bilinear upsampling (half-pixel centres) pixel by pixel, then clamp and logit in float64
+    ref = torch.zeros(2, 1, 16, 16, dtype=torch.float64)
+    src = c.double()
+    for b in range(2):
+        for i in range(16):
+            for j in range(16):
+                y, xx = min(max((i + 0.5) / 4 - 0.5, 0), 3), min(max((j + 0.5) / 4 - 0.5, 0), 3)
+                y0, x0 = int(y), int(xx)
+                y1, x1 = min(y0 + 1, 3), min(x0 + 1, 3)
+                wy, wx = y - y0, xx - x0
+                v = ((1 - wy) * (1 - wx) * src[b, 0, y0, x0] + (1 - wy) * wx * src[b, 0, y0, x1]
+                     + wy * (1 - wx) * src[b, 0, y1, x0] + wy * wx * src[b, 0, y1, x1])
+                v = min(max(float(v), 1e-3), 1 - 1e-3)
+                ref[b, 0, i, j] = torch.log(torch.tensor(v / (1 - v), dtype=torch.float64))
+    assert torch.allclose((skip - base).double(), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="coarse_skip_eps"):
+        ARDConfig(coarse_skip_eps=0.7).validate()

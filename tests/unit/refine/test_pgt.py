@@ -6,7 +6,7 @@ import torch
 
 from anorefiner.cache import Features
 from anorefiner.config import from_dict
-from anorefiner.refine.pgt import RefinerOptions, dice_loss, run_pgt, select_pseudo_normals
+from anorefiner.refine.pgt import RefinerOptions, dice_loss, focal_loss, refiner_loss, run_pgt, select_pseudo_normals
 from anorefiner.refine.store import read_refined, write_refined
 from anorefiner.zsad.groups import make_groups
 from anorefiner.zsad.store import Coarse
@@ -49,6 +49,33 @@ def _run(category, seed=0, labels=None, **overrides):
     c = category
     return run_pgt(c["feats"], c["coarse"], c["images"], c["backbone"], c["backend"], options, seed=seed,
                    textures=_textures(), eval_resolution=32, labels=labels)
+
+
+def _slow_focal(logits, target, gamma=2.0):
+    """Binary focal loss, one pixel at a time in float64."""
+    total, n = 0.0, 0
+    for z, t in zip(logits.double().flatten().tolist(), target.double().flatten().tolist()):
+        p = 1.0 / (1.0 + np.exp(-z))
+        pt = p if t == 1 else 1.0 - p
+        total += -((1.0 - pt) ** gamma) * np.log(pt)
+        n += 1
+    return total / n
+
+
+def test_focal_and_combined_losses_match_slow_references():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 5, 5, generator=gen) * 3
+    target = (torch.rand(3, 1, 5, 5, generator=gen) > 0.7).float()
+    assert float(focal_loss(logits, target)) == pytest.approx(_slow_focal(logits, target), rel=1e-5)
+    bce = float(np.mean([-(t * np.log(1 / (1 + np.exp(-z))) + (1 - t) * np.log(1 - 1 / (1 + np.exp(-z))))
+                         for z, t in zip(logits.double().flatten().tolist(), target.flatten().tolist())]))
+    dice = float(dice_loss(logits, target))
+    assert float(refiner_loss(logits, target, "dice")) == pytest.approx(dice)
+    assert float(refiner_loss(logits, target, "dice_bce")) == pytest.approx(dice + bce, rel=1e-5)
+    assert float(refiner_loss(logits, target, "dice_focal")) == pytest.approx(dice + _slow_focal(logits, target),
+                                                                              rel=1e-5)
+    with pytest.raises(ValueError, match="pgt.loss"):
+        refiner_loss(logits, target, "l2")
 
 
 def test_dice_loss():
@@ -107,6 +134,18 @@ def test_first_group_ard_zeros(category):
     assert np.all(ref.maps["ard"][g1] == 0)
     lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
     assert np.allclose(ref.maps["combined"][g1], 0.5 * (ref.maps["coarse"][g1] - lo) / (hi - lo), atol=1e-6)
+
+
+def test_first_group_ard_self_refines_group_one_with_its_own_ard(category):
+    ref = _run(category, pgt={"epochs": 1, "first_group_ard": "self"})
+    g1 = ref.groups == 0
+    assert ref.maps["ard"][g1].std() > 0 and np.all(ref.maps["ard"][g1] > 0)  # sigmoid outputs, not a stand-in
+    lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
+    coarse_n = (ref.maps["coarse"][g1] - lo) / (hi - lo)
+    assert np.allclose(ref.maps["combined"][g1], 0.5 * (coarse_n + ref.maps["ard"][g1]), atol=1e-5)
+    zeros = _run(category, pgt={"epochs": 1})
+    # group 1's ARD is the one trained on group 1; group 2 sees the same ARD in both runs
+    assert np.allclose(ref.maps["ard"][~g1], zeros.maps["ard"][~g1], atol=1e-5)
 
 
 def test_short_run_lowers_the_dice_loss(category):

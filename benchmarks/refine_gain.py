@@ -1,0 +1,219 @@
+"""Does the refiner pay for itself? coarse vs ARD alone vs combined, over categories, seeds and texture sources.
+
+For each category the features and the coarse maps are computed once (``OUT/<category>/{features,coarse}.h5``,
+reused when they exist), then PGT + metrics run for every (texture source, variant, seed). Printed per
+category and texture source, as mean ± std over seeds: pixel AP / F1-max / AUROC / PRO and image AUROC of
+``coarse``, ``ard`` and ``combined``, on all test images and on the refined groups only (group 1 is never
+refined: its ``ard`` map is a stand-in, see ``PGTConfig.first_group_ard``). The baseline is the coarse map:
+the ``gain`` rows are ``combined − coarse`` in points.
+
+    python benchmarks/refine_gain.py --data-root ../shared/data/mvtec_ad --categories bottle \
+        --seeds 0 1 2 --textures offline ../shared/data/dtd --out benchmarks/out/refine_gain
+
+``--variant NAME=JSON`` (repeatable) adds refiner option overrides on top of ``--preset``/``--options``;
+``default`` (no override) always runs first. Tidy rows go to ``OUT/results.csv`` (one row per category,
+textures, variant, seed, subset, method, metric) and the summary to ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PIXEL = ("pixel_ap", "pixel_f1_max", "pixel_auroc", "pixel_pro")
+SHOWN = PIXEL + ("image_auroc",)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, help="MVTec-layout root holding the categories")
+    p.add_argument("--categories", nargs="+", required=True)
+    p.add_argument("--dataset", default="mvtec_ad")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--textures", nargs="+", default=["offline"], help="'offline' and/or DTD root folders")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--backend", default="musc_cnn")
+    p.add_argument("--preset", choices=["paper", "cpu"], default="cpu")
+    p.add_argument("--options", default="{}", help="refiner options JSON applied to every variant")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON", help="extra variant (repeatable)")
+    p.add_argument("--eval-resolution", type=int, default=256)
+    p.add_argument("--no-pro", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="benchmarks/out/refine_gain")
+    return p.parse_args(argv)
+
+
+def prepare_category(args, category: str, out: Path):
+    """Features and coarse maps of one category (computed once, then reused)."""
+    from anorefiner.backbones import build_backbone
+    from anorefiner.cache import extract_features, read_features
+    from anorefiner.data.index import index_category
+    from anorefiner.zsad import PRESETS, get_backend
+    from anorefiner.zsad.store import read_coarse, write_coarse
+
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = build_backbone(args.backbone, args.resolution, device=args.device)
+    feat_path = out / "features.h5"
+    if not feat_path.is_file():
+        index = index_category(args.data_root, category, dataset=args.dataset)
+        extract_features(index, backbone, feat_path, expected_attrs={"dataset": args.dataset, "category": category})
+    feats = read_features(feat_path, expect={"backbone": args.backbone, "resolution": args.resolution})
+    opts = {"device": args.device}
+    if PRESETS[args.backend][0] == "musc":
+        opts["dataset"] = args.dataset
+    backend = get_backend(args.backend, opts, backbone=backbone, seed=0)
+    coarse_path = out / "coarse.h5"
+    if not coarse_path.is_file():
+        t = time.time()
+        res = backend.coarse(feats)
+        write_coarse(coarse_path, feats.ids, res.maps, res.scores,
+                     {"backend": args.backend, "options": opts, "seed": 0, "features": str(feat_path)})
+        print(f"[{category}] coarse maps in {time.time() - t:.0f} s")
+    coarse = read_coarse(coarse_path, expect_ids=feats.ids)
+    if coarse.attrs.get("backend") not in (None, args.backend):
+        raise ValueError(f"{coarse_path} holds {coarse.attrs.get('backend')!r} maps, not {args.backend!r}: "
+                         "use another --out")
+    return backbone, backend, feats, coarse
+
+
+def merged_options(args, override: dict):
+    from anorefiner.commands.run import CPU_PRESET
+    from anorefiner.config import from_dict
+    from anorefiner.refine.pgt import RefinerOptions
+
+    opts: dict = {k: dict(v) for k, v in (CPU_PRESET if args.preset == "cpu" else {}).items()}
+    for extra in (json.loads(args.options), override):
+        for section, values in extra.items():
+            opts.setdefault(section, {}).update(values)
+    options = from_dict(RefinerOptions, opts, "refiner")
+    options.validate()
+    return options
+
+
+def textures_of(spec: str, seed: int):
+    from anorefiner.data.textures import texture_source
+
+    return texture_source("offline", seed=seed) if spec == "offline" else texture_source("dtd", dtd_root=spec)
+
+
+def ground_truth(root, dataset: str, category: str, ids: list[str]):
+    """Masks [N,H,W] bool and labels [N] in ``ids`` order (all-False masks for good images)."""
+    from PIL import Image
+
+    from anorefiner.data.index import load_mask, test_rows
+
+    df = test_rows(root, category, ids, dataset=dataset)
+    masks = []
+    for _, row in df.iterrows():
+        if row["mask_path"]:
+            masks.append(load_mask(row["mask_path"]))
+        else:
+            with Image.open(row["image_path"]) as im:
+                masks.append(np.zeros(im.size[::-1], dtype=bool))
+    return np.stack(masks), df["label"].to_numpy(dtype=np.int64)
+
+
+def evaluate(refined, masks, labels, args) -> list[dict]:
+    from anorefiner.metrics import EvalConfig, evaluate_category
+
+    cfg = EvalConfig(resolution=args.eval_resolution, compute_pro=not args.no_pro)
+    rows = []
+    later = np.asarray(refined.groups) > 0
+    subsets = {"all": np.ones(len(refined.ids), bool), "refined_groups": later}
+    for subset, keep in subsets.items():
+        if not keep.any() or labels[keep].min() == labels[keep].max():
+            continue
+        methods = {m: (refined.maps[m][keep], refined.scores[m][keep]) for m in refined.maps}
+        for row in evaluate_category(methods, masks[keep], labels[keep], cfg):
+            rows.append({**row, "subset": subset})
+    return rows
+
+
+def summarise(frame: pd.DataFrame) -> str:
+    lines = []
+    keys = ["category", "textures", "variant", "subset"]
+    for key, part in frame.groupby(keys, sort=False):
+        n_seeds = part["seed"].nunique()
+        lines.append(f"\n### {' / '.join(str(k) for k in key)} ({n_seeds} seed{'s' if n_seeds > 1 else ''})\n")
+        lines.append("| method | " + " | ".join(SHOWN) + " |")
+        lines.append("|---|" + "---|" * len(SHOWN))
+        stats = part[part.metric.isin(SHOWN)].groupby(["method", "metric"])["value"].agg(["mean", "std"])
+        for method in ("coarse", "ard", "combined"):
+            cells = []
+            for metric in SHOWN:
+                if (method, metric) not in stats.index:
+                    cells.append("")
+                    continue
+                mean, std = stats.loc[(method, metric)]
+                cells.append(f"{100 * mean:.1f} ± {100 * (0 if np.isnan(std) else std):.1f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        wide = part.pivot_table(index=["seed", "metric"], columns="method", values="value")
+        gain = (wide["combined"] - wide["coarse"]).unstack("metric")
+        cells = [f"{100 * gain[m].mean():+.1f} (min {100 * gain[m].min():+.1f})" if m in gain else "" for m in SHOWN]
+        lines.append("| gain combined − coarse | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from anorefiner.log import setup_logging
+
+    setup_logging()
+    from anorefiner.data.index import test_rows
+    from anorefiner.log import LOG
+    from anorefiner.refine.pgt import run_pgt
+    from anorefiner.refine.store import read_refined, write_refined
+
+    out = Path(args.out)
+    variants = {"default": {}}
+    for spec in args.variant:
+        name, _, text = spec.partition("=")
+        variants[name] = json.loads(text)
+    rows: list[dict] = []
+    t_all = time.time()
+    for category in args.categories:
+        backbone, backend, feats, coarse = prepare_category(args, category, out / category)
+        test = test_rows(args.data_root, category, feats.ids, dataset=args.dataset)
+        masks, labels = ground_truth(args.data_root, args.dataset, category, list(feats.ids))
+        for tex in args.textures:
+            tex_tag = "offline" if tex == "offline" else "dtd"
+            for vname, override in variants.items():
+                options = merged_options(args, override)
+                for seed in args.seeds:
+                    run_dir = out / category / tex_tag / vname / f"seed{seed}"
+                    path = run_dir / "refined.h5"
+                    if path.is_file() and json.loads(json.dumps(read_refined(path).attrs.get("options"))) == \
+                            json.loads(json.dumps(__import__("dataclasses").asdict(options))):
+                        refined = read_refined(path)
+                    else:
+                        t = time.time()
+                        labels_arg = labels if options.pgt.contamination_ratio > 0 else None
+                        refined = run_pgt(feats, coarse, list(test["image_path"]), backbone, backend, options,
+                                          seed=seed, textures=textures_of(tex, seed),
+                                          eval_resolution=args.eval_resolution, labels=labels_arg,
+                                          device=args.device)
+                        run_dir.mkdir(parents=True, exist_ok=True)
+                        write_refined(path, refined)
+                        LOG.info("refine_gain: %s/%s/%s/seed%d PGT in %.0f s", category, tex_tag, vname, seed,
+                                 time.time() - t)
+                    for row in evaluate(refined, masks, labels, args):
+                        rows.append({"category": category, "textures": tex_tag, "variant": vname, "seed": seed, **row})
+                    frame = pd.DataFrame(rows)
+                    frame.to_csv(out / "results.csv", index=False)
+    frame = pd.DataFrame(rows)
+    text = summarise(frame)
+    (out / "summary.md").write_text(text + "\n")
+    print(text)
+    print(f"\n{len(frame)} rows -> {out / 'results.csv'}; summary -> {out / 'summary.md'}; "
+          f"{time.time() - t_all:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
