@@ -11,7 +11,7 @@ the ``gain`` rows are ``combined − coarse`` in points.
         --seeds 0 1 2 --textures offline ../shared/data/dtd --out benchmarks/out/refine_gain
 
 ``--variant NAME=JSON`` (repeatable) adds refiner option overrides on top of ``--preset``/``--options``;
-``default`` (no override) always runs first. Tidy rows go to ``OUT/results.csv`` (one row per category,
+``default`` (no override) runs first unless ``--no-default``. Tidy rows go to ``OUT/results.csv`` (one row per category,
 textures, variant, seed, subset, method, metric) and the summary to ``OUT/summary.md``.
 """
 
@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=["paper", "cpu"], default="cpu")
     p.add_argument("--options", default="{}", help="refiner options JSON applied to every variant")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON", help="extra variant (repeatable)")
+    p.add_argument("--no-default", action="store_true", help="run only the --variant entries")
     p.add_argument("--eval-resolution", type=int, default=256)
     p.add_argument("--no-pro", action="store_true")
     p.add_argument("--device", default="cpu")
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     from anorefiner.refine.store import read_refined, write_refined
 
     out = Path(args.out)
-    variants = {"default": {}}
+    variants = {} if args.no_default else {"default": {}}
     for spec in args.variant:
         name, _, text = spec.partition("=")
         variants[name] = json.loads(text)

@@ -188,12 +188,13 @@ def image_source(root, dataset: str, category: str, ids: list[str]):
     return lambda indices: [load_image(paths[int(i)]) for i in indices]
 
 
-def load_textures(spec: str, seed: int):
-    """``offline`` → scikit-image stand-ins; anything else is a DTD root folder."""
+def load_textures(spec: str, seed: int, category: str | None = None):
+    """``offline`` → scikit-image stand-ins (without the one named like ``category``: the demo's brick and grass
+    categories are made of those photos); anything else is a DTD root folder."""
     from .data.textures import texture_source
 
     if spec == "offline":
-        return texture_source("offline", seed=seed)
+        return texture_source("offline", seed=seed, exclude=(category,) if category else ())
     return texture_source("dtd", dtd_root=spec)
 
 
@@ -304,7 +305,7 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
     labels = df["label"].to_numpy(dtype=np.int64) if options.pgt.contamination_ratio > 0 else None
     backend = make_backend(backend_name, backend_type, backend_opts, backbone=backbone, seed=seed)
     refined = run_pgt(feats, coarse_store, list(df["image_path"]), backbone, backend, options, seed=seed,
-                      textures=load_textures(textures, seed), eval_resolution=eval_resolution, labels=labels,
+                      textures=load_textures(textures, seed, category), eval_resolution=eval_resolution, labels=labels,
                       device=device)
     n_refined = refined_by_ard(refined)
     if n_refined == 0:

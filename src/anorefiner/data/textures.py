@@ -68,16 +68,19 @@ def _random_square_crop(arr: np.ndarray, gen: np.random.Generator, min_frac: flo
     return arr[y : y + side, x : x + side]
 
 
-def offline_textures(size: int = 256, seed: int = 0, crops: int = 1) -> list[np.ndarray]:
+def offline_textures(size: int = 256, seed: int = 0, crops: int = 1, exclude=()) -> list[np.ndarray]:
     """Offline DTD stand-in: ``crops`` random square crops of each shipped scikit-image image, resized
     to ``size``; grey crops are colourised with two random colours. Same seed → same arrays (the first
-    crop of each image does not depend on ``crops``)."""
+    crop of each image does not depend on ``crops``). Images named in ``exclude`` are left out: the demo
+    dataset builds its ``brick`` and ``grass`` categories from the same photos, and a pseudo-anomaly made
+    of the category's own material teaches the ARD that its normal surface is anomalous."""
     if size < 8:
         raise ValueError(f"texture size must be >= 8, got {size}")
     if crops < 1:
         raise ValueError(f"offline texture crops per image must be >= 1, got {crops}")
     out = []
-    for name in OFFLINE_GREY + OFFLINE_COLOUR:
+    names = [n for n in OFFLINE_GREY + OFFLINE_COLOUR if n not in set(exclude)]
+    for name in names:
         gen = make_rng(seed, "offline_texture", name)
         for _ in range(crops):
             crop = _random_square_crop(skimage_image(name), gen)
@@ -96,15 +99,16 @@ def dtd_images(dtd_root: str | Path) -> list[Path]:
     return dtd_texture_paths(dtd_root)
 
 
-def texture_source(kind: str, dtd_root: str | Path | None = None, size: int = 256, seed: int = 0):
+def texture_source(kind: str, dtd_root: str | Path | None = None, size: int = 256, seed: int = 0, exclude=()):
     """Texture images for synthesis: ``"dtd"`` → list of paths (needs ``dtd_root``);
-    ``"offline"`` → list of ``uint8 [size,size,3]`` arrays from :func:`offline_textures`."""
+    ``"offline"`` → list of ``uint8 [size,size,3]`` arrays from :func:`offline_textures` (``exclude``: names
+    of shipped images to leave out, e.g. the category being refined)."""
     if kind == "dtd":
         if dtd_root is None:
             raise ValueError("texture source 'dtd' needs dtd_root (the extracted DTD folder)")
         return dtd_images(dtd_root)
     if kind == "offline":
-        return offline_textures(size=size, seed=seed)
+        return offline_textures(size=size, seed=seed, exclude=exclude)
     raise ValueError(f"unknown texture source {kind!r}; expected 'dtd' or 'offline'")
 
 

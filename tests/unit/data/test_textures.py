@@ -38,6 +38,15 @@ def test_more_crops_per_image_extend_the_single_crop_set():
         offline_textures(size=32, crops=0)
 
 
+def test_excluded_images_are_left_out_and_the_rest_unchanged():
+    names = list(OFFLINE_GREY + OFFLINE_COLOUR)
+    every = offline_textures(size=32, seed=0)
+    kept = texture_source("offline", size=32, seed=0, exclude=("grass", "brick", "not_an_image"))
+    assert len(kept) == len(names) - 2
+    expected = [t for n, t in zip(names, every) if n not in ("grass", "brick")]
+    assert all(np.array_equal(x, y) for x, y in zip(kept, expected))
+
+
 def test_grey_sources_are_colourised():
     brick = offline_textures(size=32, seed=0)[OFFLINE_GREY.index("brick")]
     assert not (np.array_equal(brick[..., 0], brick[..., 1]) and np.array_equal(brick[..., 1], brick[..., 2]))
