@@ -27,6 +27,7 @@ COMMANDS = {
     "table": "table",
     "figures": "figures",
     "run": "run",
+    "plan": "plan",
     "train-backend": "train_backend",
 }
 

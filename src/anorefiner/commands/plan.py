@@ -1,0 +1,397 @@
+"""``anorefiner plan``: what a Snakemake target costs before it is submitted (jobs, GPU-hours, disk).
+
+The jobs come from Snakemake itself (``snakemake -n`` on the repository's workflow: the exact DAG the run
+would execute, with each job's wildcards and declared resources); nothing here re-derives the DAG. Each
+job is then priced with per-stage rates: ``plan_rates.yaml`` beside this module (versioned, documented
+defaults for a GPU and for 2 CPU cores), or the figures of ``benchmarks/gpu_check.py`` (``--rates
+gpu_check.json``). The cost model per job (``n`` = test images of its category, from the dataset on disk,
+the demo generator or the published counts):
+
+- features: ``n`` forward passes; disk ``n x grid^2 x channels`` (``features.dtype``) plus class tokens;
+- coarse (MuSc): one distance block per ordered image pair of each group (whole set, or MuSc*'s groups);
+- pgt: per trained group ``min(r, |group|) x l`` pseudo-anomalies (synthesis + features + MuSc map against
+  the group) and ``epochs`` passes over them; then every image is refined; disk: three float16 maps at
+  ``refine.eval_resolution``;
+- metrics (CPU), download (disk), the rest negligible.
+
+Times are in hours of the device the rates are for: "GPU-hours" for jobs that request a GPU
+(``resources: gpu``), CPU-hours for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NAME = "plan"
+HELP = "list the jobs a Snakemake target needs, with estimated GPU-hours and disk (before you submit it)"
+
+RATES_FILE = Path(__file__).with_name("plan_rates.yaml")
+REF_RESOLUTION = 518  # the rates' reference resolution (ARD, refinement, metrics)
+# Feature geometry: input pixels per token, channels per selected layer (default layers), class-token width.
+GEOMETRY = {
+    "ViT-L-14-336": {"stride": 14, "channels_per_layer": 1024, "cls": 1024},
+    "resnet50": {"stride": 8, "channels": 512 + 1024, "cls": 0},  # layer2 + layer3 (Table 8)
+    "efficientnet_lite0": {"stride": 8, "channels": 40 + 112, "cls": 0},  # blocks.2 + blocks.4 (backbones/cnn.py)
+}
+# Rules with a cost model; table, audit, figures and the default target cost seconds and kilobytes.
+PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("targets", nargs="*", help="Snakemake targets, e.g. tables/table1.csv (default: config targets)")
+    p.add_argument("--configfile", default=None,
+                   help="a config replacing the workflow's config/config.yaml (e.g. config/demo.yaml)")
+    p.add_argument("--snakefile", default="Snakefile", help="the repository's root Snakefile")
+    p.add_argument("--directory", default=".", help="Snakemake working directory (where results/ would go)")
+    p.add_argument("--all", action="store_true",
+                   help="price every job of the target (--forceall), not only those whose outputs are missing")
+    p.add_argument("--rates", default=None,
+                   help="a gpu_check JSON (benchmarks/gpu_check.py) or a rates YAML replacing plan_rates.yaml")
+    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="which rates to use (auto: gpu when the config's compute.gpu > 0)")
+    p.add_argument("--json", default=None, help="also write the plan (per job and per rule) as JSON here")
+
+
+# --------------------------------------------------------------------------------------- Snakemake's DAG
+@dataclass
+class Job:
+    rule: str
+    wildcards: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)
+    output: list = field(default_factory=list)
+
+
+def dry_run(targets, snakefile: str, directory: str, configfile: str | None, forceall: bool) -> str:
+    """The text of ``snakemake -n`` (every job it would run, with wildcards and resources)."""
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(snakefile), "--directory", str(directory),
+           "--cores", "1", "--workflow-profile", "none"]
+    if configfile:
+        cmd += ["--configfile", str(configfile), "--replace-workflow-config"]
+    if forceall:
+        cmd.append("--forceall")
+    proc = subprocess.run(cmd + list(targets), capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise ValueError(f"snakemake -n {' '.join(targets)} failed ({proc.returncode}):\n{text[-3000:]}")
+    return text
+
+
+def _fields(text: str) -> dict:
+    out = {}
+    for part in text.split(", "):
+        key, sep, value = part.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_jobs(text: str) -> list[Job]:
+    """Jobs of a ``snakemake -n`` listing (``rule X:`` / ``localrule X:`` blocks)."""
+    jobs: list[Job] = []
+    for line in text.splitlines():
+        head = re.match(r"^(?:local)?rule (\w+):\s*$", line)
+        if head:
+            jobs.append(Job(head.group(1)))
+            continue
+        item = re.match(r"^    (\w+): (.*)$", line)
+        if item and jobs:
+            key, value = item.groups()
+            if key == "wildcards":
+                jobs[-1].wildcards = _fields(value)
+            elif key == "resources":
+                jobs[-1].resources = _fields(value)
+            elif key == "output":
+                jobs[-1].output = value.split(", ")
+    return jobs
+
+
+def parse_job_stats(text: str) -> dict[str, int]:
+    """Snakemake's own "Job stats" table (``rule count``), without the total."""
+    block = text.split("Job stats:", 1)[1] if "Job stats:" in text else ""
+    counts = {}
+    for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", block.split("\n\n\n", 1)[0], re.M):
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+# --------------------------------------------------------------------------------------- rates
+def load_rates(path: str | None = None) -> dict:
+    """plan_rates.yaml, with a gpu_check JSON's figures replacing its device's defaults (or a whole YAML)."""
+    import yaml
+
+    rates = yaml.safe_load(RATES_FILE.read_text())
+    if not path:
+        return rates
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--rates {path}: no such file")
+    if p.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(p.read_text())
+    try:
+        check = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--rates {path}: not JSON ({err})") from err
+    return rates_from_gpu_check(rates, check, str(p))
+
+
+def rates_from_gpu_check(rates: dict, check: dict, where: str) -> dict:
+    """Replace the defaults of the device a gpu_check summary ran on with its measured rates."""
+    if check.get("schema") != "anorefiner-gpu-check/1":
+        raise ValueError(f"{where}: not a benchmarks/gpu_check.py summary (schema {check.get('schema')!r})")
+    rates = copy.deepcopy(rates)
+    kind = "gpu" if str(check.get("device", "")).startswith("cuda") else "cpu"
+    dev = rates["devices"][kind]
+    dev["source"] = f"{where} ({check.get('device_name', check.get('device'))}, quick={check.get('quick')})"
+    feats, musc, pgt = check.get("features", {}), check.get("musc", {}), check.get("pgt", {})
+    vit = dev["backbones"].setdefault("ViT-L-14-336", {"resolution": REF_RESOLUTION, "layers": 4})
+    scale_px = (REF_RESOLUTION / feats.get("resolution", REF_RESOLUTION)) ** 2
+    if feats.get("img_per_s"):
+        # float32 forward (the features rule's path); image decoding runs ahead in a worker thread, so the
+        # slower of the two sets the pace
+        vit["features_s_per_image"] = max(scale_px / float(feats["img_per_s"]),
+                                          float(feats.get("preprocess_s_per_image") or 0.0))
+    if musc.get("seconds") and musc.get("n_images"):
+        # a pair costs tokens^2 x channels x layers: scale the measured geometry to 37^2 x 1024 x 4
+        tokens = (REF_RESOLUTION // 14) ** 2 / float(musc["grid"]) ** 2
+        n = int(musc["n_images"])
+        vit["musc_s_per_pair"] = (float(musc["seconds"]) / (n * (n - 1)) * tokens ** 2
+                                  * 1024 / float(musc["channels"]) * 4 / float(musc["layers"]))
+    t = pgt.get("timings") or {}
+    if t and pgt.get("n_pseudo_anomalies"):
+        px = (REF_RESOLUTION / float(pgt["resolution"])) ** 2
+        q = float(pgt["n_pseudo_anomalies"])
+        dev["pgt"]["train_s_per_sample_epoch"] = float(t["train_s"]) / (q * float(pgt["epochs"])) * px
+        dev["pgt"]["refine_s_per_image"] = float(t["refine_s"]) / float(pgt["n_images"]) * px
+        # run_pgt's synthesis_s also holds the pseudo-anomalies' features and MuSc maps, priced separately
+        make = float(t["synthesis_s"]) / q * px - vit["features_s_per_image"] \
+            - float(pgt["group_size"]) * vit["musc_s_per_pair"]
+        dev["pgt"]["make_s_per_pseudo_anomaly"] = max(make, 0.0)
+    return rates
+
+
+# --------------------------------------------------------------------------------------- cost model
+def count_test_images(config: dict, dataset: str, category: str, directory: Path, rates: dict) -> int:
+    ds = (config.get("datasets") or {}).get(dataset) or {}
+    root = Path(ds.get("root") or directory / "resources" / "datasets" / dataset)
+    test = root / category / "test"
+    if test.is_dir():
+        n = sum(1 for f in test.glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if n:
+            return n
+    if ds.get("format") == "demo":
+        return int((ds.get("generator") or {}).get("n_test", 60))
+    try:
+        return int(rates["test_images"][dataset][category])
+    except KeyError:
+        raise ValueError(f"plan: unknown size of {dataset}/{category}: not on disk under {root} and not in "
+                         f"{RATES_FILE.name} test_images") from None
+
+
+class CostModel:
+    """Seconds and bytes of one job under a config and a device's rates (module docstring)."""
+
+    def __init__(self, config: dict, rates: dict, device: str, directory: Path):
+        self.config, self.rates, self.directory = config, rates, directory
+        self.dev = rates["devices"][device]
+        self.notes: list[str] = []
+
+    def n(self, wc) -> int:
+        return count_test_images(self.config, wc["dataset"], wc["category"], self.directory, self.rates)
+
+    def backbone(self, key: str) -> dict:
+        return self.config["backbones"][key]
+
+    def rate(self, bb: dict) -> dict:
+        name = bb["name"]
+        table = self.dev["backbones"]
+        if name not in table:
+            note = f"no rates for backbone {name!r}: those of ViT-L-14-336 used"
+            if note not in self.notes:
+                self.notes.append(note)
+            return table["ViT-L-14-336"]
+        return table[name]
+
+    def scales(self, bb: dict) -> tuple[float, float]:
+        """(per-image factor, per-pair factor) of a backbone config against its rates' reference."""
+        r = self.rate(bb)
+        px = (int(bb["resolution"]) / r["resolution"]) ** 2
+        layers = len(bb.get("layers") or []) or r["layers"]
+        return px, px * px * layers / r["layers"]
+
+    def feature_bytes(self, bb: dict) -> float:
+        geo = GEOMETRY.get(bb["name"], GEOMETRY["ViT-L-14-336"])
+        grid = math.ceil(int(bb["resolution"]) / geo["stride"]) ** 2
+        if "channels_per_layer" in geo:
+            channels = geo["channels_per_layer"] * (len(bb.get("layers") or []) or 4)
+        else:
+            channels = geo["channels"]
+        item = 2 if (self.config.get("features") or {}).get("dtype", "float16") == "float16" else 4
+        return grid * channels * item + 4 * geo["cls"]
+
+    def grid(self, bb: dict) -> int:
+        return math.ceil(int(bb["resolution"]) / GEOMETRY.get(bb["name"], GEOMETRY["ViT-L-14-336"])["stride"]) ** 2
+
+    def cost(self, job: Job) -> tuple[float, float]:
+        wc, d = job.wildcards, self.dev
+        if job.rule == "features":
+            bb = self.backbone(wc["backbone"])
+            n = self.n(wc)
+            return (d["features_job_overhead_s"] + n * self.rate(bb)["features_s_per_image"] * self.scales(bb)[0],
+                    n * self.feature_bytes(bb))
+        if job.rule == "coarse":
+            cfg = self.config["backends"][wc["backend"]]
+            bb, n = self.backbone(cfg["backbone"]), self.n(wc)
+            disk = n * (self.grid(bb) * 4 + 4)
+            if cfg["type"] == "musc":
+                from ..zsad.groups import make_groups
+
+                pairs = sum(len(g) * (len(g) - 1) for g in make_groups(n, (cfg.get("options") or {}).get("group_size")))
+                return d["coarse_job_overhead_s"] + pairs * self.rate(bb)["musc_s_per_pair"] * self.scales(bb)[1], disk
+            if cfg["type"] == "paclip":
+                return d["coarse_job_overhead_s"] + n * d["paclip_s_per_image"] * self.scales(bb)[0], disk
+            return d["coarse_job_overhead_s"], disk
+        if job.rule == "pgt":
+            return self.pgt(wc)
+        if job.rule == "metrics":
+            e = (self.config.get("evaluation") or {}).get("resolution") or REF_RESOLUTION
+            return self.n(wc) * d["metrics_s_per_image"] * (e / REF_RESOLUTION) ** 2, self.rates["metric_file_bytes"]
+        if job.rule == "download":
+            return 0.0, float(self.rates["download_bytes"].get(wc.get("dataset", ""), 0.0))
+        if job.rule not in PRICED:
+            note = f"rule {job.rule!r} has no rate in {RATES_FILE.name}: its jobs are counted, not priced"
+            if note not in self.notes:
+                self.notes.append(note)
+            return 0.0, 0.0
+        if job.rule == "demo_data":
+            ds = self.config["datasets"]["demo"]
+            gen = ds.get("generator") or {}
+            images = len(ds.get("categories", [])) * (gen.get("n_train", 20) + 2 * gen.get("n_test", 60))
+            return 0.0, images * 3 * gen.get("image_size", 256) ** 2 / 2  # PNG: about half the raw bytes
+        return 0.0, 0.0
+
+    def pgt(self, wc) -> tuple[float, float]:
+        from ..refine.pgt import PGTConfig
+        from ..zsad.groups import make_groups
+
+        cfg = self.config["backends"][wc["backend"]]
+        bb, n, d = self.backbone(cfg["backbone"]), self.n(wc), self.dev
+        px, pair = self.scales(bb)
+        rate = self.rate(bb)
+        variant = (self.config.get("variants") or {}).get(wc["variant"]) or {}
+        opts = {**(self.config.get("pgt") or {}), **(variant.get("pgt") or {})}
+        defaults = PGTConfig()
+        get = lambda key: opts.get(key, getattr(defaults, key))  # noqa: E731
+        groups = make_groups(n, int(get("group_size")))
+        trained = groups if get("train_last_group") else groups[:-1]
+        if get("schedule") == "one_group":
+            trained = trained[:1]
+        seconds = d["pgt"]["job_overhead_s"] + n * d["pgt"]["refine_s_per_image"] * px
+        for k, g in enumerate(trained):
+            q = min(int(get("n_pseudo_normal")), len(g)) * int(get("n_anomalies_per_normal"))
+            if not (get("schedule") == "same_anomalies" and k > 0):
+                seconds += q * (d["pgt"]["make_s_per_pseudo_anomaly"] * px + rate["features_s_per_image"] * px
+                                + len(g) * rate["musc_s_per_pair"] * pair)
+            seconds += q * int(get("epochs")) * d["pgt"]["train_s_per_sample_epoch"] * px
+        e = int((self.config.get("refine") or {}).get("eval_resolution", REF_RESOLUTION))
+        return seconds, n * (3 * e * e * 2 + 12)
+
+
+# --------------------------------------------------------------------------------------- report
+def load_config(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"plan: config file {path} does not exist")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def make_plan(jobs: list[Job], model: CostModel) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for job in jobs:
+        seconds, disk = model.cost(job)
+        gpu = int(job.resources.get("gpu", 0) or 0) > 0
+        limit = float(job.resources["runtime"]) if "runtime" in job.resources else math.nan
+        r = rows.setdefault(job.rule, {"rule": job.rule, "jobs": 0, "on": "gpu" if gpu else "cpu", "hours": 0.0,
+                                       "longest_job_min": 0.0, "runtime_limit_min": limit, "over_limit": 0,
+                                       "disk_bytes": 0.0})
+        r["jobs"] += 1
+        r["hours"] += seconds / 3600
+        r["longest_job_min"] = max(r["longest_job_min"], seconds / 60)
+        r["over_limit"] += int(seconds / 60 > limit)
+        r["disk_bytes"] += disk
+    return list(rows.values())
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if b < 1000 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1000
+    return ""
+
+
+def format_plan(rows: list[dict], header: str, notes: list[str]) -> str:
+    lines = [header, "", f"{'rule':<15}{'jobs':>6}  {'on':<4}{'est. hours':>11}{'longest job':>13}"
+             f"{'limit':>9}{'disk':>11}", "-" * 69]
+    for r in rows:
+        limit = "-" if math.isnan(r["runtime_limit_min"]) else f"{r['runtime_limit_min']:.0f} min"
+        lines.append(f"{r['rule']:<15}{r['jobs']:>6}  {r['on']:<4}{r['hours']:>11.2f}"
+                     f"{r['longest_job_min']:>9.1f} min{limit:>9}{_size(r['disk_bytes']):>11}")
+    gpu_h = sum(r["hours"] for r in rows if r["on"] == "gpu")
+    cpu_h = sum(r["hours"] for r in rows if r["on"] == "cpu")
+    lines += ["-" * 69, f"total: {sum(r['jobs'] for r in rows)} jobs, {gpu_h:.2f} GPU-hours, {cpu_h:.2f} CPU-hours, "
+              f"{_size(sum(r['disk_bytes'] for r in rows))} on disk"]
+    over = [f"{r['rule']} ({r['over_limit']})" for r in rows if r["over_limit"]]
+    if over:
+        lines.append("WARNING: estimated jobs longer than their rule's runtime limit: " + ", ".join(over)
+                     + " -- raise `runtime` under set-resources in the SLURM profile")
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from ..io import write_json_atomic
+    from ..log import LOG
+
+    directory = Path(args.directory)
+    snakefile = Path(args.snakefile)
+    config_path = Path(args.configfile) if args.configfile else snakefile.resolve().parent / "config" / "config.yaml"
+    config = load_config(config_path)
+    rates = load_rates(args.rates)
+    device = args.device
+    if device == "auto":
+        device = "gpu" if int((config.get("compute") or {}).get("gpu", 1)) > 0 else "cpu"
+    targets = list(args.targets)  # none: Snakemake's default target (config `targets`)
+    LOG.info("asking Snakemake for the jobs of %s (snakemake -n%s)", " ".join(targets) or "the default target",
+             " --forceall" if args.all else "")
+    # the config is always passed: relative to another --directory the Snakefile's own would not be found
+    text = dry_run(targets, str(snakefile), str(directory), str(config_path.resolve()), args.all)
+    jobs = parse_jobs(text)
+    stats = parse_job_stats(text)
+    counts = {}
+    for job in jobs:
+        counts[job.rule] = counts.get(job.rule, 0) + 1
+    if counts != stats:
+        raise ValueError(f"plan: parsed jobs {counts} differ from Snakemake's job stats {stats}")
+    model = CostModel(config, rates, device, directory)
+    rows = make_plan(jobs, model)
+    header = (f"Plan for {' '.join(targets) or 'the default target'} ({config_path}; "
+              f"{'every job' if args.all else 'jobs whose outputs are missing'}; "
+              f"rates for {device}: {rates['devices'][device]['source']})")
+    print(format_plan(rows, header, model.notes) if jobs else header + "\n\nNothing to be done.")
+    if args.json:
+        write_json_atomic(args.json, {"targets": targets, "config": str(config_path), "device": device,
+                                      "rates_source": rates["devices"][device]["source"], "rules": rows,
+                                      "jobs": [{"rule": j.rule, "wildcards": j.wildcards} for j in jobs],
+                                      "notes": model.notes})
+    return 0
