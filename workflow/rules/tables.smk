@@ -21,7 +21,7 @@ rule table:
         cli=ANOREFINER,
         tables_dir=config["tables"]["dir"],
         config_json=lambda wc: json.dumps(
-            {k: config[k] for k in ("datasets", "tables")}, sort_keys=True
+            {k: config[k] for k in ("datasets", "tables", "backbones", "backends")}, sort_keys=True
         ),
     log:
         "logs/tables/{table}.log",

@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise ValueError("anorefiner table: give --name (or --audit)")
-    from ..tables.render import load_metrics, render_table, status_kind, write_table
+    from ..tables.render import RANDOM_WEIGHTS, load_metrics, render_table, status_kind, write_table
 
     decl = load_declaration(args.name, args.tables_dir)
     if args.metrics is None and not args.inputs:
@@ -71,5 +71,7 @@ def main(args: argparse.Namespace) -> int:
     frame = render_table(decl, config, load_metrics(files), args.metrics_root)
     csv_path, md_path = write_table(frame, decl, args.out, tolerance)
     counts = frame["status"].map(status_kind).value_counts().to_dict()
+    if frame["note"].str.contains(RANDOM_WEIGHTS, regex=False).any():
+        LOG.warning("%s: rows computed from a backbone with RANDOM weights are marked %r", csv_path, RANDOM_WEIGHTS)
     LOG.info("wrote %s and %s from %d metric files: %s", csv_path, md_path, len(files), counts)
     return 0

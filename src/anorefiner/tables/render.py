@@ -37,6 +37,23 @@ OUT_COLUMNS = [
     "table", "dataset", "row", "column", "metric", "backend", "variant", "method",
     "reproduced_mean", "reproduced_std", "n_seeds", "published", "difference", "status", "note",
 ]
+# Note on every value computed from a backbone with random weights (the workflow builds one when a backbone's
+# `pretrained` is null/"none", e.g. the smoke run of config/smoke_paper.yaml, where no model hub is reachable).
+RANDOM_WEIGHTS = "RANDOM backbone weights: NOT MEANINGFUL"
+
+
+def random_weight_backends(config: dict) -> dict[str, str]:
+    """``{backend: backbone}`` of the configured backends whose backbone has no pretrained weights.
+
+    A missing or null ``pretrained`` (or ``"none"``) is what the features rule turns into random weights.
+    """
+    backbones = config.get("backbones") or {}
+    out = {}
+    for name, backend in (config.get("backends") or {}).items():
+        key = (backend or {}).get("backbone")
+        if key in backbones and str(backbones[key].get("pretrained") or "none").lower() == "none":
+            out[name] = key
+    return out
 
 
 def load_metrics(paths) -> pd.DataFrame:
@@ -94,6 +111,7 @@ def render_table(decl: TableDecl, config: dict, metrics: pd.DataFrame,
     tolerance = float(settings["tolerance"])
     published = published_lookup(decl.published)
     values = _index(metrics)
+    random_backends = random_weight_backends(config)
     lines = []
     for paper_ds in decl.datasets:
         for row in decl.rows:
@@ -110,6 +128,10 @@ def render_table(decl: TableDecl, config: dict, metrics: pd.DataFrame,
                     line.update(status="not run", note=why)
                 else:
                     line.update(_cell(row, paper_ds, metric, pub, config, values, tolerance, metrics_root))
+                    if row.backend in random_backends:
+                        line["note"] = "; ".join(filter(None, [
+                            f"{RANDOM_WEIGHTS} (backbones.{random_backends[row.backend]}.pretrained is null)",
+                            line["note"]]))
                 lines.append(line)
     return pd.DataFrame(lines, columns=OUT_COLUMNS)
 
@@ -181,6 +203,10 @@ def to_markdown(frame: pd.DataFrame, decl: TableDecl, tolerance: float) -> str:
            f"Cells: reproduced mean ± std over seeds (published, difference) in %. "
            f"✓ reproduced (|diff| ≤ {min(REPRODUCED_PP, tolerance):g}), ≈ within tolerance (≤ {tolerance:g}), "
            "✗ outside tolerance, n/i not implemented, not run = metric files missing.", ""]
+    if frame["note"].str.contains(RANDOM_WEIGHTS, regex=False).any():
+        out += [f"**{RANDOM_WEIGHTS}**: the rows marked in the notes were computed from a backbone with random "
+                "weights (no pretrained weights configured or reachable). They test that the pipeline runs; "
+                "their numbers say nothing about the method.", ""]
     counts = frame["status"].map(status_kind).value_counts()
     out.append("Status counts: " + ", ".join(f"{k}: {int(counts.get(k, 0))}" for k in STATUS_ORDER) + "")
     out.append("")

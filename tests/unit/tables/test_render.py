@@ -91,6 +91,25 @@ def test_every_status_and_the_aggregation(table1_metrics):
     assert ni["published"] == 29.7
 
 
+def test_random_backbone_weights_are_marked_not_meaningful(table1_metrics, tmp_path):
+    from anorefiner.tables.render import RANDOM_WEIGHTS, to_markdown
+
+    decl = load_declaration("table1", TABLES_DIR)
+    files = [f for f in required_metric_files(decl, CONFIG, str(table1_metrics)) if Path(f).is_file()]
+    backends = {"musc": {"type": "musc", "backbone": "vit"}, "musc_star": {"type": "musc", "backbone": "vit"}}
+    for pretrained, marked in ((None, True), ("none", True), ("openai", False)):
+        config = dict(CONFIG, backends=backends, backbones={"vit": {"name": "ViT-L-14-336", "pretrained": pretrained}})
+        frame = render_table(decl, config, load_metrics(files), str(table1_metrics))
+        computed = frame[frame["n_seeds"] > 0]
+        assert len(computed) > 0
+        assert computed["note"].str.contains(RANDOM_WEIGHTS, regex=False).all() == marked
+        star = _cell(frame, "MVTec AD", "MuSc*", "AP-segm")  # the category note is kept beside the mark
+        assert "of the paper's 15 categories" in star["note"]
+        assert (f"**{RANDOM_WEIGHTS}**" in to_markdown(frame, decl, 1.0)) == marked
+    # Rows not implemented get no mark: nothing was computed for them.
+    assert not _cell(frame, "VisA", "VCP-CLIP", "AP-segm")["note"]
+
+
 def test_no_published_value_and_unmapped_dataset(tmp_path):
     root = tmp_path / "m"
     config = {"datasets": {"demo": {"categories": ["tiles"]}},
