@@ -126,9 +126,9 @@ def backend_options(backend_type: str, options: dict | str | None, *, dataset: s
     if not isinstance(options, dict):
         raise ConfigError(f"backend options must be a JSON object, got {options!r}")
     options = json.loads(json.dumps(options))  # a deep copy
-    if backend_type in ("musc", "paclip", "april_gan"):
+    if backend_type in ("musc", "paclip", "april_gan", "winclip"):
         options.setdefault("device", device)
-    if backend_type == "april_gan":
+    if backend_type in ("april_gan", "winclip"):
         options.setdefault("class_name", category)  # verbatim: the official prompts use meta.json's keys
     if backend_type == "musc":
         options.setdefault("dataset", dataset)
@@ -245,6 +245,11 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
     seed_everything(seed)
     feats = read_features(features_path)
     backend = make_backend(backend_name, backend_type, options, backbone=backbone, seed=seed)
+    if backend_type == "winclip" and data_root:  # WinCLIP scores images; k-shot draws train/good ones
+        from .zsad.winclip import train_good_source
+
+        backend.images = image_source(data_root, dataset, category, feats.ids)
+        backend.reference_images = train_good_source(data_root, dataset, category)
     if backend_type == "paclip" and data_root and backbone is not None:
         backend.images = image_source(data_root, dataset, category, feats.ids)
     elif backend_type == "paclip" and backbone is None:
@@ -260,7 +265,7 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
              "seconds": seconds, "provenance": canonical(provenance)}
     if backend_type == "paclip":
         attrs["paclip_info"] = json.dumps(backend.last_info)
-    elif backend_type == "april_gan":
+    elif backend_type in ("april_gan", "winclip"):
         attrs["backend_info"] = json.dumps(backend.last_info)  # map_level: the store's token-grid choice
     write_coarse(out, feats.ids, result.maps, result.scores, attrs)
     LOG.info("coarse %s/%s (%s): %d maps %s in %.1f s -> %s", dataset, category, backend_name,

@@ -184,12 +184,10 @@ class ClipViT(Backbone):
             raise ValueError(f"{self.name}: expected a [N,3,{r},{r}] batch, got {tuple(batch.shape)}")
         wanted = set(self._layer_ids)
         out: dict[str, torch.Tensor] = {}
+        x = self.embed(batch)
+        n, c = x.shape[0], x.shape[2]
+        gh, gw = self.grid
         with torch.no_grad():
-            x = v.conv1(batch.to(self.device, dtype=v.conv1.weight.dtype))
-            n, c, gh, gw = x.shape
-            x = x.flatten(2).transpose(1, 2)
-            cls = v.class_embedding.to(x.dtype).reshape(1, 1, c).expand(n, 1, c)
-            x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.device, x.dtype)
             x = v.patch_dropout(x)  # identity in eval mode
             x = v.ln_pre(x)
             if not self.batch_first:
@@ -202,6 +200,36 @@ class ClipViT(Backbone):
             last = x if self.batch_first else x.transpose(0, 1)
             cls_token = last[:, 0]
         return {name: out[name] for name in self.layers}, cls_token
+
+    # ------------------------------------------------------------------ token sequences (WinCLIP windows)
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[N,3,R,R]`` -> ``[N, 1+h*w, width]``: class token + patch embeddings + position embedding,
+        the sequence before ``patch_dropout``/``ln_pre`` (where WinCLIP selects its windows)."""
+        v = self.visual
+        r = self.resolution
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, r, r):
+            raise ValueError(f"{self.name}: expected a [N,3,{r},{r}] batch, got {tuple(batch.shape)}")
+        with torch.no_grad():
+            x = v.conv1(batch.to(self.device, dtype=v.conv1.weight.dtype))
+            n, c = x.shape[:2]
+            x = x.flatten(2).transpose(1, 2)
+            cls = v.class_embedding.to(x.dtype).reshape(1, 1, c).expand(n, 1, c)
+            return torch.cat([cls, x], dim=1) + self.pos_embed.to(x.device, x.dtype)
+
+    def encode_sequences(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded sequences ``[M, L, width]`` (class token first, any L) -> ``ln_post(CLS) @ proj``
+        ``[M, D]``: the rest of CLIP's image forward on a subset of tokens (not normalised)."""
+        v = self.visual
+        with torch.no_grad():
+            x = v.ln_pre(v.patch_dropout(x))
+            x = v.transformer(x if self.batch_first else x.transpose(0, 1))
+            cls = (x if self.batch_first else x.transpose(0, 1))[:, 0]
+        return self.image_embedding(cls, normalize=False)
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` of raw last-block patch tokens: open_clip's ``output_tokens`` (WinCLIP few-shot)."""
+        with torch.no_grad():
+            return self.visual.ln_post(torch.as_tensor(tokens).to(self.device, self.visual.proj.dtype))
 
     # ------------------------------------------------------------------ image-text space
     def image_embedding(self, cls: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -13,6 +13,7 @@ name            type      preset
 ``paclip``      paclip    PA-CLIP defaults
 ``byo``         byo       user maps; MuSc proxy for pseudo-anomalies
 ``april_gan``   april_gan APRIL-GAN zero-shot (adapters trained on the auxiliary dataset)
+``winclip``     winclip   WinCLIP zero-shot (``k_shot: 4`` for its 4-shot mode)
 ==============  ========  =============================================
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..config import from_dict
 
-TYPES = ("musc", "paclip", "byo", "april_gan")
+TYPES = ("musc", "paclip", "byo", "april_gan", "winclip")
 PRESETS = {
     "musc": ("musc", {}),
     "musc_star": ("musc", {"group_size": 30}),
@@ -33,6 +34,7 @@ PRESETS = {
     "paclip": ("paclip", {}),
     "byo": ("byo", {}),
     "april_gan": ("april_gan", {}),
+    "winclip": ("winclip", {}),
 }
 
 
@@ -74,6 +76,10 @@ def get_backend(name_or_type: str, options: dict | None = None, backbone=None, s
         from .april_gan import AprilGanBackend, AprilGanConfig
 
         return AprilGanBackend(from_dict(AprilGanConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
+    if kind == "winclip":
+        from .winclip import WinClipBackend, WinClipConfig
+
+        return WinClipBackend(from_dict(WinClipConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
     from .byo import ByoBackend, ByoConfig
 
     return ByoBackend(from_dict(ByoConfig, opts, where), name=name_or_type, seed=seed)
