@@ -168,7 +168,7 @@ def test_write_table_and_audit(tmp_path, table1_metrics):
     write_table(t8, load_declaration("table8", TABLES_DIR), tmp_path / "tables" / "table8.csv", 1.0)
     rendered = read_rendered([csv_path, tmp_path / "tables" / "table8.csv"])
     audit = audit_markdown(rendered, 1.0)
-    assert "| table1 | 1 | 1 | 10 | 0 | 24 | 156 |" in audit  # reproduced: MuSc AUROC-cls only
+    assert "| table1 | 1 | 1 | 10 | 0 | 120 | 60 |" in audit  # reproduced: MuSc AUROC-cls only; VCP-CLIP not implemented
     assert "| table8 | 0 | 0 | 0 | 0 | 16 | 0 |" in audit
     assert "## Largest differences" in audit and "## Not implemented" in audit
     out = write_audit([csv_path], tmp_path / "tables" / "audit.md", 1.0)
