@@ -106,6 +106,7 @@ def backend_options(wildcards):
         opts.setdefault("k_list", dataset_cfg(wildcards.dataset).get("rscin_k", [1, 2, 3]))
     if cfg["type"] == "april_gan":
         opts["checkpoint"] = backend_checkpoint(wildcards)
+    if cfg["type"] in ("april_gan", "winclip"):
         opts.setdefault("text_cache", TEXT_CACHE)
     return json.dumps(opts, sort_keys=True)
 

@@ -70,6 +70,11 @@ class PACLIPConfig:
     tau_quantile: float = 0.9  # Eq. 7 tau = this quantile of S_b: protects the top 10% responses,
     #                             more than the anomalous area fraction of MVTec/VisA (~3%)
     image_score: str = "mean"  # paper: "averaging the patch-level scores"; "max" also offered
+    # Ablation switches (paper Sec. 4.3, Tables 3-4: baseline, +PAD, +PAD+PAM, +PAD+MPAM; the paper
+    # does not say what the banks are without PAM, so the reading below is this project's):
+    pad: bool = True  # Sec. 3.4 PAD (Eq. 7): False = S_c of the full bank only, no normal bank
+    pam: bool = True  # Sec. 3.3 PAM: CADA-augmented normal bank; False = the selected normal images as they are
+    mpam: bool = True  # Sec. 3.3 "Multi-Scale PAM": False = one aggregation level, r_list[0] (r = 1)
     chunk: int = DEFAULT_CHUNK  # elements per distance block: bounds memory
     device: str = "auto"
 
@@ -219,6 +224,8 @@ class PACLIPBackend:
         photometric = sigma > c.sigma_threshold
         views = {k: [torch.as_tensor(np.asarray(feats.layers[k])[normal]).float()] for k in names}
         source = [normal]
+        if not c.pam:  # ablation: no content-adaptive augmentation (Sec. 3.3)
+            return {k: v[0] for k, v in views.items()}, normal
         gen = np.random.default_rng([self.seed, 4])
         if self.images is not None and self.backbone is not None:
             imgs = self.images(list(normal))
@@ -292,32 +299,38 @@ class PACLIPBackend:
         if report:
             LOG.info("%s: %d normal images selected, CADA sigma %.3f, %d views in the normal bank (%.1f s)",
                      self.name, len(normal), sigma, len(aug_source), time.perf_counter() - start)
-        bar = progress(total=len(c.r_list) * len(names), desc=f"{self.name} scales x layers") if report else None
         weights = c.r_weights or tuple(1.0 / len(c.r_list) for _ in c.r_list)
         if len(weights) != len(c.r_list):
             raise ValueError(f"paclip: r_weights {weights} does not match r_list {c.r_list}")
+        r_list = tuple(c.r_list) if c.mpam else tuple(c.r_list[:1])
+        if not c.mpam:
+            weights = (1.0,)
+        self.last_info.update(pad=c.pad, pam=c.pam, mpam=c.mpam, r_list=list(r_list))
+        bar = progress(total=len(r_list) * len(names), desc=f"{self.name} scales x layers") if report else None
         total = np.zeros((m, h * w))
-        for ri, r in enumerate(c.r_list):
+        for ri, r in enumerate(r_list):
             s_c = torch.zeros((m, h * w), device=self.device)
             s_b = torch.zeros_like(s_c)
             for li, name in enumerate(names):
                 seed = self.seed * 1000 + ri * 10 + li
                 full = self._bank(aggregate(np.asarray(ref_feats.layers[name])[ref_idx], r, c.layer_norm),
                                   ref_idx, c.coreset_ratio_full, seed)
-                normal_bank = self._bank(aggregate(aug[name], r, c.layer_norm), aug_source,
-                                         c.coreset_ratio_normal, seed + 5)
+                normal_bank = (self._bank(aggregate(aug[name], r, c.layer_norm), aug_source,
+                                          c.coreset_ratio_normal, seed + 5) if c.pad else None)
                 q = aggregate(query_layers[name], r, c.layer_norm).reshape(m, h * w, -1).to(self.device)
                 for i in range(m):
                     s_c[i] += self.psi(q[i], query_image[i], full) / len(names)
-                    s_b[i] += self.psi(q[i], query_image[i], normal_bank) / len(names)
+                    if normal_bank is not None:
+                        s_b[i] += self.psi(q[i], query_image[i], normal_bank) / len(names)
                 if bar is not None:
                     bar.update(1)
+            # Eq. 7; the "no PAD" ablation keeps the full-bank response alone (Eq. 5)
             tau = torch.quantile(s_b.flatten().double(), c.tau_quantile).float()
-            s_final = s_c - c.alpha * s_b * (s_b <= tau).float()  # Eq. 7
+            s_final = s_c - c.alpha * s_b * (s_b <= tau).float() if c.pad else s_c
             total += weights[ri] * s_final.cpu().numpy()  # Eq. 8
             if report:
                 LOG.info("%s: scale r=%d (%d/%d) scored for %d images, %.1f s elapsed", self.name, r, ri + 1,
-                         len(c.r_list), m, time.perf_counter() - start)
+                         len(r_list), m, time.perf_counter() - start)
         if bar is not None:
             bar.close()
         return total.reshape(m, h, w).astype(np.float32)

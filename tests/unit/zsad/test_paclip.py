@@ -128,3 +128,25 @@ def test_text_selection_with_clip_text_tower(demo_dataset):
     res = b.coarse(feats)  # CADA on the token grid here (no image source)
     assert sorted(b.last_info["normal_images"]) == sorted(np.argsort(-expected, kind="stable")[:2].tolist())
     assert np.isfinite(res.maps).all()
+
+
+def test_ablation_switches_match_their_definitions():
+    """Tables 3-4: +PAD (no CADA, one scale), +PAD+PAM (one scale), +PAD+MPAM (all); pad=False = S_c alone."""
+    feats = _feats()
+    full = get_backend("paclip", {**SMALL, "alpha": 0.0}).coarse(feats).maps  # Eq. 7 with alpha 0 = S_c
+    no_pad = get_backend("paclip", {**SMALL, "pad": False}).coarse(feats).maps
+    np.testing.assert_allclose(no_pad, full, rtol=1e-6, atol=1e-7)
+    one_scale = get_backend("paclip", {**SMALL, "mpam": False}).coarse(feats).maps
+    r1_only = get_backend("paclip", {**SMALL, "r_list": [1]}).coarse(feats).maps
+    np.testing.assert_allclose(one_scale, r1_only, rtol=1e-6)
+    geometric = {**SMALL, "mpam": False, "sigma_threshold": 1.0}  # CADA: token-grid flips/rotations
+    with_pam = get_backend("paclip", geometric)
+    pam_maps = with_pam.coarse(feats).maps
+    assert with_pam.last_info["n_views"] == 5 * len(with_pam.last_info["normal_images"])
+    b = get_backend("paclip", {**geometric, "pam": False})
+    pad_only = b.coarse(feats).maps
+    assert b.last_info["n_views"] == len(b.last_info["normal_images"])  # no augmented views
+    assert b.last_info["r_list"] == [1] and not b.last_info["pam"]
+    assert not np.allclose(pad_only, pam_maps)  # CADA views change the normal bank
+    with pytest.raises(Exception, match="padd"):
+        get_backend("paclip", {**SMALL, "padd": False})

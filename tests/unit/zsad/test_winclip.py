@@ -117,3 +117,19 @@ def test_bad_requests_are_named(tiny, demo_dataset):
     backend = get_backend("winclip", {"class_name": "tiles"}, backbone=tiny)
     with pytest.raises(ValueError, match="needs --data-root"):
         backend.coarse(type("F", (), {"ids": ["a"]})())
+
+
+def test_coarse_command_scores_images_of_the_data_root(tiny_clip, demo_dataset, tmp_path):
+    from anorefiner.cli import main as cli
+    from anorefiner.zsad.store import read_coarse
+
+    feats = tmp_path / "f.h5"
+    assert cli(["features", "--root", str(demo_dataset), "--dataset", "demo", "--category", "tiles", "--backbone",
+                tiny_clip, "--resolution", "56", "--layers", "4", "--pretrained", "none", "--device", "cpu",
+                "--out", str(feats)]) == 0
+    out = tmp_path / "c.h5"
+    assert cli(["coarse", "--features", str(feats), "--backend-type", "winclip", "--backend-name", "winclip_4shot",
+                "--options", '{"k_shot": 2}', "--dataset", "demo", "--category", "tiles", "--backbone", tiny_clip,
+                "--pretrained", "none", "--data-root", str(demo_dataset), "--device", "cpu", "--out", str(out)]) == 0
+    store = read_coarse(out)
+    assert store.maps.shape == (12, 4, 4) and '"k_shot": 2' in store.attrs["backend_info"]
