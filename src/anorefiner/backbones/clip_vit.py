@@ -59,7 +59,7 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
     """Resize a ``[1 + gh*gw, C]`` position embedding to a new patch grid.
 
     The patch part is treated as a 2-D ``gh×gw`` image and resized bicubically
-    (``align_corners=False``); the class position (row 0) is kept unchanged.
+    (``align_corners=False``, ``antialias=True``); the class position (row 0) is kept unchanged.
     """
     n_expected = 1 + old_grid[0] * old_grid[1]
     if pos.ndim != 2 or pos.shape[0] != n_expected:
@@ -69,7 +69,9 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
     cls_pos, grid = pos[:1], pos[1:]
     c = grid.shape[1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    # antialias=True as open_clip's resize_pos_embed and the official APRIL-GAN/VCP-CLIP forks (backends.md
+    # section 0.3): PyTorch's antialiased bicubic uses another kernel, so it differs even when upsampling.
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], c).to(pos.dtype)
     return torch.cat([cls_pos, grid], dim=0)
 
@@ -260,7 +262,7 @@ class ClipViT(Backbone):
         ident["family"] = "open_clip"
         ident["activation"] = self.activation
         ident["tokens"] = "raw residual stream of 1-indexed blocks (no ln_post/proj); cls of last block"
-        ident["pos_embed"] = f"bicubic {self.native_grid}->{self.grid}, class position kept"
+        ident["pos_embed"] = f"bicubic antialias {self.native_grid}->{self.grid}, class position kept"
         return ident
 
 

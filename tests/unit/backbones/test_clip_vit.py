@@ -162,3 +162,16 @@ def test_tiny_clip_runs_both_towers(tiny_clip):
     assert bb.layers == ["1", "2", "3", "4"] and layers["4"].shape == (1, 4, 4, 64)
     assert bb.image_embedding(cls).shape == (1, 32)
     assert bb.encode_text(["a photo of a widget."]).shape == (1, 32)
+
+
+def test_position_embedding_matches_open_clip_resize(tiny_clip):
+    """Same as open_clip's resize_pos_embed (bicubic, antialias) that the official forks use at 518 px."""
+    from anorefiner._compat import import_open_clip
+
+    open_clip = import_open_clip()
+    bb = build_backbone(tiny_clip, 70, pretrained=None, seed=0)
+    target = open_clip.create_model(tiny_clip, pretrained=None, force_image_size=70)
+    sd = {"visual.positional_embedding": bb.visual.positional_embedding.detach().clone()}
+    open_clip.model.resize_pos_embed(sd, target)
+    assert sd["visual.positional_embedding"].shape == (1 + 25, 64)
+    torch.testing.assert_close(bb.pos_embed, sd["visual.positional_embedding"])
