@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class TrainConfig:
     dice_smooth: float = 1.0  # loss.py BinaryDiceLoss
     autocast: bool = True  # train.py runs CLIP under torch.cuda.amp.autocast (CUDA only; CPU stays fp32)
     max_images: int | None = None  # cap per category (smoke runs); None = the whole test split
+    workers: int = 4  # image-decoding threads preparing the next batch (decoding VisA's large images
+    #                   would otherwise dominate a GPU epoch); the result does not depend on it
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
@@ -99,22 +102,38 @@ def _load_pair(row: dict) -> tuple[Image.Image, Image.Image]:
     return Image.fromarray(img), Image.fromarray(mask.astype(np.uint8) * 255)
 
 
-def mosaic(rows_of_class: list[dict], rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
-    """2x2 mosaic of 4 random test images of one class (defect type uniform, then file), original sizes."""
+def mosaic_pick(rows_of_class: list[dict], rng: np.random.Generator) -> list[dict]:
+    """The 4 rows of a mosaic: defect type uniform, then file uniform (``dataset.py`` combine_img)."""
     by_defect: dict[str, list[dict]] = {}
     for r in rows_of_class:
         by_defect.setdefault(r["defect"], []).append(r)
     defects = sorted(by_defect)
-    pairs = []
+    picks = []
     for _ in range(4):
         pool = by_defect[defects[int(rng.integers(len(defects)))]]
-        pairs.append(_load_pair(pool[int(rng.integers(len(pool)))]))
+        picks.append(pool[int(rng.integers(len(pool)))])
+    return picks
+
+
+def mosaic_from(rows: list[dict]) -> tuple[Image.Image, Image.Image]:
+    """2x2 mosaic of 4 images and their masks, pasted at the first image's size."""
+    pairs = [_load_pair(r) for r in rows]
     w, h = pairs[0][0].size
     img, mask = Image.new("RGB", (2 * w, 2 * h)), Image.new("L", (2 * w, 2 * h))
     for i, (im, m) in enumerate(pairs):
         img.paste(im, ((i % 2) * w, (i // 2) * h))
         mask.paste(m, ((i % 2) * w, (i // 2) * h))
     return img, mask
+
+
+def mosaic(rows_of_class: list[dict], rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """2x2 mosaic of 4 random test images of one class, original sizes."""
+    return mosaic_from(mosaic_pick(rows_of_class, rng))
+
+
+def _load_sample(rows: list[dict], size: int) -> tuple[np.ndarray, torch.Tensor]:
+    im, m = _load_pair(rows[0]) if len(rows) == 1 else mosaic_from(rows)
+    return np.asarray(im), resize_mask(m, size)
 
 
 def resize_mask(mask: Image.Image, size: int) -> torch.Tensor:
@@ -148,42 +167,48 @@ def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | P
     use_amp = c.autocast and device.type == "cuda"
     losses = []
     start = time.time()
-    for epoch in range(1, c.epochs + 1):
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        total, steps = 0.0, 0
-        bar = progress(range(0, len(order), c.batch_size), desc=f"april_gan epoch {epoch}/{c.epochs}", unit="batch")
-        for a in bar:
-            batch = [rows[i] for i in order[a : a + c.batch_size]]
-            imgs, masks = [], []
-            for r in batch:
-                if c.mosaic_p > 0 and rng.random() < c.mosaic_p:
-                    im, m = mosaic(by_class[r["category"]], rng)
-                else:
-                    im, m = _load_pair(r)
-                imgs.append(np.asarray(im))
-                masks.append(resize_mask(m, size))
-            x = backbone.preprocess(imgs)
-            gt = torch.stack(masks).to(device)
-            t = torch.stack([text[r["category"]] for r in batch])
-            with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
-                layers, _ = backbone.forward(x)
-            toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in backbone.layers]
-            loss = torch.zeros((), device=device)
-            for p in adapters(toks):
-                probs = layer_probs(layer_logits(p, t, grid, c.temperature), size)
-                loss = loss + focal_loss(probs, gt, c.focal_gamma, c.focal_smooth)
-                loss = loss + dice_loss(probs[:, 1], gt, c.dice_smooth)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        losses.append(total / max(steps, 1))
-        LOG.info("april_gan epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
-                 time.time() - start)
-        if not math.isfinite(losses[-1]):
-            raise ValueError(f"april_gan training diverged at epoch {epoch} (loss {losses[-1]})")
+    with ThreadPoolExecutor(max(1, int(c.workers))) as pool:
+        for epoch in range(1, c.epochs + 1):
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            total, steps = 0.0, 0
+            starts = list(range(0, len(order), c.batch_size))
+
+            def submit(a):  # the rng draws happen here, in batch order: the result does not depend on threads
+                batch = [rows[i] for i in order[a : a + c.batch_size]]
+                specs = [mosaic_pick(by_class[r["category"]], rng) if c.mosaic_p > 0 and rng.random() < c.mosaic_p
+                         else [r] for r in batch]
+                return batch, [pool.submit(_load_sample, spec, size) for spec in specs]
+
+            bar = progress(starts, desc=f"april_gan epoch {epoch}/{c.epochs}", unit="batch")
+            nxt = submit(starts[0])
+            for j, _a in enumerate(bar):
+                batch, futures = nxt
+                if j + 1 < len(starts):
+                    nxt = submit(starts[j + 1])  # decoded while the model runs on this batch
+                loaded = [f.result() for f in futures]
+                imgs, masks = [im for im, _ in loaded], [m for _, m in loaded]
+                x = backbone.preprocess(imgs)
+                gt = torch.stack(masks).to(device)
+                t = torch.stack([text[r["category"]] for r in batch])
+                with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
+                    layers, _ = backbone.forward(x)
+                toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in backbone.layers]
+                loss = torch.zeros((), device=device)
+                for p in adapters(toks):
+                    probs = layer_probs(layer_logits(p, t, grid, c.temperature), size)
+                    loss = loss + focal_loss(probs, gt, c.focal_gamma, c.focal_smooth)
+                    loss = loss + dice_loss(probs[:, 1], gt, c.dice_smooth)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + float(loss.detach()), steps + 1
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            losses.append(total / max(steps, 1))
+            LOG.info("april_gan epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
+                     time.time() - start)
+            if not math.isfinite(losses[-1]):
+                raise ValueError(f"april_gan training diverged at epoch {epoch} (loss {losses[-1]})")
     info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
             "classes": classes, "n_images": len(rows), "backbone": json.dumps(backbone.identity, default=str),
             "seconds": float(time.time() - start)}
