@@ -83,7 +83,8 @@ def test_step_matches_the_full_batch_reading(head_backend, group_images):
     pos = torch.arange(n)
     with torch.no_grad():
         ref_pl = plpd(head_backend.units(x, pos).image, head_backend.units(x_d, pos).image)
-    thr = float(ref_pl.median())  # a threshold that keeps some images and drops others
+    s = ref_pl.sort().values  # a threshold between two images that keeps some and drops others (one
+    thr = float(s[len(s) // 2 - 1 : len(s) // 2 + 1].mean())  # exactly on an image: float noise decides)
     cfg = TTAConfig(micro_batch=mb, lr=0.5, deyo=DeYOConfig(plpd_threshold=thr))
     method = DeYO(cfg.deyo)
     adapter = Adapter(head_backend, method, cfg, nominal_batch=n)
