@@ -331,6 +331,8 @@ def refined_by_ard(refined) -> int:
     """How many images a trained ARD refined: those in groups after the first trained one."""
     if not any(len(h) for h in refined.attrs.get("loss_history", [])):
         return 0
+    if (refined.attrs.get("options") or {}).get("pgt", {}).get("first_group_ard") == "self":
+        return len(refined.groups)  # group 1 is refined by the ARD trained on it
     return int((np.asarray(refined.groups) > 0).sum())
 
 

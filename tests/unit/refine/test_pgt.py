@@ -129,7 +129,7 @@ def test_first_group_norm_is_frozen_after_group_one(category):
 
 
 def test_first_group_ard_zeros(category):
-    ref = _run(category, pgt={"epochs": 1})  # default first_group_ard "zeros"
+    ref = _run(category, pgt={"epochs": 1, "first_group_ard": "zeros"})
     g1 = ref.groups == 0
     assert np.all(ref.maps["ard"][g1] == 0)
     lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
@@ -143,9 +143,22 @@ def test_first_group_ard_self_refines_group_one_with_its_own_ard(category):
     lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
     coarse_n = (ref.maps["coarse"][g1] - lo) / (hi - lo)
     assert np.allclose(ref.maps["combined"][g1], 0.5 * (coarse_n + ref.maps["ard"][g1]), atol=1e-5)
-    zeros = _run(category, pgt={"epochs": 1})
+    zeros = _run(category, pgt={"epochs": 1, "first_group_ard": "zeros"})
+    assert RefinerOptions().pgt.first_group_ard == "self"  # the default
     # group 1's ARD is the one trained on group 1; group 2 sees the same ARD in both runs
     assert np.allclose(ref.maps["ard"][~g1], zeros.maps["ard"][~g1], atol=1e-5)
+
+
+def test_topk_image_score_is_the_mean_of_the_highest_pixels(category):
+    ref = _run(category, pgt={"epochs": 1, "image_score": "topk", "image_topk": 0.05})
+    n = len(ref.ids)
+    for m in ("ard", "combined"):
+        flat = ref.maps[m].reshape(n, -1).astype(np.float64)
+        k = int(round(0.05 * flat.shape[1]))
+        slow = [sorted(row.tolist(), reverse=True)[:k] for row in flat]
+        assert np.allclose(ref.scores[m], [sum(r) / k for r in slow], atol=1e-6)
+    with pytest.raises(ValueError, match="image_topk"):
+        _run(category, pgt={"image_score": "topk", "image_topk": 0.0})
 
 
 def test_short_run_lowers_the_dice_loss(category):
