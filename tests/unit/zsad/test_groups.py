@@ -42,7 +42,8 @@ SMALL_ARD = {"feat_channels": 16, "anomaly_channels": 8, "aa_channels": 12, "hea
 
 
 def test_category_smaller_than_u_is_refined(demo_dataset, tmp_path):
-    """12 test images, u = 30 (the default): group 1 trains the ARD, which refines group 2."""
+    """12 test images, u = 30 (the default): group 1 trains the ARD, which refines group 2 (and, with the default
+    first_group_ard "self", group 1 too)."""
     options = {"ard": SMALL_ARD, "pgt": {"n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2}}
     out = tmp_path / "run"
     assert cli(["run", "--data-root", str(demo_dataset), *RUN, "--options", json.dumps(options),
@@ -50,7 +51,7 @@ def test_category_smaller_than_u_is_refined(demo_dataset, tmp_path):
     refined = read_refined(out / "refined.h5")
     assert refined.attrs["n_groups"] == 2 and refined.attrs["options"]["pgt"]["group_size"] == 30
     second = refined.groups == 1
-    assert second.sum() == 6 and refined.attrs["n_refined_by_ard"] == 6
+    assert second.sum() == 6 and refined.attrs["n_refined_by_ard"] == 12
     assert np.abs(refined.maps["ard"][second]).max() > 0  # the trained ARD's maps, not zeros
     assert not np.allclose(refined.maps["combined"][second], refined.maps["coarse"][second] / 2, atol=1e-3)
 
