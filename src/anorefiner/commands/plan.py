@@ -11,7 +11,7 @@ the demo generator or the published counts):
 - coarse (MuSc): one distance block per ordered image pair of each group (whole set, or MuSc*'s groups);
 - pgt: per trained group ``min(r, |group|) x l`` pseudo-anomalies (synthesis + features + MuSc map against
   the group) and ``epochs`` passes over them; then every image is refined; disk: three float16 maps at
-  ``refine.eval_resolution``;
+  ``refine.eval_resolution`` (an upper bound: the stores are gzip-compressed, 2.7x smaller in the smoke run);
 - metrics (CPU), download (disk), the rest negligible.
 
 Times are in hours of the device the rates are for: "GPU-hours" for jobs that request a GPU
