@@ -115,31 +115,35 @@ def fetch(url: str, dest: str | Path, sha256: str, options: DownloadOptions | No
         verify_sha256(dest, sha256)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
+    partial = download_partial(url, dest.with_name(dest.name + ".partial"), options, manual_route(dataset, dest))
+    verify_sha256(partial, sha256, name=dest)
+    os.replace(partial, dest)
+    LOG.info("downloaded and verified %s", dest)
+    return dest
+
+
+def download_partial(url: str, partial: Path, options: DownloadOptions, hint: str) -> Path:
+    """Download ``url`` into ``partial``, resuming what is there, retrying with backoff while bytes arrive.
+
+    Raises :class:`DownloadError` naming the URL, followed by ``hint`` (what the user can do instead).
+    """
     failures = 0
     while True:
         before = partial.stat().st_size if partial.exists() else 0
         try:
             if _attempt(url, partial, options):
-                break
+                return partial
             raise _CutTransfer("server closed the connection before the announced end")
         except _Permanent as err:
-            raise DownloadError(f"cannot download {url}: {err}. {manual_route(dataset, dest)}") from None
+            raise DownloadError(f"cannot download {url}: {err}. {hint}") from None
         except (_CutTransfer, urllib.error.URLError, http.client.HTTPException, OSError) as err:
             gained = (partial.stat().st_size if partial.exists() else 0) > before
             failures = 0 if gained else failures + 1
             if failures > options.retries:
-                raise DownloadError(
-                    f"cannot download {url} after {failures} attempts: {_describe(err)}. "
-                    f"{manual_route(dataset, dest)}"
-                ) from None
+                raise DownloadError(f"cannot download {url} after {failures} attempts: {_describe(err)}. {hint}") from None
             wait = 0.0 if gained else options.backoff_s * 2 ** (failures - 1)
             LOG.warning("download of %s interrupted (%s); retrying in %.1f s", url, _describe(err), wait)
             time.sleep(wait)
-    verify_sha256(partial, sha256, name=dest)
-    os.replace(partial, dest)
-    LOG.info("downloaded and verified %s", dest)
-    return dest
 
 
 class _CutTransfer(Exception):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from pathlib import Path
 
 from ..log import LOG
@@ -63,7 +62,7 @@ def fetch_checkpoint(url: str, dest: str | Path, git_blob: str, options=None) ->
     """
     import shutil
 
-    from ..data.download import DownloadError, DownloadOptions, _attempt
+    from ..data.download import DownloadOptions, download_partial
     from ..io import atomic_path
 
     dest = Path(dest)
@@ -77,20 +76,9 @@ def fetch_checkpoint(url: str, dest: str | Path, git_blob: str, options=None) ->
             shutil.copyfile(src, tmp)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
-    failures = 0
-    while True:
-        before = partial.stat().st_size if partial.exists() else 0
-        try:
-            if _attempt(url, partial, options):
-                break
-        except Exception as err:  # noqa: BLE001 - network errors of every kind: retry, then report
-            gained = (partial.stat().st_size if partial.exists() else 0) > before
-            failures = 0 if gained else failures + 1
-            if failures > options.retries:
-                raise DownloadError(f"cannot download {url}: {err}. Download it by hand and set the config key "
-                                    f"backends.<name>.official_checkpoint to its path.") from None
-            time.sleep(0 if gained else options.backoff_s * 2 ** (failures - 1))
+    partial = download_partial(url, dest.with_name(dest.name + ".partial"), options,
+                               "Download it by hand and set the config key backends.<name>.official_checkpoint "
+                               "to its path.")
     try:
         verify_git_blob(partial, git_blob)
     except ValueError:
