@@ -139,6 +139,21 @@ def restore(params: list[torch.nn.Parameter], saved: list[torch.Tensor]) -> None
 
 
 # ---------------------------------------------------------------------------------------- gradients
+class TTAMethod:
+    """What SAR, DeYO and TIPI share: a config dataclass (``config_class``) with ``lr_per_sample``."""
+
+    config_class: type = object
+
+    def __init__(self, config=None):
+        self.config = config or self.config_class()
+
+    def lr_per_sample(self) -> float:
+        return self.config.lr_per_sample
+
+    def start_category(self) -> None:
+        """Reset per-category state (none unless a method keeps some)."""
+
+
 class GroupGrad:
     """Gradient of ``sum_k mean_k`` over loss terms ``k`` (e.g. ``"patch"``, ``"image"``), each a mean
     over units selected across all micro-batches of a group, accumulated one micro-batch at a time."""

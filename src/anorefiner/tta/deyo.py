@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import LN2, GroupGrad, entropy
+from .common import TTAMethod, LN2, GroupGrad, entropy
 
 AUG_TYPES = ("patch", "pixel", "occ")
 
@@ -103,19 +103,11 @@ def weighted_terms(logits: torch.Tensor, image_plpd: torch.Tensor, config: DeYOC
     return h, mask, weight, weight * h
 
 
-class DeYO:
+class DeYO(TTAMethod):
+    config_class = DeYOConfig
     name = "deyo"
     all_blocks = False  # DeYO:methods/deyo.py collect_params: SAR's rule, copied
     lr_batch = "nominal"
-
-    def __init__(self, config: DeYOConfig | None = None):
-        self.config = config or DeYOConfig()
-
-    def lr_per_sample(self) -> float:
-        return self.config.lr_per_sample
-
-    def start_category(self) -> None:
-        pass
 
     def step(self, adapter, x: torch.Tensor, gen: torch.Generator) -> dict:
         c = self.config

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import LN2, GroupGrad, entropy
+from .common import TTAMethod, LN2, GroupGrad, entropy
 
 #: SAR's recovery threshold 0.2 nats at C = 1000, rescaled to C = 2 (tta.md A.5 P3).
 RESET_2CLASS = 0.2 * LN2 / math.log(1000.0)
@@ -64,17 +64,15 @@ def update_ema(ema: float | None, loss2: float, momentum: float) -> float | None
     return loss2 if ema is None else momentum * ema + (1.0 - momentum) * loss2
 
 
-class SAR:
+class SAR(TTAMethod):
+    config_class = SARConfig
     name = "sar"
     all_blocks = False  # SAR:sar.py:L117-130 skips the last 25 % of the blocks and the final norm
     lr_batch = "nominal"  # SAR's lr is fixed from the configured test batch size
 
     def __init__(self, config: SARConfig | None = None):
-        self.config = config or SARConfig()
+        super().__init__(config)
         self.ema: float | None = None
-
-    def lr_per_sample(self) -> float:
-        return self.config.lr_per_sample
 
     def start_category(self) -> None:
         self.ema = None

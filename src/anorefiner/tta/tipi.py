@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import GroupGrad, entropy, kl
+from .common import TTAMethod, GroupGrad, entropy, kl
 
 
 @dataclass
@@ -59,19 +59,11 @@ def unit_loss(adv_logits: torch.Tensor, clean_logits: torch.Tensor, lam: float) 
     return kl(adv_logits, clean_logits.detach()) + lam * entropy(clean_logits)
 
 
-class TIPI:
+class TIPI(TTAMethod):
+    config_class = TIPIConfig
     name = "tipi"
     all_blocks = True  # TIPI:tipi.py:L110-128: every norm layer, none skipped
     lr_batch = "actual"  # TIPI sets lr = lr_per_sample x the current batch size
-
-    def __init__(self, config: TIPIConfig | None = None):
-        self.config = config or TIPIConfig()
-
-    def lr_per_sample(self) -> float:
-        return self.config.lr_per_sample
-
-    def start_category(self) -> None:
-        pass
 
     def step(self, adapter, x: torch.Tensor, gen: torch.Generator) -> dict:
         c = self.config
