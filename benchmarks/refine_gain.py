@@ -1,7 +1,7 @@
 """Does the refiner pay for itself? coarse vs ARD alone vs combined, over categories, seeds and texture sources.
 
 For each category the features and the coarse maps are computed once (``OUT/<category>/{features,coarse}.h5``,
-reused when they exist), then PGT + metrics run for every (texture source, variant, seed). Printed per
+by the pipeline's stages, reused when made with the same settings), then PGT + metrics run for every (texture source, variant, seed). Printed per
 category and texture source, as mean ± std over seeds: pixel AP / F1-max / AUROC / PRO and image AUROC of
 ``coarse``, ``ard`` and ``combined``, on all test images and on the refined groups only (group 1 is never
 refined: its ``ard`` map is a stand-in, see ``PGTConfig.first_group_ard``). The baseline is the coarse map:
@@ -51,36 +51,22 @@ def parse_args(argv=None):
 
 
 def prepare_category(args, category: str, out: Path):
-    """Features and coarse maps of one category (computed once, then reused)."""
+    """Features and coarse maps of one category, by the pipeline's stages (reused when their settings match)."""
+    from anorefiner import stages
     from anorefiner.backbones import build_backbone
-    from anorefiner.cache import extract_features, read_features
     from anorefiner.data.index import index_category
-    from anorefiner.zsad import PRESETS, get_backend
-    from anorefiner.zsad.store import read_coarse, write_coarse
+    from anorefiner.zsad import PRESETS
 
     out.mkdir(parents=True, exist_ok=True)
     backbone = build_backbone(args.backbone, args.resolution, device=args.device)
-    feat_path = out / "features.h5"
-    if not feat_path.is_file():
-        index = index_category(args.data_root, category, dataset=args.dataset)
-        extract_features(index, backbone, feat_path, expected_attrs={"dataset": args.dataset, "category": category})
-    feats = read_features(feat_path, expect={"backbone": args.backbone, "resolution": args.resolution})
-    opts = {"device": args.device}
-    if PRESETS[args.backend][0] == "musc":
-        opts["dataset"] = args.dataset
-    backend = get_backend(args.backend, opts, backbone=backbone, seed=0)
-    coarse_path = out / "coarse.h5"
-    if not coarse_path.is_file():
-        t = time.time()
-        res = backend.coarse(feats)
-        write_coarse(coarse_path, feats.ids, res.maps, res.scores,
-                     {"backend": args.backend, "options": opts, "seed": 0, "features": str(feat_path)})
-        print(f"[{category}] coarse maps in {time.time() - t:.0f} s")
-    coarse = read_coarse(coarse_path, expect_ids=feats.ids)
-    if coarse.attrs.get("backend") not in (None, args.backend):
-        raise ValueError(f"{coarse_path} holds {coarse.attrs.get('backend')!r} maps, not {args.backend!r}: "
-                         "use another --out")
-    return backbone, backend, feats, coarse
+    index = index_category(args.data_root, category, dataset=args.dataset)
+    feat_path = stages.features(index, backbone, out / "features.h5", reuse=True)
+    backend_type = PRESETS[args.backend][0]
+    opts = stages.backend_options(backend_type, {}, dataset=args.dataset, category=category, device=args.device)
+    coarse_path = stages.coarse(feat_path, args.backend, backend_type, opts, seed=0, dataset=args.dataset,
+                                category=category, out=out / "coarse.h5", backbone=backbone,
+                                data_root=args.data_root, reuse=True)
+    return backbone, backend_type, opts, feat_path, coarse_path
 
 
 def merged_options(args, override: dict):
@@ -95,29 +81,6 @@ def merged_options(args, override: dict):
     options = from_dict(RefinerOptions, opts, "refiner")
     options.validate()
     return options
-
-
-def textures_of(spec: str, seed: int):
-    from anorefiner.data.textures import texture_source
-
-    return texture_source("offline", seed=seed) if spec == "offline" else texture_source("dtd", dtd_root=spec)
-
-
-def ground_truth(root, dataset: str, category: str, ids: list[str]):
-    """Masks [N,H,W] bool and labels [N] in ``ids`` order (all-False masks for good images)."""
-    from PIL import Image
-
-    from anorefiner.data.index import load_mask, test_rows
-
-    df = test_rows(root, category, ids, dataset=dataset)
-    masks = []
-    for _, row in df.iterrows():
-        if row["mask_path"]:
-            masks.append(load_mask(row["mask_path"]))
-        else:
-            with Image.open(row["image_path"]) as im:
-                masks.append(np.zeros(im.size[::-1], dtype=bool))
-    return np.stack(masks), df["label"].to_numpy(dtype=np.int64)
 
 
 def evaluate(refined, masks, labels, args) -> list[dict]:
@@ -166,10 +129,8 @@ def main(argv=None) -> int:
     from anorefiner.log import setup_logging
 
     setup_logging()
-    from anorefiner.data.index import test_rows
-    from anorefiner.log import LOG
-    from anorefiner.refine.pgt import run_pgt
-    from anorefiner.refine.store import read_refined, write_refined
+    from anorefiner import stages
+    from anorefiner.refine.store import read_refined
 
     out = Path(args.out)
     variants = {} if args.no_default else {"default": {}}
@@ -179,34 +140,21 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     t_all = time.time()
     for category in args.categories:
-        backbone, backend, feats, coarse = prepare_category(args, category, out / category)
-        test = test_rows(args.data_root, category, feats.ids, dataset=args.dataset)
-        masks, labels = ground_truth(args.data_root, args.dataset, category, list(feats.ids))
+        backbone, backend_type, backend_opts, feat_path, coarse_path = prepare_category(args, category, out / category)
+        masks, labels = stages.ground_truth(args.data_root, args.dataset, category, stages.stored_ids(coarse_path))
         for tex in args.textures:
             tex_tag = "offline" if tex == "offline" else "dtd"
             for vname, override in variants.items():
                 options = merged_options(args, override)
                 for seed in args.seeds:
-                    run_dir = out / category / tex_tag / vname / f"seed{seed}"
-                    path = run_dir / "refined.h5"
-                    if path.is_file() and json.loads(json.dumps(read_refined(path).attrs.get("options"))) == \
-                            json.loads(json.dumps(__import__("dataclasses").asdict(options))):
-                        refined = read_refined(path)
-                    else:
-                        t = time.time()
-                        labels_arg = labels if options.pgt.contamination_ratio > 0 else None
-                        refined = run_pgt(feats, coarse, list(test["image_path"]), backbone, backend, options,
-                                          seed=seed, textures=textures_of(tex, seed),
-                                          eval_resolution=args.eval_resolution, labels=labels_arg,
-                                          device=args.device)
-                        run_dir.mkdir(parents=True, exist_ok=True)
-                        write_refined(path, refined)
-                        LOG.info("refine_gain: %s/%s/%s/seed%d PGT in %.0f s", category, tex_tag, vname, seed,
-                                 time.time() - t)
-                    for row in evaluate(refined, masks, labels, args):
+                    path = stages.refine(args.data_root, args.dataset, category, feat_path, coarse_path,
+                                         backbone=backbone, backend_name=args.backend, backend_type=backend_type,
+                                         backend_opts=backend_opts, options=options, seed=seed, textures=tex,
+                                         eval_resolution=args.eval_resolution, device=args.device, reuse=True,
+                                         out=out / category / tex_tag / vname / f"seed{seed}" / "refined.h5")
+                    for row in evaluate(read_refined(path), masks, labels, args):
                         rows.append({"category": category, "textures": tex_tag, "variant": vname, "seed": seed, **row})
-                    frame = pd.DataFrame(rows)
-                    frame.to_csv(out / "results.csv", index=False)
+                    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     frame = pd.DataFrame(rows)
     text = summarise(frame)
     (out / "summary.md").write_text(text + "\n")
