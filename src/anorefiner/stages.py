@@ -312,28 +312,19 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
     refined = run_pgt(feats, coarse_store, list(df["image_path"]), backbone, backend, options, seed=seed,
                       textures=load_textures(textures, seed, category), eval_resolution=eval_resolution, labels=labels,
                       device=device)
-    n_refined = refined_by_ard(refined)
+    n_refined = int(refined.attrs["n_refined_by_ard"])
     if n_refined == 0:
         LOG.warning("NOT REFINED: %s/%s: no image was refined by a trained ARD (%d test images in %d group(s), "
                     "%d epochs); 'ard' and 'combined' only rescale the coarse maps", dataset, category,
                     len(refined.ids), refined.attrs["n_groups"], options.pgt.epochs)
     refined.attrs.update({"dataset": dataset, "category": category, "features": str(features_path),
                           "coarse": str(coarse_path), "backend": backend_name, "backend_options": backend_opts,
-                          "textures": textures, "device": str(device), "n_refined_by_ard": n_refined,
+                          "textures": textures, "device": str(device),
                           "provenance": canonical(provenance)})
     write_refined(out, refined)
     LOG.info("pgt %s/%s: %d images in %d groups (%d refined by the ARD), %.1f s -> %s", dataset, category,
              len(refined.ids), refined.attrs["n_groups"], n_refined, refined.attrs["timings"]["total_s"], out)
     return out
-
-
-def refined_by_ard(refined) -> int:
-    """How many images a trained ARD refined: those in groups after the first trained one."""
-    if not any(len(h) for h in refined.attrs.get("loss_history", [])):
-        return 0
-    if (refined.attrs.get("options") or {}).get("pgt", {}).get("first_group_ard") == "self":
-        return len(refined.groups)  # group 1 is refined by the ARD trained on it
-    return int((np.asarray(refined.groups) > 0).sum())
 
 
 def evaluate(root, dataset: str, category: str, source, options) -> list[dict]:

@@ -372,6 +372,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     e = int(eval_resolution)
     maps = {m: np.zeros((n, e, e), np.float32) for m in ("coarse", "ard", "combined")}
     group_of = np.zeros(n, np.int64)
+    by_ard = np.zeros(n, bool)  # images whose "ard" map came from a trained ARD (not a group-1 stand-in)
     first_set = None
     timings = {"train_s": 0.0, "synthesis_s": 0.0, "refine_s": 0.0}
     for k, g in enumerate(groups):
@@ -384,6 +385,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         if trainer.trained:
             x, c = trainer.real_inputs(g, norm)
             maps["ard"][g] = trainer.refine(x, c, e)
+            by_ard[g] = True
         else:
             # group 1 (nothing trained yet): the coarse map, Sec. 3.2 (or nothing, see first_group_ard)
             maps["ard"][g] = coarse_n if p.first_group_ard == "coarse" else 0.0
@@ -423,13 +425,14 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
             x, c = trainer.real_inputs(g, norm)
             maps["ard"][g] = trainer.refine(x, c, e)
             maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
+            by_ard[g] = True
             LOG.info("pgt: group 1 refined by the ARD trained on its own pseudo-anomalies (first_group_ard='self')")
     scores = {"coarse": np.asarray(coarse.scores, np.float32)}
     for m in ("ard", "combined"):
         scores[m] = image_scores(maps[m], p) if p.image_score != "coarse" else scores["coarse"].copy()
     timings["total_s"] = time.time() - t0
     attrs = {"options": asdict(options), "seed": int(seed), "eval_resolution": e, "timings": timings,
-             "n_groups": len(groups), "loss_history": trainer.loss_history,
+             "n_groups": len(groups), "n_refined_by_ard": int(by_ard.sum()), "loss_history": trainer.loss_history,
              "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi},
              "image_score_rule": {"coarse": "backend score", "ard": p.image_score, "combined": p.image_score},
              "labels_used": bool(p.contamination_ratio > 0)}

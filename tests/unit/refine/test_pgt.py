@@ -132,6 +132,7 @@ def test_first_group_ard_zeros(category):
     ref = _run(category, pgt={"epochs": 1, "first_group_ard": "zeros"})
     g1 = ref.groups == 0
     assert np.all(ref.maps["ard"][g1] == 0)
+    assert ref.attrs["n_refined_by_ard"] == int((~g1).sum())
     lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
     assert np.allclose(ref.maps["combined"][g1], 0.5 * (ref.maps["coarse"][g1] - lo) / (hi - lo), atol=1e-6)
 
@@ -140,6 +141,7 @@ def test_first_group_ard_self_refines_group_one_with_its_own_ard(category):
     ref = _run(category, pgt={"epochs": 1, "first_group_ard": "self"})
     g1 = ref.groups == 0
     assert ref.maps["ard"][g1].std() > 0 and np.all(ref.maps["ard"][g1] > 0)  # sigmoid outputs, not a stand-in
+    assert ref.attrs["n_refined_by_ard"] == len(ref.ids)
     lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
     coarse_n = (ref.maps["coarse"][g1] - lo) / (hi - lo)
     assert np.allclose(ref.maps["combined"][g1], 0.5 * (coarse_n + ref.maps["ard"][g1]), atol=1e-5)
