@@ -70,14 +70,12 @@ def prepare_category(args, category: str, out: Path):
 
 
 def merged_options(args, override: dict):
-    from anorefiner.commands.run import CPU_PRESET
+    """``--preset``, then ``--options``, then the variant's overrides (as ``anorefiner run`` merges them)."""
+    from anorefiner.commands.run import CPU_PRESET, _merge
     from anorefiner.config import from_dict
     from anorefiner.refine.pgt import RefinerOptions
 
-    opts: dict = {k: dict(v) for k, v in (CPU_PRESET if args.preset == "cpu" else {}).items()}
-    for extra in (json.loads(args.options), override):
-        for section, values in extra.items():
-            opts.setdefault(section, {}).update(values)
+    opts = _merge(_merge(CPU_PRESET if args.preset == "cpu" else {}, json.loads(args.options)), override)
     options = from_dict(RefinerOptions, opts, "refiner")
     options.validate()
     return options
