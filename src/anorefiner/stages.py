@@ -120,15 +120,17 @@ def backend_options(backend_type: str, options: dict | str | None, *, dataset: s
     """A backend's options (config ``backends.<name>.options``) with what the pipeline fills in:
     the device, MuSc's dataset (RsCIN k list), PA-CLIP's category (prompts), BYO's maps file."""
     from .config import ConfigError, json_object
+    from .zsad.registry import BACKEND_TYPES
 
     if isinstance(options, str) or options is None:
         options = json_object(options, "backend options")
     if not isinstance(options, dict):
         raise ConfigError(f"backend options must be a JSON object, got {options!r}")
     options = json.loads(json.dumps(options))  # a deep copy
-    if backend_type in ("musc", "paclip", "april_gan", "winclip"):
+    kind = BACKEND_TYPES.get(backend_type)
+    if backend_type == "musc" or (kind and kind.clip):
         options.setdefault("device", device)
-    if backend_type in ("april_gan", "winclip"):
+    if kind and kind.class_name:
         options.setdefault("class_name", category)  # verbatim: the official prompts use meta.json's keys
     if backend_type == "musc":
         options.setdefault("dataset", dataset)
@@ -230,6 +232,7 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
     """
     from .cache import read_attrs, read_features
     from .seeding import seed_everything
+    from .zsad.registry import BACKEND_TYPES
     from .zsad.store import write_coarse
 
     out = Path(out)
@@ -245,10 +248,12 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
     seed_everything(seed)
     feats = read_features(features_path)
     backend = make_backend(backend_name, backend_type, options, backbone=backbone, seed=seed)
-    if backend_type == "winclip" and data_root:  # WinCLIP scores images; k-shot draws train/good ones
+    kind = BACKEND_TYPES.get(backend_type)
+    if data_root and kind is not None and kind.images:
+        backend.images = image_source(data_root, dataset, category, feats.ids)  # it runs its own forward pass
+    if backend_type == "winclip" and data_root:  # WinCLIP's k-shot draws train/good images
         from .zsad.winclip import train_good_source
 
-        backend.images = image_source(data_root, dataset, category, feats.ids)
         backend.reference_images = train_good_source(data_root, dataset, category)
     if backend_type == "paclip" and data_root and backbone is not None:
         backend.images = image_source(data_root, dataset, category, feats.ids)
@@ -265,7 +270,7 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
              "seconds": seconds, "provenance": canonical(provenance)}
     if backend_type == "paclip":
         attrs["paclip_info"] = json.dumps(backend.last_info)
-    elif backend_type in ("april_gan", "winclip"):
+    elif getattr(backend, "last_info", None) is not None:
         attrs["backend_info"] = json.dumps(backend.last_info)  # map_level: the store's token-grid choice
     write_coarse(out, feats.ids, result.maps, result.scores, attrs)
     LOG.info("coarse %s/%s (%s): %d maps %s in %.1f s -> %s", dataset, category, backend_name,

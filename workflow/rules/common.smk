@@ -36,6 +36,7 @@ if not _TABLES_DIR.is_absolute() and not _TABLES_DIR.is_dir():
 # The library's option sections (ard, pgt, synthesis, variants, backends.*.options) are checked against its
 # dataclasses when the workflow loads: a typo fails `snakemake -n` naming the key, not the first job reading it.
 from anorefiner.config_check import check_workflow_config, deep_update as _deep_update
+from anorefiner.zsad.registry import BACKEND_TYPES, TRAINED_TYPES
 
 check_workflow_config(config)
 
@@ -104,9 +105,10 @@ def backend_options(wildcards):
     opts = copy.deepcopy(cfg.get("options", {}))
     if cfg["type"] == "musc":
         opts.setdefault("k_list", dataset_cfg(wildcards.dataset).get("rscin_k", [1, 2, 3]))
-    if cfg["type"] == "april_gan":
+    kind = BACKEND_TYPES.get(cfg["type"])
+    if kind is not None and kind.trainer:
         opts["checkpoint"] = backend_checkpoint(wildcards)
-    if cfg["type"] in ("april_gan", "winclip"):
+    if kind is not None and kind.text_cache:
         opts.setdefault("text_cache", TEXT_CACHE)
     return json.dumps(opts, sort_keys=True)
 
@@ -128,9 +130,9 @@ def auxiliary_dataset(backend, dataset):
 
 
 def backend_checkpoint(wildcards):
-    """The trained weights a backend reads (APRIL-GAN's adapters), or nothing."""
+    """The trained weights a backend reads (APRIL-GAN's adapters, ...), or nothing."""
     cfg = backend_cfg(wildcards.backend)
-    if cfg["type"] != "april_gan":
+    if cfg["type"] not in TRAINED_TYPES:
         return []
     source = cfg.get("weights", "trained")
     aux = auxiliary_dataset(wildcards.backend, wildcards.dataset)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ..zsad.registry import BACKEND_TYPES
+
 NAME = "coarse"
 HELP = "zero-shot coarse anomaly maps (MuSc, PA-CLIP or your own maps) -> coarse store"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--features", required=True, help="feature cache HDF5 (results/features/...h5)")
-    p.add_argument("--backend-type", required=True, choices=["musc", "paclip", "byo", "april_gan", "winclip"])
+    p.add_argument("--backend-type", required=True, choices=list(BACKEND_TYPES))
     p.add_argument("--backend-name", required=True, help="config name, e.g. musc, musc_star, musc_cnn, paclip, byo")
     p.add_argument("--options", default="{}", help="backend options as JSON (config backends.<name>.options)")
     p.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..zsad.registry import REFINABLE_TYPES
+
 NAME = "pgt"
 HELP = "AnoRefiner: progressive group-wise test-time training of the ARD -> refined store (coarse/ard/combined)"
 
@@ -17,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True, help="backbone of the feature cache (pseudo-anomaly features)")
     p.add_argument("--resolution", type=int, required=True, help="backbone input resolution R")
     p.add_argument("--pretrained", default="default", help="backbone weights as for 'anorefiner features' ('none' = random)")
-    p.add_argument("--backend-type", required=True, choices=["musc", "paclip", "byo", "april_gan"])
+    p.add_argument("--backend-type", required=True, choices=list(REFINABLE_TYPES))
     p.add_argument("--backend-name", default=None, help="config name (musc, musc_star, musc_cnn, ...); default: the type")
     p.add_argument("--backend-options", default="{}", help="backend options as JSON (config backends.<name>.options)")
     p.add_argument("--options", default="{}", help="JSON with sections ard, pgt, synthesis (a variant's settings)")

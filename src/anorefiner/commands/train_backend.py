@@ -1,68 +1,69 @@
 """``anorefiner train-backend``: a trained CLIP backend's weights, trained here or the official file.
 
-APRIL-GAN (``--backend-type april_gan``): linear adapters trained on the auxiliary dataset's test
-split with masks (:mod:`anorefiner.zsad.april_gan_train`), or, with ``--official``, the
-APRIL-GAN repository's checkpoint downloaded and verified by its git blob id. Either way the
-output is checked (keys and shapes) and written atomically.
+The backend types with a trainer (:data:`anorefiner.zsad.registry.TRAINED_TYPES`, e.g. APRIL-GAN's
+linear adapters, :mod:`anorefiner.zsad.april_gan_train`) are trained on the auxiliary dataset's test
+split with masks; with ``--official`` the official checkpoint is downloaded and verified (git blob id or
+SHA-256, :mod:`anorefiner.zsad.checkpoints`) instead. Either way the output is checked by the trainer's
+``check_checkpoint`` (keys and shapes) and written atomically.
 """
 
 from __future__ import annotations
 
 import json
 
+from ..zsad.registry import TRAINED_TYPES
+
 NAME = "train-backend"
-HELP = "train a CLIP backend's adapters on the auxiliary dataset (APRIL-GAN), or fetch the official checkpoint"
+HELP = "train a CLIP backend on the auxiliary dataset (APRIL-GAN, ...), or fetch its official checkpoint"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--backend-type", required=True, choices=["april_gan"])
+    p.add_argument("--backend-type", required=True, choices=list(TRAINED_TYPES))
     p.add_argument("--root", help="auxiliary dataset root (MVTec layout); its test split with masks is the training set")
-    p.add_argument("--dataset", required=True, help="auxiliary dataset name (visa trains the adapters that score mvtec_ad)")
+    p.add_argument("--dataset", required=True, help="auxiliary dataset name (visa trains the weights that score mvtec_ad)")
     p.add_argument("--backbone", required=True, help="open_clip name (ViT-L-14-336 in the paper)")
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--layers", nargs="*", default=None, help="1-indexed blocks (default: the quarters of the depth)")
     p.add_argument("--pretrained", default="default", help="open_clip tag, weights file, or 'none' (random, seed 0)")
     p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None)
-    p.add_argument("--options", default="{}", help="training options as JSON (TrainConfig fields)")
+    p.add_argument("--options", default="{}", help="training options as JSON (the trainer's TrainConfig fields)")
     p.add_argument("--text-cache", default=None, help="folder of the per-class text embedding cache (results/text)")
     p.add_argument("--official", default=None,
-                   help="'default' (the APRIL-GAN repository's file for --dataset), a URL or a local file: "
+                   help="'default' (the official repository's file for --dataset), a URL or a local file: "
                         "fetch and verify instead of training")
     p.add_argument("--git-blob", default=None, help="expected git blob id of --official (default: the known one)")
     p.add_argument("--download-dir", default="resources/checkpoints", help="where official files are downloaded")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="checkpoint, e.g. results/checkpoints/april_gan/<aux>/<backbone>/seed<k>.pt")
+    p.add_argument("--out", required=True, help="checkpoint, e.g. results/checkpoints/<backend>/trained_<aux>.pt")
 
 
 def main(args) -> int:
     from ..config import ConfigError, from_dict
-    from ..zsad.april_gan import load_adapters
+    from ..zsad.registry import backend_type
 
+    trainer = backend_type(args.backend_type).trainer_module()
     try:
         options = json.loads(args.options or "{}")
     except json.JSONDecodeError as err:
         raise ConfigError(f"--options is not valid JSON: {err}") from err
     if args.official:
-        return _official(args, load_adapters)
+        return _official(args, trainer)
     from ..backbones import build_backbone
     from ..seeding import seed_everything
-    from ..zsad.april_gan_train import TrainConfig, train_adapters, training_samples
 
-    config = from_dict(TrainConfig, options, f"backends.{args.backend_type}.train.{args.dataset}")
+    config = from_dict(trainer.TrainConfig, options, f"backends.{args.backend_type}.train.{args.dataset}")
     if not args.root:
         raise ConfigError("--root (the auxiliary dataset) is required unless --official is given")
     seed_everything(config.seed)
-    rows = training_samples(args.root, args.dataset, config.max_images)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     backbone = build_backbone(args.backbone, args.resolution, layers=args.layers or None, pretrained=pretrained,
                               device=args.device, activation=args.activation)
-    train_adapters(backbone, rows, config, args.out, text_cache=args.text_cache,
-                   meta={"auxiliary_dataset": args.dataset, "auxiliary_root": str(args.root)})
-    load_adapters(args.out, len(backbone.layers), backbone.width)  # the written file loads weights-only
+    trainer.train_backend(backbone, args.root, args.dataset, config, args.out, text_cache=args.text_cache)
+    trainer.check_checkpoint(args.out, backbone)  # the written file loads weights-only, keys and shapes checked
     return 0
 
 
-def _official(args, load_adapters) -> int:
+def _official(args, trainer) -> int:
     import shutil
     from pathlib import Path
 
@@ -74,7 +75,7 @@ def _official(args, load_adapters) -> int:
     blob = args.git_blob or known.get("git_blob")
     name = Path(url.split("?")[0]).name
     local = fetch_checkpoint(url, Path(args.download_dir) / args.backend_type / args.dataset / name, blob)
-    load_adapters(local)  # keys and shapes checked before anything is written to --out
+    trainer.check_checkpoint(local)  # keys and shapes checked before anything is written to --out
     with atomic_path(args.out) as tmp:
         shutil.copyfile(local, tmp)
     return 0

@@ -25,8 +25,9 @@ from typing import Protocol
 import numpy as np
 
 from ..config import from_dict
+from .registry import BACKEND_TYPES, backend_type
 
-TYPES = ("musc", "paclip", "byo", "april_gan", "winclip")
+TYPES = tuple(BACKEND_TYPES)
 PRESETS = {
     "musc": ("musc", {}),
     "musc_star": ("musc", {"group_size": 30}),
@@ -58,28 +59,10 @@ def get_backend(name_or_type: str, options: dict | None = None, backbone=None, s
     """Build a backend by preset name or type; unknown option keys raise ``ConfigError``."""
     if name_or_type not in PRESETS:
         raise ValueError(
-            f"unknown zero-shot backend {name_or_type!r}; known: {', '.join(PRESETS)} "
-            "(vcp_clip and rareclip are not implemented)"
+            f"unknown zero-shot backend {name_or_type!r}; known: {', '.join(PRESETS)}"
         )
     kind, preset = PRESETS[name_or_type]
     opts = {**preset, **dict(options or {})}
-    where = f"backends.{name_or_type}.options"
-    if kind == "musc":
-        from .musc import MuscBackend, MuscConfig
-
-        return MuscBackend(from_dict(MuscConfig, opts, where), name=name_or_type, seed=seed, backbone=backbone)
-    if kind == "paclip":
-        from .paclip import PACLIPBackend, PACLIPConfig
-
-        return PACLIPBackend(from_dict(PACLIPConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
-    if kind == "april_gan":
-        from .april_gan import AprilGanBackend, AprilGanConfig
-
-        return AprilGanBackend(from_dict(AprilGanConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
-    if kind == "winclip":
-        from .winclip import WinClipBackend, WinClipConfig
-
-        return WinClipBackend(from_dict(WinClipConfig, opts, where), backbone=backbone, name=name_or_type, seed=seed)
-    from .byo import ByoBackend, ByoConfig
-
-    return ByoBackend(from_dict(ByoConfig, opts, where), name=name_or_type, seed=seed)
+    backend_cls, config_cls = backend_type(kind).classes()
+    config = from_dict(config_cls, opts, f"backends.{name_or_type}.options")
+    return backend_cls(config, backbone=backbone, name=name_or_type, seed=seed)

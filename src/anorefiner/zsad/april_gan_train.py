@@ -218,3 +218,21 @@ def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | P
         torch.save({CHECKPOINT_KEY: state, "meta": info}, tmp)
     LOG.info("april_gan adapters (%d images of %d classes, %d epochs) -> %s", len(rows), len(classes), c.epochs, out)
     return Path(out)
+
+
+def train_backend(backbone, root: str | Path, dataset: str, config: TrainConfig, out: str | Path, *,
+                  text_cache: str | None = None) -> Path:
+    """Trainer interface (:mod:`anorefiner.zsad.registry`): train the adapters on ``root``'s test split."""
+    rows = training_samples(root, dataset, config.max_images)
+    return train_adapters(backbone, rows, config, out, text_cache=text_cache,
+                          meta={"auxiliary_dataset": dataset, "auxiliary_root": str(root)})
+
+
+def check_checkpoint(path: str | Path, backbone=None) -> None:
+    """Trainer interface: the adapters load weights-only with the backbone's layer count and width."""
+    from .april_gan import load_adapters
+
+    if backbone is None:
+        load_adapters(path)
+    else:
+        load_adapters(path, len(backbone.layers), getattr(backbone, "width", None))

@@ -110,8 +110,10 @@ class ByoConfig:
 class ByoBackend:
     """Backend whose ``coarse`` reads the user's maps and whose ``score_queries`` delegates to MuSc."""
 
-    def __init__(self, config: ByoConfig | None = None, name: str = "byo", seed: int = 0):
+    def __init__(self, config: ByoConfig | None = None, name: str = "byo", seed: int = 0, backbone=None):
         from .musc import MuscBackend, MuscConfig
+
+        del backbone  # the user's maps need none; the MuSc proxy scores cached features as before
 
         self.config = config or ByoConfig()
         self.name = name

@@ -1,0 +1,72 @@
+"""The zero-shot backend types: one entry per backend module, read by the library, the CLI and the workflow.
+
+A backend type is one module under :mod:`anorefiner.zsad` (named after its paper) with a backend class
+(the :class:`~anorefiner.zsad.Backend` protocol) and its options dataclass. The flags below say what the
+pipeline fills in or provides for it, so a new backend is added here and nowhere else:
+
+* ``clip``: runs on the CLIP backbone; the pipeline fills option ``device``.
+* ``class_name``: uses the category name in its prompts; option ``class_name`` gets the category verbatim.
+* ``text_cache``: caches its text embeddings in ``results/text`` (option ``text_cache``).
+* ``images``: scores the test images themselves (its own forward pass); the coarse stage sets
+  ``backend.images`` (``indices -> list of uint8 images``) when the data root is known.
+* ``trainer``: module of its training (rule ``train_backend``); the workflow passes the trained or
+  official checkpoint as option ``checkpoint``. A trainer module provides
+
+  - ``TrainConfig``: the options of ``backends.<name>.train.<auxiliary dataset>``;
+  - ``train_backend(backbone, root, dataset, config, out, *, text_cache=None) -> Path``: train on the
+    auxiliary dataset's test split with masks under ``root`` and write the checkpoint atomically;
+  - ``check_checkpoint(path, backbone=None) -> None``: raise ``ValueError`` naming the file and the key
+    when the keys or shapes are not the backend's (official files are checked before they are used).
+* ``refinable``: PGT can refine its maps (it scores pseudo-anomaly features in ``score_queries``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackendType:
+    module: str  # anorefiner.zsad.<module>
+    backend: str  # class name of the backend
+    config: str  # class name of its options dataclass
+    clip: bool = False
+    class_name: bool = False
+    text_cache: bool = False
+    images: bool = False
+    trainer: str | None = None  # anorefiner.zsad.<trainer>
+    refinable: bool = True
+
+    def classes(self):
+        """``(backend class, options dataclass)``."""
+        mod = importlib.import_module(f"anorefiner.zsad.{self.module}")
+        return getattr(mod, self.backend), getattr(mod, self.config)
+
+    def trainer_module(self):
+        if not self.trainer:
+            raise ValueError(f"backend module {self.module!r} has no training")
+        return importlib.import_module(f"anorefiner.zsad.{self.trainer}")
+
+
+BACKEND_TYPES: dict[str, BackendType] = {
+    "musc": BackendType("musc", "MuscBackend", "MuscConfig"),
+    "paclip": BackendType("paclip", "PACLIPBackend", "PACLIPConfig", clip=True),
+    "byo": BackendType("byo", "ByoBackend", "ByoConfig"),
+    "april_gan": BackendType("april_gan", "AprilGanBackend", "AprilGanConfig", clip=True, class_name=True,
+                             text_cache=True, trainer="april_gan_train"),
+    "winclip": BackendType("winclip", "WinClipBackend", "WinClipConfig", clip=True, class_name=True,
+                           text_cache=True, images=True, refinable=False),
+}
+
+#: backend types whose weights rule ``train_backend`` trains (or fetches)
+TRAINED_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.trainer)
+#: backend types PGT can refine
+REFINABLE_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.refinable)
+
+
+def backend_type(kind: str) -> BackendType:
+    try:
+        return BACKEND_TYPES[kind]
+    except KeyError:
+        raise ValueError(f"unknown backend type {kind!r}; known: {', '.join(BACKEND_TYPES)}") from None
