@@ -335,3 +335,94 @@ def test_score_queries_leaves_the_reference_memory_alone(tiny56, widget, tmp_pat
     assert not torch.allclose(kept[0], got[1])
     with pytest.raises(ValueError, match="exclude has 1 entries for 3 queries"):
         be.score_queries(q, qcls, widget, refs, [0])
+
+
+def _ref_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
+    h, w = grid.shape
+    out = np.zeros((size, size))
+    for i in range(size):
+        y = i * (h - 1) / (size - 1)
+        y0 = min(int(math.floor(y)), h - 2)
+        for j in range(size):
+            x = j * (w - 1) / (size - 1)
+            x0 = min(int(math.floor(x)), w - 2)
+            dy, dx = y - y0, x - x0
+            out[i, j] = (grid[y0, x0] * (1 - dy) * (1 - dx) + grid[y0, x0 + 1] * (1 - dy) * dx
+                         + grid[y0 + 1, x0] * dy * (1 - dx) + grid[y0 + 1, x0 + 1] * dy * dx)
+    return out
+
+
+def _ref_blur(m: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
+    x = np.arange(ksize) - (ksize - 1) / 2
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    n = m.shape[0]
+    refl = lambda i: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)  # noqa: E731
+    half = ksize // 2
+    out = np.zeros_like(m)
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = sum(k[a] * k[b] * m[refl(i + a - half), refl(j + b - half)]
+                            for a in range(ksize) for b in range(ksize))
+    return out
+
+
+def test_stream_step_matches_a_float64_loop():
+    """Foreground prior, rarity banks, AAIF image rarity, stream weighting, upsampling, blur, score and
+    re-scoring of a 7-image stream, against a per-element float64 re-implementation."""
+    h = w = 3
+    layers, size, ks, sg = ("a", "b"), 8, 5, 1.0
+    cfg = RareClipConfig(rare_layers=layers, keep_ftime=2.0, keep_rows=3, rescore_freq=2, blur_kernel=ks,
+                         blur_sigma=sg, map_size=size)
+    stream = RareStream(cfg, h * w, size)
+    banks = {(r, l): _RefBank(2 * h * w, 3) for r in (1, 3) for l in layers}
+    fg, aaifs, globs, scores = None, {l: [] for l in layers}, [], []
+    for t in range(7):
+        tm = torch.rand(h * w, generator=torch.Generator().manual_seed(100 + t), dtype=torch.float64)
+        tp = torch.rand((), generator=torch.Generator().manual_seed(200 + t), dtype=torch.float64)
+        g = torch.nn.functional.normalize(_rand(4, seed=300 + t), dim=0)
+        raw = {l: _rand(h, w, 5, seed=400 + 10 * t + i) + 1.0 for i, l in enumerate(layers)}
+        full, score = stream.step(tm, tp, g, raw, (h, w))
+        # ---- reference
+        tmn, rn, gn = tm.numpy(), {l: v.numpy() for l, v in raw.items()}, g.numpy()
+        fg = tmn.copy() if fg is None else (fg * t + tmn) / (t + 1)
+        text = np.maximum(tmn, fg)
+        fg_idx = sorted(range(h * w), key=lambda i: -fg[i])[: int(h * w * 0.5)]
+        rare = np.zeros(h * w)
+        for (r, l), bank in banks.items():
+            got = bank.step(_ref_aggregate(rn[l], r))
+            if got is not None:
+                rare += got
+        rare /= len(banks)
+        gsim = [float(gn @ q) for q in globs] + [1.0]
+        fg_score = 0.0
+        for l in layers:
+            tok = rn[l].reshape(h * w, -1)
+            a = sum(tok[i] for i in fg_idx) / len(fg_idx)
+            a = a / np.sqrt((a * a).sum())
+            if aaifs[l]:
+                s = [float(a @ q) for q in aaifs[l]]
+                top = sorted(s, reverse=True)[: math.ceil(len(s) * 0.3)]
+                fg_score += 1 - sum(top) / len(top)
+                gsim = [x + y for x, y in zip(gsim, s + [1.0])]
+            aaifs[l].append(a)
+        fg_score /= len(layers)
+        if fg_score > 0:
+            rare = rare + fg_score * (1 + (fg - fg.min()) / (fg.max() - fg.min()))
+        wr, wt = (0.0, 1.0) if t == 0 else ((2 / 3, 2 / 3) if t <= 3 else (4 / 3, 1 / 3))
+        amap = (wr * rare + wt * text).reshape(h, w)
+        ref_full = _ref_blur(_ref_bilinear(amap, size), ks, sg)
+        raw_score = ref_full.max() + float(tp)
+        scores.append(raw_score)
+        globs.append(gn)
+        n = len(gsim)
+        want = raw_score
+        if n > 2:
+            k = min(math.ceil(n / 2), 9)
+            s = [x / max(gsim) for x in gsim]
+            top = sorted(range(n), key=lambda i: -s[i])[:k]
+            z = [math.exp(200 * s[i]) for i in top]
+            want = sum(zi / sum(z) * scores[i] for zi, i in zip(z, top))
+        np.testing.assert_allclose(full.numpy(), ref_full, rtol=1e-9, atol=1e-12)
+        assert float(score) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert stream.banks[(1, "a")].pfm.shape[0] == 2 * h * w and stream.banks[(1, "a")].psm.shape[0] == 3
