@@ -227,6 +227,10 @@ def load_vcp_checkpoint(path: str | Path, backbone=None, heads: int = 8) -> VcpM
     for g in GROUPS:
         if not isinstance(obj.get(g), dict):
             raise ValueError(f"vcp_clip checkpoint {path}: no {g!r} state dict (top-level keys: {sorted(obj)[:12]})")
+    meta = obj.get("meta")
+    if isinstance(meta, dict) and "heads" in meta and int(meta["heads"]) != int(heads):
+        raise ValueError(f"vcp_clip checkpoint {path}: trained with {meta['heads']} Post-VCP heads, option heads is "
+                         f"{heads}")
     file_dims = _dims_of(path, obj)
     dims = file_dims if backbone is None else VcpDims.of_backbone(backbone, file_dims.class_tokens,
                                                                  file_dims.prompt_tokens)

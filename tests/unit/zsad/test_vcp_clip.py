@@ -100,7 +100,7 @@ def test_pre_vcp_matches_the_float64_loop():
             for j in range(6):
                 ref = sum(wt[r, 0, k] * x[j + k] for k in range(3)) + bs[r] + q[0, r, j]
                 assert got[b, r, j] == pytest.approx(ref, rel=1e-9, abs=1e-12)
-    assert float(pre.prompt_temp) == pytest.approx(math.log(1 / 0.07))
+    assert float(pre.prompt_temp.detach()) == pytest.approx(math.log(1 / 0.07))
 
 
 def _gauss_loop(img: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -228,6 +228,9 @@ def test_checkpoint_round_trip_and_errors(tiny56, tmp_path):
     torch.save({"trainable_linearlayer": obj["trainable_linearlayer"]}, tmp_path / "apg.pth")
     with pytest.raises(ValueError, match="apg.pth: no 'New_Lan_Embed'"):
         check_checkpoint(tmp_path / "apg.pth")
+    torch.save({**obj, "meta": {"heads": 4}}, tmp_path / "heads.pth")
+    with pytest.raises(ValueError, match="heads.pth: trained with 4 Post-VCP heads, option heads is 8"):
+        check_checkpoint(tmp_path / "heads.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pth: not a weights-only"):
         check_checkpoint(tmp_path / "junk.pth")
