@@ -9,9 +9,11 @@ Prints images/s and the peak memory (peak RSS from ``resource``; peak Python-hea
 ``tracemalloc``; the banks' tensor bytes) of the vectorised memory, and the same stream through the
 baseline on ``--baseline-images`` images: "loop" = the unvectorised reading of the official code, one
 patch at a time for the rarity (top-k, loose similarity, PSM look-up, estimate) and one prototype at a
-time for SCS's maximum similarity to the earlier prototypes. The ratio compares the mean seconds per
-image over the same first images (the first image has no memory, so at least 5 are needed to reach
-sampling, which starts at image 4).
+time for SCS's maximum similarity to the earlier prototypes, recomputed from scratch at every image (the
+vectorised bank keeps each prototype's value and recomputes only those whose nearest earlier prototype
+was dropped). The ratio compares the seconds over the same first images (the first image has no
+memory, so at least 5 are needed to reach sampling, which starts at image 4); the rarity maps of
+the last of them are compared too.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_rareclip_memory.py --images 200 --baseline-images 6
     python benchmarks/bench_rareclip_memory.py --images 12 --layers 1 --baseline-images 6   # quick
@@ -55,9 +57,15 @@ class LoopBank(RarityBank):
         return rare, ref_prob, loose_similarity(col_max, self.ls_ratio)
 
     def update(self, feats, scored=None):
-        keep, self.keep_prototypes = self.keep_prototypes, 10**12  # append only, then sample here
-        super().update(feats, scored)
-        self.keep_prototypes = keep
+        """Append, then SCS from scratch (one prototype at a time), then the PSM row limit."""
+        ones = torch.ones((1, feats.shape[0]))
+        if self.pfm is None:
+            self.pfm, self.psm = feats.clone(), ones
+        else:
+            _, ref_prob, ref_sim = scored[:3]
+            self.pfm = torch.cat([self.pfm, feats])
+            self.psm = torch.cat([torch.cat([self.psm, ref_sim.unsqueeze(0)]), torch.cat([ref_prob, ones])], dim=1)
+        keep = self.keep_prototypes
         if self.pfm.shape[0] > keep:
             m = self.pfm.shape[0]
             score = torch.zeros(m)
@@ -65,6 +73,8 @@ class LoopBank(RarityBank):
                 score[a] = max(0.0, float((self.pfm[:a] @ self.pfm[a]).max()))
             idx = torch.sort(torch.topk(score, keep, largest=False).indices).values
             self.pfm, self.psm = self.pfm[idx].contiguous(), self.psm[:, idx].contiguous()
+        if self.psm.shape[0] > self.keep_rows:
+            self.psm = self.psm[1:].contiguous()
 
 
 def run(bank_cls, n_images: int, layers: int, grid: int, width: int, seed: int):

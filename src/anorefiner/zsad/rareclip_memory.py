@@ -77,15 +77,37 @@ def rarity(feats: torch.Tensor, pfm: torch.Tensor, psm: torch.Tensor, topk: int 
            rare_thd: float = 0.3, chunk: int = CHUNK):
     """Rarity of the patches ``feats [L, C]`` against the bank (``segment_and_update``, reading part).
 
-    Returns ``(rare_map [L], ref_prob [S, L], ref_sim [M])``: ``1 - estimate``, the per-row
-    probabilities (the new PSM columns) and the LS of each prototype's max similarity (the new PSM row).
+    Returns ``(rare_map [L], ref_prob [S, L], ref_sim [M], (max, argmax))``: ``1 - estimate``, the
+    per-row probabilities (the new PSM columns), the LS of each prototype's max similarity (the new PSM
+    row), and each patch's most similar prototype (kept by :class:`RarityBank` for SCS).
     """
     top_sim, top_idx, col_max = _topk_rows(feats, pfm, topk, chunk)
+    nearest = (top_sim[:, 0].clone(), top_idx[:, 0].clone())  # each patch's max similarity (SCS cache)
     top_sim = loose_similarity(top_sim, ls_ratio)
     ref_prob = (top_sim.unsqueeze(0) * psm[:, top_idx]).mean(dim=-1)  # [S, L]
     k = int(math.ceil(ref_prob.shape[0] * rare_thd))
     estimate = torch.topk(ref_prob, max(1, k), dim=0).values.mean(0)
-    return 1 - estimate, ref_prob, loose_similarity(col_max, ls_ratio)
+    return 1 - estimate, ref_prob, loose_similarity(col_max, ls_ratio), nearest
+
+
+def _earlier_max(rows: torch.Tensor, row_ids: torch.Tensor, pfm: torch.Tensor, chunk: int):
+    """Per row (at position ``row_ids`` of ``pfm``) the max similarity to the prototypes before it and
+    its index (-inf / -1 for the first prototype)."""
+    best = torch.full((rows.shape[0],), -math.inf, dtype=rows.dtype, device=rows.device)
+    arg = torch.full((rows.shape[0],), -1, dtype=torch.long, device=rows.device)
+    for a in range(0, rows.shape[0], chunk):
+        ids = row_ids[a : a + chunk]
+        top = int(ids.max()) if ids.numel() else 0
+        if top == 0:
+            continue
+        s = rows[a : a + chunk] @ pfm[:top].T
+        col = torch.arange(top, device=rows.device).unsqueeze(0)
+        s = torch.where(col < ids.unsqueeze(1), s, torch.full((), -math.inf, dtype=s.dtype, device=s.device))
+        v, i = s.max(dim=1)
+        has = ids > 0
+        best[a : a + chunk] = torch.where(has, v, best[a : a + chunk])
+        arg[a : a + chunk] = torch.where(has, i, arg[a : a + chunk])
+    return best, arg
 
 
 def scs_keep(pfm: torch.Tensor, keep: int, chunk: int = CHUNK) -> torch.Tensor:
@@ -105,7 +127,14 @@ def scs_keep(pfm: torch.Tensor, keep: int, chunk: int = CHUNK) -> torch.Tensor:
 
 
 class RarityBank:
-    """One (r, layer) memory: PFM ``[M, C]`` and PSM ``[S, M]`` (``segment_and_update`` + ``SCS``)."""
+    """One (r, layer) memory: PFM ``[M, C]`` and PSM ``[S, M]`` (``segment_and_update`` + ``SCS``).
+
+    SCS needs every prototype's maximum similarity to the earlier ones. The bank keeps it (and its
+    argmax) per prototype instead of recomputing the triangle of ``PFM PFM^T`` at every image: new
+    patches get it from the scoring's top-1 (old prototypes) and a ``[L, L]`` block (earlier new
+    patches); after sampling, only the prototypes whose argmax was dropped are recomputed (a maximum
+    over a subset holding the argmax is unchanged). Same selection as :func:`scs_keep`, O(M) extra memory.
+    """
 
     def __init__(self, keep_prototypes: int, keep_rows: int = 200, topk: int = 3, ls_ratio: float = 0.01,
                  rare_thd: float = 0.3, chunk: int = CHUNK):
@@ -113,6 +142,8 @@ class RarityBank:
         self.topk, self.ls_ratio, self.rare_thd, self.chunk = int(topk), float(ls_ratio), float(rare_thd), int(chunk)
         self.pfm: torch.Tensor | None = None
         self.psm: torch.Tensor | None = None
+        self.earlier: torch.Tensor | None = None  # per prototype: max similarity to earlier ones (-inf: none)
+        self.earlier_arg: torch.Tensor | None = None  # its index (-1: none)
 
     @property
     def empty(self) -> bool:
@@ -126,22 +157,47 @@ class RarityBank:
 
     def update(self, feats: torch.Tensor, scored=None) -> None:
         """Append the image (``scored``: this image's :meth:`score`), then SCS and the PSM row limit."""
+        n = feats.shape[0]
+        ones = torch.ones((1, n), dtype=feats.dtype, device=feats.device)
         if self.pfm is None:
-            self.pfm = feats.clone()
-            self.psm = torch.ones((1, feats.shape[0]), dtype=feats.dtype, device=feats.device)
+            m0 = 0
+            self.pfm, self.psm = feats.clone(), ones
+            self.earlier = torch.empty(0, dtype=feats.dtype, device=feats.device)
+            self.earlier_arg = torch.empty(0, dtype=torch.long, device=feats.device)
+            old_best = torch.full((n,), -math.inf, dtype=feats.dtype, device=feats.device)
+            old_arg = torch.full((n,), -1, dtype=torch.long, device=feats.device)
         else:
             if scored is None:
                 scored = self.score(feats)
-            _, ref_prob, ref_sim = scored
-            ones = torch.ones((1, feats.shape[0]), dtype=feats.dtype, device=feats.device)
+            _, ref_prob, ref_sim, (old_best, old_arg) = scored
+            m0 = self.pfm.shape[0]
             self.pfm = torch.cat([self.pfm, feats])
             self.psm = torch.cat([torch.cat([self.psm, ref_sim.unsqueeze(0)]), torch.cat([ref_prob, ones])], dim=1)
+        # the new patches: the earlier new patches (strict lower triangle of the [n, n] block)
+        ids = torch.arange(n, device=feats.device)
+        new_best, new_arg = _earlier_max(feats, ids, feats, self.chunk)
+        take = new_best > old_best
+        self.earlier = torch.cat([self.earlier, torch.where(take, new_best, old_best)])
+        self.earlier_arg = torch.cat([self.earlier_arg, torch.where(take, new_arg + m0, old_arg)])
         if self.pfm.shape[0] > self.keep_prototypes:
-            keep = scs_keep(self.pfm, self.keep_prototypes, self.chunk)
-            self.pfm = self.pfm[keep].contiguous()
-            self.psm = self.psm[:, keep].contiguous()
+            self._sample()
         if self.psm.shape[0] > self.keep_rows:
             self.psm = self.psm[1:].contiguous()
+
+    def _sample(self) -> None:
+        m = self.pfm.shape[0]
+        keep = torch.sort(torch.topk(self.earlier.clamp(min=0), self.keep_prototypes, largest=False).indices).values
+        new_index = torch.full((m,), -1, dtype=torch.long, device=keep.device)
+        new_index[keep] = torch.arange(keep.numel(), device=keep.device)
+        self.pfm = self.pfm[keep].contiguous()
+        self.psm = self.psm[:, keep].contiguous()
+        arg = self.earlier_arg[keep]
+        self.earlier = self.earlier[keep]
+        self.earlier_arg = torch.where(arg >= 0, new_index[arg.clamp(min=0)], arg)
+        stale = torch.nonzero((arg >= 0) & (self.earlier_arg < 0)).squeeze(1)  # argmax dropped
+        if stale.numel():
+            best, barg = _earlier_max(self.pfm[stale], stale, self.pfm, self.chunk)
+            self.earlier[stale], self.earlier_arg[stale] = best, barg
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:

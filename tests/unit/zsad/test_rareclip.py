@@ -146,6 +146,10 @@ def test_memory_update_sampling_and_row_limit_match_the_loop():
             np.testing.assert_allclose(scored[0].numpy(), want, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(bank.pfm.numpy(), np.array(ref.pfm), rtol=1e-12)
         np.testing.assert_allclose(bank.psm.numpy(), np.array(ref.psm), rtol=1e-9, atol=1e-12)
+        # the kept SCS values: each prototype's max similarity to the earlier ones, as from scratch
+        p = np.array(ref.pfm)
+        want_earlier = [max([float(p[a] @ p[b]) for b in range(a)], default=-np.inf) for a in range(len(p))]
+        np.testing.assert_allclose(bank.earlier.numpy(), want_earlier, rtol=1e-9, atol=1e-12)
     assert bank.pfm.shape == (12, 8) and bank.psm.shape == (3, 12)
 
 
