@@ -11,7 +11,8 @@ Recipe (specs/backends.md section 2, "Training recipe"; the defaults of :class:`
   mosaic): Rotate(+-30, linear, reflect-101 border; masks nearest), RandomRotate90, RandomBrightnessContrast
   (+-0.2), GaussNoise (variance 10..50), OneOf[Blur(3), ColorJitter(0.2 each), GaussianBlur(3..7)];
   geometric ones hit image and mask alike;
-* frozen CLIP; the trainable parts (:class:`.vcp_clip.VcpModel`) in train mode (prompt dropout on); loss =
+* forward under CUDA autocast (``train.py``; fp32 parameters, no grad scaler), losses in fp32; frozen CLIP; the
+  trainable parts (:class:`.vcp_clip.VcpModel`) in train mode (prompt dropout on); loss =
   sum over the 4 layers of focal + dice of both branches (``utils/loss.py``, as APRIL-GAN's);
 * Adam, betas (0.5, 0.999), two groups: ``lr`` for everything but the temperatures (4e-5 on VisA, 2e-5 on
   MVTec: config ``backends.vcp_clip.train.<dataset>.lr``), ``temperature_lr`` 0.01 for ``prompt_temp`` and
@@ -65,7 +66,7 @@ class TrainConfig:
     focal_gamma: float = 2.0  # utils/loss.py FocalLoss
     focal_smooth: float = 1e-5
     dice_smooth: float = 1.0  # utils/loss.py BinaryDiceLoss
-    autocast: bool = False  # train.py trains in fp32 (autocast only at test); CUDA-only when on
+    autocast: bool = True  # train.py runs the forward under torch.cuda.amp.autocast, no GradScaler (CUDA only)
     max_images: int | None = None  # cap per category (smoke runs); None = the whole test split
     workers: int = 4  # image-decoding threads; the result does not depend on it
 
@@ -199,13 +200,16 @@ def train_vcp(backbone, rows: list[dict], config: TrainConfig, out: str | Path, 
                     with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
                         layers, cls = backbone.forward(x)
                         g = backbone.image_embedding(cls, normalize=False).float()
-                    toks = [layers[k].float().reshape(len(loaded), grid[0] * grid[1], -1) for k in backbone.layers]
-                    text = model.text(backbone, tokens, g)
-                    raw, new = model.layer_logits(toks, text, grid)
-                    loss = torch.zeros((), device=device)
-                    for lg in raw + new:
-                        probs = torch.softmax(torch.nn.functional.interpolate(
-                            lg, size=(size, size), mode="bilinear", align_corners=True), dim=1)
+                        toks = [layers[k].float().reshape(len(loaded), grid[0] * grid[1], -1)
+                                for k in backbone.layers]
+                    with torch.autocast("cuda", enabled=use_amp):  # train.py: the forward under autocast
+                        text = model.text(backbone, tokens, g)
+                        raw, new = model.layer_logits(toks, text, grid)
+                        all_probs = [torch.softmax(torch.nn.functional.interpolate(
+                            lg, size=(size, size), mode="bilinear", align_corners=True), dim=1) for lg in raw + new]
+                    loss = torch.zeros((), device=device)  # train.py: the losses outside autocast, no grad scaler
+                    for probs in all_probs:
+                        probs = probs.float()
                         loss = loss + focal_loss(probs, gt, c.focal_gamma, c.focal_smooth)
                         loss = loss + dice_loss(probs[:, 1], gt, c.dice_smooth)
                     opt.zero_grad(set_to_none=True)

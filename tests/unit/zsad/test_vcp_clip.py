@@ -19,7 +19,8 @@ from anorefiner.zsad.vcp_clip import (OFFICIAL_CHECKPOINTS, PostVcp, VcpClipBack
                                       load_vcp_checkpoint, smooth)
 from anorefiner.zsad.vcp_clip_prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, PreVcp, slot_tokens, token_embeddings,
                                               vcp_text)
-from anorefiner.zsad.vcp_clip_train import TrainConfig, augment, check_checkpoint, draw_augmentation, train_vcp
+from anorefiner.zsad.vcp_clip_train import (TrainConfig, augment, check_checkpoint, draw_augmentation,
+                                            mosaic_pick_anomalous, train_vcp)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +253,22 @@ def test_augmentation_keeps_image_and_mask_aligned():
         assert out.shape == (20, 20, 3) and out.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
 
 
+def test_mosaic_uses_anomalous_images_only(demo_dataset):
+    rows = [r for r in training_samples(demo_dataset, "demo") if r["category"] == "tiles"]
+    picks = mosaic_pick_anomalous(rows, np.random.default_rng(0))
+    assert len(picks) == 4 and all(r["mask"] is not None for r in picks)
+    assert mosaic_pick_anomalous([r for r in rows if r["mask"] is None], np.random.default_rng(0)) == []
+
+
+def test_unknown_option_is_named():
+    from anorefiner.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="temprature"):
+        from_dict(VcpClipConfig, {"temprature": 1}, "backends.vcp_clip.options")
+    with pytest.raises(ConfigError, match="epoch"):
+        from_dict(TrainConfig, {"epoch": 1})
+
+
 def test_one_epoch_training_is_finite_and_deterministic(tiny56, demo_dataset, tmp_path):
     rows = training_samples(demo_dataset, "demo", max_images=3)
     cfg = TrainConfig(epochs=1, batch_size=3, mosaic_p=0.5, seed=5, workers=2)
@@ -280,6 +297,18 @@ def test_backend_end_to_end_on_a_feature_cache(tiny56, demo_dataset, tmp_path):
     assert result.maps.shape == (n, 4, 4) and result.scores.shape == (n,)
     assert np.isfinite(result.maps).all() and result.maps.min() >= 0 and result.maps.max() <= 1
     assert ((result.scores > 0) & (result.scores < 2)).all()
+    # The stored maps are the area means of the official full-size maps (class min-max over the whole stack).
+    with torch.no_grad():
+        names = list(tiny56.layers)
+        toks = [torch.as_tensor(feats.layers[k]).float().reshape(n, 16, -1) for k in names]
+        g = tiny56.image_embedding(torch.as_tensor(np.asarray(feats.cls)), normalize=False)
+        text = backend.model.text(tiny56, backend.tokens, g)
+        rmap, nmap = branch_maps(*backend.model.layer_logits(toks, text, (4, 4)), 56)
+    full = smooth(rmap.numpy(), nmap.numpy(), 0.2, 8.0)
+    full = (full - full.min()) / (full.max() - full.min())
+    np.testing.assert_allclose(result.maps, full.reshape(n, 4, 14, 4, 14).mean(axis=(2, 4)), rtol=1e-4, atol=1e-5)
+    k = effective_topk(2000, 56 * 56)
+    np.testing.assert_allclose(result.scores, image_scores(rmap, nmap, k).numpy(), rtol=1e-5)
     assert backend.last_info["class_minmax"] and backend.last_info["topk"] == effective_topk(2000, 56 * 56)
     # PGT queries: the same tokens and class tokens give the coarse maps (category min / max), also cold.
     q = {k: torch.as_tensor(v[:2]) for k, v in feats.layers.items()}
