@@ -41,7 +41,7 @@ from ..log import LOG, progress
 from .april_gan import load_adapters, patch_map
 from .musc import _resolve_device
 from .prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
-from .rareclip_memory import RarityBank, gaussian_blur, minmax, rescore, stream_weights
+from .rareclip_memory import RarityBank, aggregate, gaussian_blur, minmax, rescore, stream_weights
 
 MAP_LEVEL = "token grid: area mean of the official full-resolution map (upsampled, blurred) per patch"
 CLASS_WORDS = ("object", "texture")  # rareclip.py: every state filled with both words (class-agnostic)
@@ -77,6 +77,7 @@ class RareClipConfig:
     map_size: int | None = None  # None = the backbone's input size (518 officially)
     text_cache: str = ""  # folder of the text cache ("" = no cache); the workflow: results/text
     chunk: int = 2048  # rows per similarity block (memory bound; results do not depend on it)
+    batch_size: int = 16  # images per text-map computation (memory bound; results do not depend on it)
     device: str = "auto"
 
 
@@ -128,8 +129,6 @@ class RareStream:
             text_map = torch.maximum(text_map, self.foreground)
             if c.foreground_ratio < 1:
                 fg_idx = torch.topk(self.foreground, max(1, int(self.foreground.numel() * c.foreground_ratio))).indices
-        from .rareclip_memory import aggregate
-
         rare = torch.zeros_like(text_map)
         for (r, l), bank in self.banks.items():
             feats = aggregate(raw[l], r)
@@ -140,7 +139,7 @@ class RareStream:
                 bank.update(feats, scored)
         rare = rare / len(self.banks)
         gsim = g @ torch.stack(self.globals + [g]).T  # self last (the official IF_memory incl. the image)
-        fg_score = torch.zeros((), dtype=text_map.dtype)
+        fg_score = torch.zeros((), dtype=text_map.dtype, device=text_map.device)
         for l in c.rare_layers:
             tok = raw[l].reshape(-1, raw[l].shape[-1])
             aaif = F.normalize((tok if fg_idx is None else tok[fg_idx]).mean(0), dim=0)
@@ -223,8 +222,9 @@ class RareClipBackend:
         n, h, w, _ = layers[self.text_layers[0]].shape
         maps = []
         with torch.no_grad():
-            for a in range(0, n, 16):
-                toks = [_tensor(layers[k][a : a + 16]).reshape(-1, h * w, layers[k].shape[-1]).to(self.device)
+            bs = max(1, int(self.config.batch_size))
+            for a in range(0, n, bs):
+                toks = [_tensor(layers[k][a : a + bs]).reshape(-1, h * w, layers[k].shape[-1]).to(self.device)
                         for k in self.text_layers]
                 maps.append(text_maps(self.adapters, toks, self.text, self.config.text_temperature).cpu())
             g = torch.as_tensor(self.backbone.image_embedding(_tensor(cls), normalize=True)).float().to(self.device)
@@ -271,6 +271,9 @@ class RareClipBackend:
         if len(exclude) != m:
             raise ValueError(f"rareclip score_queries: exclude has {len(exclude)} entries for {m} queries")
         rank = {j: p for p, j in enumerate(stream_order(len(feats.ids), self.seed))}
+        bad = [j for j in refs if j not in rank]
+        if bad:
+            raise ValueError(f"rareclip score_queries: reference indices {bad[:5]} outside 0..{len(feats.ids) - 1}")
         refs = sorted(set(refs), key=lambda j: rank[j])
         maps, prob, g, grid = self._prepare(feats.layers, feats.cls)
         qmaps, qprob, qg, qgrid = self._prepare(query_layers, query_cls)

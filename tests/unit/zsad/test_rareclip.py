@@ -263,6 +263,10 @@ def test_training_one_epoch_is_finite_and_deterministic(tiny56, demo_dataset, tm
     check_checkpoint(a, tiny56)
     with pytest.raises(ValueError, match=r"text_layers \['12'\]"):
         train_text_branch(tiny56, rows, TrainConfig(text_layers=("12",)), tmp_path / "c.pt")
+    from anorefiner.zsad.rareclip_train import train_backend
+
+    with pytest.raises(FileNotFoundError, match="auxiliary dataset 'visa': folder .*nowhere does not exist"):
+        train_backend(tiny56, tmp_path / "nowhere", "visa", cfg, tmp_path / "d.pt")
 
 
 @pytest.fixture(scope="module")
