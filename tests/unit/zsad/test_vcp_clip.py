@@ -20,7 +20,7 @@ from anorefiner.zsad.vcp_clip import (OFFICIAL_CHECKPOINTS, PostVcp, VcpClipBack
 from anorefiner.zsad.vcp_clip_prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, PreVcp, slot_tokens, token_embeddings,
                                               vcp_text)
 from anorefiner.zsad.vcp_clip_train import (TrainConfig, augment, check_checkpoint, draw_augmentation,
-                                            mosaic_pick_anomalous, train_vcp)
+                                            mosaic_pick_anomalous, train_backend, train_vcp)
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +285,13 @@ def test_one_epoch_training_is_finite_and_deterministic(tiny56, demo_dataset, tm
     assert not torch.equal(init["prompt_embeddings"], obj["prompt_embeddings"])  # something was trained
     with pytest.raises(ValueError, match="no training images"):
         train_vcp(tiny56, [], cfg, tmp_path / "c.pth")
+    # The trainer interface of the registry: the auxiliary dataset's test split under root.
+    out = train_backend(tiny56, demo_dataset, "demo", TrainConfig(epochs=1, batch_size=4, max_images=2),
+                        tmp_path / "d.pth")
+    check_checkpoint(out, tiny56)
+    assert torch.load(out, weights_only=True)["meta"]["auxiliary_dataset"] == "demo"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train_backend(tiny56, tmp_path / "nowhere", "visa", cfg, tmp_path / "e.pth")
 
 
 def test_backend_end_to_end_on_a_feature_cache(tiny56, demo_dataset, tmp_path):
