@@ -15,7 +15,9 @@ Facts from ``caoyunkang/AdaCLIP@e27ee32`` (specs/tta.md Part B.2; ``method/adacl
 * image score (``HybridSemanticFusion``, the code's "upgraded" version): p_abnormal per token from the
   layer-mean token logits; the top ``5k`` tokens (k = 20 clusters); KMeans on their concatenated
   per-layer features; per cluster the mean of its tokens over all layers; the MEAN of the cluster centres,
-  normalised = h; image feature = normalise(0.2 h + 0.8 c) with c the cls head's output;
+  normalised = h; image feature = normalise(0.2 h + 0.8 c) with c the cls head's output on the pooled
+  feature of the PROMPTED forward (``extract_feat`` feeds ``encode_image``'s output; specs/tta.md B.2 says g,
+  option ``cls_input``);
   score = softmax(100 <image feature, t>)[abnormal].
 
 Deviations (options, see :class:`AdaClipConfig`): KMeans is seeded (``random_state`` = the run's seed,
@@ -44,6 +46,7 @@ from .prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
 
 #: ``TextEmbebddingLayer``: APRIL-GAN's states with the first 4 of its templates (the same 4 sentences)
 ADACLIP_PROMPTS = PromptSet("adaclip", APRIL_NORMAL, APRIL_ABNORMAL, APRIL_TEMPLATES[:4], "normalized_mean")
+CLS_INPUTS = ("prompted", "frozen")
 MAP_LEVEL = ("token grid: area mean of the official map (layer-mean bilinear logits -> softmax -> p_abn -> "
              "Gaussian) per patch")
 #: official weights (Google Drive file ids, README; no checksums published); the file names say what
@@ -72,7 +75,9 @@ class AdaClipConfig:
     sigma: float = 4.0  # trainer.py evaluation: gaussian_filter(sigma=4) of the full-resolution map
     map_size: int | None = None  # official upsampling size (image_size); None = the backbone's input size
     batch_size: int = 4  # images per forward (each image also encodes its 48 prompted sentences)
-    text_cache: str = ""  # unused: the text depends on the image (dynamic prompts); kept for the pipeline
+    cls_input: str = "prompted"  # cls head input: "prompted" = pooled feature of the prompted forward
+    #   (adaclip.py extract_feat -> encode_image, the official code); "frozen" = g of the prompt-free pass
+    #   (specs/tta.md B.2 reads it so; kept as the named alternative)
     device: str = "auto"
 
 
@@ -159,7 +164,9 @@ def adaclip_forward(backbone, model: AdaClipModel, bank: SentenceBank, x: torch.
     tokens, pooled = prompted_visual(backbone, model, x, dyn_vis)
     text = prompted_text(backbone, model, bank, dyn_txt)
     feats = model.patch_features([t.float() for t in tokens])
-    cls_feat = model.cls_feature(pooled.float())
+    if config.cls_input not in CLS_INPUTS:
+        raise ValueError(f"adaclip option cls_input {config.cls_input!r} is not one of {CLS_INPUTS}")
+    cls_feat = model.cls_feature((pooled if config.cls_input == "prompted" else g).float())
     grid = tuple(backbone.grid)
     logits = [layer_logits(p, text, grid, config.temperature) for p in feats]
     fused = None
@@ -193,6 +200,8 @@ class AdaClipBackend:
         if not c.checkpoint:
             raise ValueError("adaclip needs option 'checkpoint' (trained prompts: rule train_backend, or the "
                              "official files, backends.<name>.weights: official)")
+        if c.cls_input not in CLS_INPUTS:
+            raise ValueError(f"adaclip option cls_input {c.cls_input!r} is not one of {CLS_INPUTS}")
         if c.k_clusters < 1 or c.batch_size < 1 or not 0 <= c.hsf_alpha <= 1:
             raise ValueError(f"adaclip: k_clusters {c.k_clusters} and batch_size {c.batch_size} must be >= 1, "
                              f"hsf_alpha {c.hsf_alpha} in [0, 1]")
@@ -205,7 +214,7 @@ class AdaClipBackend:
         self.map_size = int(c.map_size or backbone.resolution)
         self.last_info = {"map_level": MAP_LEVEL, "map_size": self.map_size, "checkpoint": str(c.checkpoint),
                           "sigma": float(c.sigma), "hsf": bool(c.use_hsf), "k_clusters": int(c.k_clusters),
-                          "kmeans_seed": self.seed}
+                          "kmeans_seed": self.seed, "cls_input": c.cls_input}
 
     def _batch(self, idx: list[int]):
         x = self.backbone.preprocess(self.images(idx))

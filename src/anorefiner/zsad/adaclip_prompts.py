@@ -14,7 +14,8 @@ ProjectLayer, AdaCLIP.encode_image / encode_text / generate_and_set_dynamic_prom
   the start token) are overwritten;
 * ``patch_token_layer``: one ``Linear(visual width -> embed)`` per output layer on raw patch tokens (class
   token dropped, no ``ln_post``); ``cls_token_layer``: ``Linear(embed -> embed)`` on the pooled feature
-  of the prompted forward (see :class:`AdaClipModel`); both L2-normalised by the caller.
+  (``ln_post(CLS) @ proj``) of the prompted forward, as ``AdaCLIP.extract_feat`` (option ``cls_input`` of
+  :mod:`.adaclip`); both L2-normalised.
 
 Parameter names follow the official module tree so checkpoints carry the official keys
 (``clip_model.`` + the names below). The CLIP forwards reuse :mod:`anorefiner.backbones.clip_prompting`:

@@ -52,6 +52,7 @@ class TrainConfig:
     k_clusters: int = 20  # train.py --k_clusters 20
     hsf_alpha: float = 0.2  # adaclip.py alpha
     kmeans_n_init: int = 1  # sklearn n_init="auto" (= 1 for k-means++)
+    cls_input: str = "prompted"  # as the backend option (official: the prompted forward's pooled feature)
     temperature: float = 100.0  # adaclip.py: fixed 100
     focal_gamma: float = 2.0  # loss.py FocalLoss
     focal_smooth: float = 1e-5  # loss.py FocalLoss
@@ -62,7 +63,7 @@ class TrainConfig:
 def _forward_config(c: TrainConfig) -> AdaClipConfig:
     return AdaClipConfig(prompt_length=c.prompt_length, prompt_depth=c.prompt_depth, temperature=c.temperature,
                          use_hsf=c.use_hsf, k_clusters=c.k_clusters, hsf_alpha=c.hsf_alpha,
-                         kmeans_n_init=c.kmeans_n_init)
+                         kmeans_n_init=c.kmeans_n_init, cls_input=c.cls_input)
 
 
 def sample_loss(out: dict, gt: torch.Tensor, label: torch.Tensor, size: int, c: TrainConfig) -> torch.Tensor:

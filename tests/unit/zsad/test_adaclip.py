@@ -248,6 +248,10 @@ def test_backend_end_to_end_from_images(tiny56, demo_dataset, tmp_path):
     np.testing.assert_allclose(feats["4"].norm(dim=-1).numpy(), 1.0, rtol=1e-5)
     np.testing.assert_allclose(maps.numpy(), res.maps[[2, 0]], rtol=1e-5, atol=1e-6)  # batching changes nothing
     np.testing.assert_allclose(scores.numpy(), res.scores[[2, 0]], rtol=1e-5, atol=1e-6)
+    frozen = AdaClipBackend(from_dict(AdaClipConfig, {**opts, "cls_input": "frozen"}), backbone=tiny56, seed=5,
+                            images=backend.images)
+    _, maps_f, scores_f = frozen.features_and_scores([2, 0])
+    assert torch.equal(maps_f, maps) and not torch.allclose(scores_f, scores)  # only the image score changes
     with pytest.raises(NotImplementedError, match="PGT"):
         backend.score_queries(None, None, None, None, None)
 
@@ -262,6 +266,9 @@ def test_bad_options_are_named(tiny56, tmp_path):
         AdaClipBackend(AdaClipConfig(checkpoint=str(tmp_path / "ck.pt"), class_name=" "), backbone=tiny56)
     with pytest.raises(ValueError, match="depth"):
         AdaClipBackend(AdaClipConfig(checkpoint=str(tmp_path / "ck.pt"), class_name="a", prompt_depth=3),
+                       backbone=tiny56)
+    with pytest.raises(ValueError, match="cls_input 'nope'"):
+        AdaClipBackend(AdaClipConfig(checkpoint=str(tmp_path / "ck.pt"), class_name="a", cls_input="nope"),
                        backbone=tiny56)
     with pytest.raises(ValueError, match="backbone"):
         AdaClipBackend(AdaClipConfig(checkpoint=str(tmp_path / "ck.pt"), class_name="a"), backbone=None)
