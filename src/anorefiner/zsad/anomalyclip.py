@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..log import LOG
-from .anomalyclip_dpam import DEFAULT_DPAM_LAYER, dual_path_forward, global_feature, project_tokens
+from .anomalyclip_dpam import default_dpam_layer, dual_path_forward, global_feature, project_tokens
 from .april_gan import patch_map
 from .musc import _resolve_device
 
@@ -56,7 +56,8 @@ class AnomalyCLIPConfig:
     n_ctx: int = 12  # test.py --n_ctx ("Prompt_length")
     depth: int = 9  # test.py --depth: 8 compound prompts (blocks 2-9)
     t_n_ctx: int = 4  # test.py --t_n_ctx: compound prompt length
-    dpam_layer: int = DEFAULT_DPAM_LAYER  # test.py DAPM_replace(DPAM_layer=20): blocks 6-24 of 24
+    dpam_layer: int | None = None  # None: test.py's DAPM_replace(DPAM_layer=20) on 24 blocks (6-24 dual), the
+    #                                 same single-path share on other depths (anomalyclip_dpam.default_dpam_layer)
     map_layers: tuple = ()  # () = the last block (--features_list 24, see docstring)
     temperature: float = 0.07  # compute_similarity / test.py: cos / 0.07
     sigma: float = 4.0  # test.py --sigma 4 (scipy gaussian_filter on the full-resolution map)
@@ -252,7 +253,8 @@ class AnomalyCLIPBackend:
         if c.temperature <= 0:
             raise ValueError(f"anomalyclip option temperature must be > 0, got {c.temperature}")
         n_blocks = len(backbone.blocks)
-        dpam_start(n_blocks, c.dpam_layer)
+        self.dpam_layer = default_dpam_layer(n_blocks) if c.dpam_layer is None else int(c.dpam_layer)
+        dpam_start(n_blocks, self.dpam_layer)
         self.map_layers = [int(v) for v in (c.map_layers or [n_blocks])]
         bad = [v for v in self.map_layers if not 1 <= v <= n_blocks]
         if bad or len(set(self.map_layers)) != len(self.map_layers):
@@ -264,7 +266,7 @@ class AnomalyCLIPBackend:
             self.text = encode_text(backbone, self.learner, c.compound_fp16)
         self.map_size = int(c.map_size or backbone.resolution)
         self.last_info = {"map_level": MAP_LEVEL, "map_size": self.map_size, "map_layers": self.map_layers,
-                          "dpam_layer": int(c.dpam_layer), "sigma": float(c.sigma), "checkpoint": str(c.checkpoint)}
+                          "dpam_layer": self.dpam_layer, "sigma": float(c.sigma), "checkpoint": str(c.checkpoint)}
 
     def score_batch(self, batch: torch.Tensor) -> dict:
         """Preprocessed images -> ``feats {block: [B,h,w,D]}``, ``full`` smoothed maps ``[B,S,S]``, token-grid
@@ -272,7 +274,7 @@ class AnomalyCLIPBackend:
         bb, c = self.backbone, self.config
         gh, gw = bb.grid
         with torch.no_grad():
-            streams, last = dual_path_forward(bb, batch, tuple(self.map_layers), c.dpam_layer)
+            streams, last = dual_path_forward(bb, batch, tuple(self.map_layers), self.dpam_layer)
             feats = {str(k): project_tokens(bb, s)[:, 1:].reshape(s.shape[0], gh, gw, -1).float()
                      for k, s in streams.items()}
             text = self.text.to(last.device)
@@ -306,7 +308,7 @@ class AnomalyCLIPBackend:
 
         _, maps, scores = self.features_and_scores(list(range(len(feats.ids))))
         LOG.info("anomalyclip: %d images, map layers %s, DPAM layer %d (%s)", len(maps), self.map_layers,
-                 self.config.dpam_layer, MAP_LEVEL)
+                 self.dpam_layer, MAP_LEVEL)
         return CoarseResult(maps=maps, scores=scores)
 
     def score_queries(self, query_layers, query_cls, feats, reference_idx, exclude):

@@ -28,12 +28,20 @@ from ..backbones.clip_prompting import visual_forward
 DEFAULT_DPAM_LAYER = 20
 
 
-def dpam_start(n_blocks: int, dpam_layer: int) -> int:
+def default_dpam_layer(n_blocks: int) -> int:
+    """``DPAM_layer`` for a tower of ``n_blocks``: the official 20 for 24 blocks (ViT-L/14: blocks 1-5 single path,
+    6-24 dual); other depths keep the same share, ``round(5/24 * n_blocks)`` single-path blocks (ViT-B/16: 11,
+    blocks 3-12; the 4-block test model: 4, blocks 2-4). Only the 24-block value is the paper's."""
+    single = int(round(n_blocks * (24 - (DEFAULT_DPAM_LAYER - 1)) / 24))
+    return n_blocks - single + 1
+
+
+def dpam_start(n_blocks: int, dpam_layer: int | None) -> int:
     """First (1-indexed) dual-path block: ``DAPM_replace`` replaces ``resblocks[-1] .. resblocks[-(dpam_layer-1)]``.
 
-    ``dpam_layer = 1`` means no dual path (returns ``n_blocks + 1``).
+    ``dpam_layer = 1`` means no dual path (returns ``n_blocks + 1``); ``None``: :func:`default_dpam_layer`.
     """
-    dpam_layer = int(dpam_layer)
+    dpam_layer = default_dpam_layer(n_blocks) if dpam_layer is None else int(dpam_layer)
     if dpam_layer < 1 or dpam_layer - 1 > n_blocks:
         raise ValueError(f"anomalyclip option dpam_layer={dpam_layer} must lie in 1..{n_blocks + 1} "
                          f"(it replaces the last dpam_layer - 1 of the backbone's {n_blocks} blocks)")
@@ -62,7 +70,7 @@ def vv_attention(block, x: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(out)
 
 
-def dual_path_forward(backbone, batch: torch.Tensor, blocks: tuple[int, ...], dpam_layer: int = DEFAULT_DPAM_LAYER
+def dual_path_forward(backbone, batch: torch.Tensor, blocks: tuple[int, ...], dpam_layer: int | None = None
                       ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """``({block: second-path stream [N, L, C]}, original path's last-block stream [N, L, C])``.
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..io import atomic_path
 from ..log import LOG, progress
 from .anomalyclip import CHECKPOINT_KEY, PromptLearner, encode_text, load_prompt_learner, patch_probs, upsample_probs
-from .anomalyclip_dpam import DEFAULT_DPAM_LAYER, dpam_start, dual_path_forward, global_feature, project_tokens
+from .anomalyclip_dpam import default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens
 from .april_gan_train import _load_sample, dice_loss, focal_loss, training_samples
 
 
@@ -48,7 +48,7 @@ class TrainConfig:
     n_ctx: int = 12  # train.sh --n_ctx 12
     depth: int = 9  # train.sh --depth 9
     t_n_ctx: int = 4  # train.sh --t_n_ctx 4
-    dpam_layer: int = DEFAULT_DPAM_LAYER  # train.py encode_image(..., DPAM_layer=20)
+    dpam_layer: int | None = None  # None: train.py's DPAM_layer=20 on 24 blocks (default_dpam_layer elsewhere)
     map_layers: tuple = ()  # () = the last block (--features_list 24 after the 2025-04-13 fix)
     temperature: float = 0.07  # train.py: logits / 0.07
     lam: float = 4.0  # train.py lam = 4 (since 2025-04-13; 1 before)
@@ -91,6 +91,8 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
     if not rows:
         raise ValueError("anomalyclip training: no training images")
     layers = _check(c, backbone)
+    n_blocks = len(backbone.blocks)
+    dpam_layer = default_dpam_layer(n_blocks) if c.dpam_layer is None else int(c.dpam_layer)
     device = backbone.device
     learner = PromptLearner(backbone, c.n_ctx, c.depth, c.t_n_ctx, seed=c.seed).to(device).train()
     trained = [learner.ctx_pos, learner.ctx_neg, *learner.compound_prompts_text]
@@ -120,7 +122,7 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
                 gt = torch.stack([m for _, m in loaded]).to(device)
                 labels = torch.tensor([r["defect"] != "good" for r in batch], device=device)
                 with torch.no_grad():
-                    streams, last = dual_path_forward(backbone, x, tuple(layers), c.dpam_layer)
+                    streams, last = dual_path_forward(backbone, x, tuple(layers), dpam_layer)
                     feats = [project_tokens(backbone, streams[k])[:, 1:].reshape(len(batch), gh, gw, -1).float()
                              for k in layers]
                     glob = global_feature(backbone, last).float()
@@ -145,8 +147,9 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
     info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
             "epoch_image_losses": [float(v) for v in image_losses], "classes": classes, "n_images": len(rows),
             "backbone": json.dumps(backbone.identity, default=str), "seconds": float(time.time() - start),
-            "map_layers": [int(v) for v in layers]}
-    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str)) for k, v in (meta or {}).items()})
+            "map_layers": [int(v) for v in layers], "dpam_layer": dpam_layer}
+    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str))
+                 for k, v in (meta or {}).items()})
     state = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
     with atomic_path(out) as tmp:
         torch.save({CHECKPOINT_KEY: state, "meta": info}, tmp)

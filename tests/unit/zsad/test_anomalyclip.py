@@ -12,7 +12,7 @@ import torch
 from anorefiner.backbones import build_backbone
 from anorefiner.zsad.anomalyclip import (CHECKPOINT_KEY, AnomalyCLIPBackend, AnomalyCLIPConfig, PromptLearner,
                                          encode_text, full_map, image_scores, load_prompt_learner, patch_probs, smooth)
-from anorefiner.zsad.anomalyclip_dpam import dpam_start, dual_path_forward, global_feature, project_tokens, vv_attention
+from anorefiner.zsad.anomalyclip_dpam import default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens, vv_attention
 from anorefiner.zsad.anomalyclip_train import TrainConfig, check_checkpoint, train_backend, train_prompts
 from anorefiner.zsad.april_gan import patch_map
 from anorefiner.zsad.april_gan_train import training_samples
@@ -103,6 +103,11 @@ def test_dual_path_forward_matches_the_loop(tiny64):
     torch.testing.assert_close(global_feature(tiny64, last), gl / gl.norm(dim=-1, keepdim=True))
     with pytest.raises(ValueError, match="dpam_layer=20 must lie in 1..5"):
         dual_path_forward(tiny64, batch, (4,), dpam_layer=20)
+    # the official DPAM_layer=20 on 24 blocks (dual from block 6); other depths keep its single-path share
+    assert [default_dpam_layer(n) for n in (24, 12, 4)] == [20, 11, 4]
+    assert dpam_start(24, None) == 6 and dpam_start(4, 1) == 5  # 1: no dual path
+    no_dual, last_single = dual_path_forward(tiny64, batch, (2, 4), dpam_layer=1)
+    torch.testing.assert_close(no_dual[4], last_single)
 
 
 @pytest.mark.parametrize("fp16", [True, False])
@@ -291,3 +296,6 @@ def test_backend_end_to_end_from_images(tiny56, demo_dataset, tmp_path):
         AnomalyCLIPBackend(from_dict(AnomalyCLIPConfig, {**opts, "map_layers": [5]}), backbone=tiny56)
     with pytest.raises(ValueError, match="dpam_layer=20"):
         AnomalyCLIPBackend(from_dict(AnomalyCLIPConfig, {**opts, "dpam_layer": 20}), backbone=tiny56)
+    default = AnomalyCLIPBackend(from_dict(AnomalyCLIPConfig, {k: v for k, v in opts.items() if k != "dpam_layer"}),
+                                 backbone=tiny56, images=backend.images)
+    assert default.last_info["dpam_layer"] == 4 and default.features_and_scores([0])[1].shape == (1, 4, 4)
