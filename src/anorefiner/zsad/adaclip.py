@@ -115,9 +115,9 @@ def hsf_counts(n_tokens: int, k_clusters: int) -> tuple[int, int]:
 
 def kmeans_labels(data: np.ndarray, k: int, seed: int, n_init: int = 1) -> np.ndarray:
     """sklearn KMeans(k, k-means++, ``random_state=seed``) labels: deterministic for one seed."""
-    from sklearn.cluster import KMeans
-
     import warnings
+
+    from sklearn.cluster import KMeans
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicate points (tiny models) warn about fewer distinct clusters
