@@ -21,8 +21,9 @@ Store choice: the coarse store holds token-grid maps, the area mean of the offic
 map over each patch (``map_level`` in ``last_info``). The backend runs its own forward from images (DPAM changes
 the visual forward), so PGT cannot score cached features with it (``refinable`` False).
 
-Deviation: the position embedding is the backbone's (bicubic antialiased, backends.md 0.3), not the official
-plain bilinear resize; the checkpoints do not depend on it.
+Backbone: OpenAI ViT-L-14-336 at 518 with QuickGELU (``AnomalyCLIP_lib/build_model.py`` rebuilds the OpenAI
+weights in its own blocks with QuickGELU, unlike APRIL-GAN's GELU); position embedding resized bilinearly
+(option ``pos_embed``, :func:`.anomalyclip_dpam.with_position_embedding`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..log import LOG
-from .anomalyclip_dpam import default_dpam_layer, dual_path_forward, global_feature, project_tokens
+from .anomalyclip_dpam import (default_dpam_layer, dual_path_forward, global_feature, project_tokens,
+                               with_position_embedding)
 from .april_gan import patch_map
 from .musc import _resolve_device
 
@@ -62,6 +64,7 @@ class AnomalyCLIPConfig:
     temperature: float = 0.07  # compute_similarity / test.py: cos / 0.07
     sigma: float = 4.0  # test.py --sigma 4 (scipy gaussian_filter on the full-resolution map)
     map_size: int | None = None  # None = the backbone's input size (518, --image_size)
+    pos_embed: str = "bilinear"  # AnomalyCLIP.py L363-370 (plain bilinear resize); "backbone": the backbone's
     compound_fp16: bool = True  # the official .half() cast of the compound prompts (a quirk, kept)
     batch_size: int = 8  # images per forward (memory only; test.py uses 1, results do not depend on it)
     device: str = "auto"
@@ -261,12 +264,14 @@ class AnomalyCLIPBackend:
             raise ValueError(f"anomalyclip option map_layers={list(c.map_layers)}: distinct blocks in 1..{n_blocks} "
                              f"expected")
         self.device = _resolve_device(c.device)
+        self._visual = with_position_embedding(backbone, c.pos_embed)
         self.learner = load_prompt_learner(c.checkpoint, backbone, c.n_ctx, c.depth, c.t_n_ctx).to(backbone.device)
         with torch.no_grad():
             self.text = encode_text(backbone, self.learner, c.compound_fp16)
         self.map_size = int(c.map_size or backbone.resolution)
         self.last_info = {"map_level": MAP_LEVEL, "map_size": self.map_size, "map_layers": self.map_layers,
-                          "dpam_layer": self.dpam_layer, "sigma": float(c.sigma), "checkpoint": str(c.checkpoint)}
+                          "dpam_layer": self.dpam_layer, "sigma": float(c.sigma),
+                          "pos_embed": c.pos_embed, "checkpoint": str(c.checkpoint)}
 
     def score_batch(self, batch: torch.Tensor) -> dict:
         """Preprocessed images -> ``feats {block: [B,h,w,D]}``, ``full`` smoothed maps ``[B,S,S]``, token-grid
@@ -274,7 +279,7 @@ class AnomalyCLIPBackend:
         bb, c = self.backbone, self.config
         gh, gw = bb.grid
         with torch.no_grad():
-            streams, last = dual_path_forward(bb, batch, tuple(self.map_layers), self.dpam_layer)
+            streams, last = dual_path_forward(self._visual, batch, tuple(self.map_layers), self.dpam_layer)
             feats = {str(k): project_tokens(bb, s)[:, 1:].reshape(s.shape[0], gh, gw, -1).float()
                      for k, s in streams.items()}
             text = self.text.to(last.device)

@@ -120,3 +120,33 @@ def global_feature(backbone, last: torch.Tensor) -> torch.Tensor:
     if v.proj is not None:
         cls = cls @ v.proj.to(cls.dtype)
     return F.normalize(cls, dim=-1)
+
+
+#: ``pos_embed`` option values: the official resize, or the backbone's own (bicubic antialiased, backends.md 0.3)
+POS_EMBED_MODES = ("bilinear", "backbone")
+
+
+def with_position_embedding(backbone, mode: str = "bilinear"):
+    """The backbone with AnomalyCLIP's position embedding (a shallow copy sharing the frozen model).
+
+    ``"bilinear"``: ``VisionTransformer.forward`` (``AnomalyCLIP.py`` L363-370) resizes the patch part of the
+    native position embedding with ``F.interpolate(mode='bilinear')`` (align_corners False, no antialias) to the
+    input grid, class position kept; ``"backbone"``: the backbone's own embedding, unchanged.
+    """
+    import copy
+
+    if mode not in POS_EMBED_MODES:
+        raise ValueError(f"anomalyclip option pos_embed must be one of {POS_EMBED_MODES}, got {mode!r}")
+    if mode == "backbone":
+        return backbone
+    pos = backbone.visual.positional_embedding.detach()
+    old, new = tuple(backbone.native_grid), tuple(backbone.grid)
+    out = copy.copy(backbone)
+    if old != new:
+        grid = pos[1:].reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
+        grid = grid.float() if grid.dtype in (torch.float16, torch.bfloat16) else grid
+        grid = F.interpolate(grid, size=new, mode="bilinear", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(new[0] * new[1], -1).to(pos.dtype)
+        pos = torch.cat([pos[:1], grid], dim=0)
+    out.pos_embed = pos.to(backbone.pos_embed.device)
+    return out

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from ..io import atomic_path
 from ..log import LOG, progress
 from .anomalyclip import CHECKPOINT_KEY, PromptLearner, encode_text, load_prompt_learner, patch_probs, upsample_probs
-from .anomalyclip_dpam import default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens
+from .anomalyclip_dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens,
+                               with_position_embedding)
 from .april_gan_train import _load_sample, dice_loss, focal_loss, training_samples
 
 
@@ -52,6 +53,7 @@ class TrainConfig:
     map_layers: tuple = ()  # () = the last block (--features_list 24 after the 2025-04-13 fix)
     temperature: float = 0.07  # train.py: logits / 0.07
     lam: float = 4.0  # train.py lam = 4 (since 2025-04-13; 1 before)
+    pos_embed: str = "bilinear"  # AnomalyCLIP.py L363-370 (plain bilinear resize); "backbone": the backbone's
     compound_fp16: bool = True  # the official .half() cast of the compound prompts
     focal_gamma: float = 2.0  # loss.py FocalLoss
     focal_smooth: float = 1e-5  # loss.py FocalLoss
@@ -93,6 +95,7 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
     layers = _check(c, backbone)
     n_blocks = len(backbone.blocks)
     dpam_layer = default_dpam_layer(n_blocks) if c.dpam_layer is None else int(c.dpam_layer)
+    visual = with_position_embedding(backbone, c.pos_embed)
     device = backbone.device
     learner = PromptLearner(backbone, c.n_ctx, c.depth, c.t_n_ctx, seed=c.seed).to(device).train()
     trained = [learner.ctx_pos, learner.ctx_neg, *learner.compound_prompts_text]
@@ -122,7 +125,7 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
                 gt = torch.stack([m for _, m in loaded]).to(device)
                 labels = torch.tensor([r["defect"] != "good" for r in batch], device=device)
                 with torch.no_grad():
-                    streams, last = dual_path_forward(backbone, x, tuple(layers), dpam_layer)
+                    streams, last = dual_path_forward(visual, x, tuple(layers), dpam_layer)
                     feats = [project_tokens(backbone, streams[k])[:, 1:].reshape(len(batch), gh, gw, -1).float()
                              for k in layers]
                     glob = global_feature(backbone, last).float()

@@ -299,3 +299,21 @@ def test_backend_end_to_end_from_images(tiny56, demo_dataset, tmp_path):
     default = AnomalyCLIPBackend(from_dict(AnomalyCLIPConfig, {k: v for k, v in opts.items() if k != "dpam_layer"}),
                                  backbone=tiny56, images=backend.images)
     assert default.last_info["dpam_layer"] == 4 and default.features_and_scores([0])[1].shape == (1, 4, 4)
+
+
+def test_position_embedding_is_the_official_bilinear_resize(tiny64):
+    from anorefiner.zsad.anomalyclip_dpam import with_position_embedding
+
+    native = tiny64.visual.positional_embedding.detach()
+    (gh, gw), (nh, nw) = tiny64.native_grid, tiny64.grid
+    assert (gh, gw) == (3, 3) and (nh, nw) == (4, 4)
+    got = with_position_embedding(tiny64, "bilinear")
+    assert got.model is tiny64.model and got.pos_embed.shape == (1 + nh * nw, 64)
+    torch.testing.assert_close(got.pos_embed[0], native[0])
+    grid = native[1:].reshape(gh, gw, -1).numpy()
+    for ch in (0, 17, 63):
+        ref = _bilinear_half_pixel(grid[:, :, ch], nh)
+        np.testing.assert_allclose(got.pos_embed[1:, ch].reshape(nh, nw).numpy(), ref, rtol=1e-9, atol=1e-12)
+    assert with_position_embedding(tiny64, "backbone") is tiny64
+    with pytest.raises(ValueError, match="pos_embed must be one of"):
+        with_position_embedding(tiny64, "bicubic")
