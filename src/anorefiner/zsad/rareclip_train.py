@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +58,8 @@ class TrainConfig:
     focal_smooth: float = 1e-5
     dice_smooth: float = 1.0
     max_images: int | None = None  # cap per category (smoke runs); None = the whole test split
+    autocast: bool = True  # train.py runs CLIP under torch.cuda.amp.autocast (CUDA only; CPU stays fp32)
+    workers: int = 4  # image-decoding threads per batch; the result does not depend on it
 
 
 def filter_rows(rows: list[dict], exclude: tuple) -> list[dict]:
@@ -102,6 +105,8 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
         by_class.setdefault(r["category"], []).append(r)
     size, grid = backbone.resolution, backbone.grid
     losses, start = [], time.time()
+    use_amp = c.autocast and device.type == "cuda"
+    pool = ThreadPoolExecutor(max(1, int(c.workers)))
     for epoch in range(1, c.epochs + 1):
         order = torch.randperm(len(rows), generator=gen).tolist()
         total, steps = 0.0, 0
@@ -110,12 +115,12 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
             batch = [rows[i] for i in order[a : a + c.batch_size]]
             specs = [mosaic_pick(by_class[r["category"]], rng) if c.mosaic_p > 0 and rng.random() < c.mosaic_p
                      else [r] for r in batch]
-            loaded = [_load_sample(s, size) for s in specs]
+            loaded = list(pool.map(lambda spec: _load_sample(spec, size), specs))  # rng drawn above, in order
             x = backbone.preprocess([im for im, _ in loaded])
             gt = torch.stack([m for _, m in loaded]).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
                 layers, cls = backbone.forward(x)
-                g = torch.as_tensor(backbone.image_embedding(cls, normalize=True)).float().to(device)
+                g = torch.as_tensor(backbone.image_embedding(cls.float(), normalize=True)).float().to(device)
             toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in names]
             projected = adapters(toks)
             loss = c.align_weight * align_loss(projected, g)
@@ -131,7 +136,9 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
         LOG.info("rareclip epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
                  time.time() - start)
         if not math.isfinite(losses[-1]):
+            pool.shutdown()
             raise ValueError(f"rareclip training diverged at epoch {epoch} (loss {losses[-1]})")
+    pool.shutdown()
     info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
             "classes": sorted(by_class), "n_images": len(rows), "text_layers": names,
             "backbone": json.dumps(backbone.identity, default=str), "seconds": float(time.time() - start)}
