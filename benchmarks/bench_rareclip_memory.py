@@ -111,9 +111,11 @@ def main() -> None:
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     total = sum(times)
+    steady = 1000 * sum(times[5:]) / max(1, len(times) - 5)
     print(f"vectorised: {args.images} images in {total:.1f} s = {args.images / total:.3f} images/s "
-          f"({1000 * total / args.images:.0f} ms/image; steady state {1000 * sum(times[5:]) / max(1, len(times) - 5):.0f} "
-          f"ms/image); banks {nbytes / 2**20:.1f} MiB; peak RSS {rss:.0f} MiB; peak Python heap {py_peak / 2**20:.2f} MiB")
+          f"({1000 * total / args.images:.0f} ms/image; steady state {steady:.0f} ms/image); banks "
+          f"{nbytes / 2**20:.1f} MiB; peak RSS {rss:.0f} MiB; peak Python heap {py_peak / 2**20:.2f} MiB "
+          f"(torch tensors are outside tracemalloc: see the RSS)")
     nb = min(args.baseline_images, args.images)
     if nb > 0:
         base, _, got = run(LoopBank, nb, args.layers, args.grid, args.width, args.seed)
