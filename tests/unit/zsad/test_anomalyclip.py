@@ -12,7 +12,8 @@ import torch
 from anorefiner.backbones import build_backbone
 from anorefiner.zsad.anomalyclip import (CHECKPOINT_KEY, AnomalyCLIPBackend, AnomalyCLIPConfig, PromptLearner,
                                          encode_text, full_map, image_scores, load_prompt_learner, patch_probs, smooth)
-from anorefiner.zsad.anomalyclip_dpam import default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens, vv_attention
+from anorefiner.zsad.anomalyclip_dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature,
+                                              project_tokens, vv_attention)
 from anorefiner.zsad.anomalyclip_train import TrainConfig, check_checkpoint, train_backend, train_prompts
 from anorefiner.zsad.april_gan import patch_map
 from anorefiner.zsad.april_gan_train import training_samples
