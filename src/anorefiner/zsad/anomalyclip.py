@@ -67,7 +67,7 @@ class AnomalyCLIPConfig:
     pos_embed: str = "bilinear"  # AnomalyCLIP.py L363-370 (plain bilinear resize); "backbone": the backbone's
     compound_fp16: bool = True  # the official .half() cast of the compound prompts (a quirk, kept)
     batch_size: int = 8  # images per forward (memory only; test.py uses 1, results do not depend on it)
-    device: str = "auto"
+    device: str = "auto"  # filled by the pipeline (clip flag); the forward runs where the backbone lives
 
 
 def projection_dim(text_width: int) -> int:
