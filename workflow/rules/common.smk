@@ -110,6 +110,10 @@ def backend_options(wildcards):
         opts["checkpoint"] = backend_checkpoint(wildcards)
     if kind is not None and kind.text_cache:
         opts.setdefault("text_cache", TEXT_CACHE)
+    if cfg["type"] == "pad_pam":  # PA-CLIP's modules on top of `base`: its type and filled-in options
+        base = _base_wildcards(wildcards)
+        opts["base_type"] = backend_cfg(base.backend)["type"]
+        opts["base_options"] = json.loads(backend_options(base))
     return json.dumps(opts, sort_keys=True)
 
 
@@ -132,6 +136,8 @@ def auxiliary_dataset(backend, dataset):
 def backend_checkpoint(wildcards):
     """The trained weights a backend reads (APRIL-GAN's adapters, ...), or nothing."""
     cfg = backend_cfg(wildcards.backend)
+    if cfg["type"] == "pad_pam":
+        return backend_checkpoint(_base_wildcards(wildcards))
     if cfg["type"] not in TRAINED_TYPES:
         return []
     source = cfg.get("weights", "trained")
@@ -156,7 +162,8 @@ def official_args(wildcards):
         return ""
     src = backend_cfg(wildcards.backend).get("official", {}).get(wildcards.dataset)
     if src:
-        return f"--official '{src['url']}' --git-blob {src['git_blob']}"
+        blob = f" --git-blob {src['git_blob']}" if src.get("git_blob") else ""
+        return f"--official '{src['url']}'{blob}"
     return "--official default"
 
 
@@ -169,13 +176,13 @@ def tta_backend_pattern():
 
 
 def tta_base(wildcards):
-    """The config name of the backend a `tta` backend adapts (it must read the same backbone)."""
+    """The config name of the backend a `tta` (or `pad_pam`) backend builds on (it must read the same backbone)."""
     cfg = backend_cfg(wildcards.backend)
     base = cfg.get("base")
     if not base:
-        raise ValueError(f"backends.{wildcards.backend}: a tta backend needs `base` (the adapted backend)")
+        raise ValueError(f"backends.{wildcards.backend}: a {cfg['type']} backend needs `base` (the backend it builds on)")
     base_cfg = backend_cfg(base)
-    if base_cfg["type"] == "tta" or base_cfg["backbone"] != cfg["backbone"]:
+    if base_cfg["type"] in ("tta", "pad_pam") or base_cfg["backbone"] != cfg["backbone"]:
         raise ValueError(
             f"backends.{wildcards.backend}: base {base!r} must be a zero-shot backend on the same backbone "
             f"({cfg['backbone']!r}), got type {base_cfg['type']!r} on {base_cfg['backbone']!r}"
@@ -183,7 +190,8 @@ def tta_base(wildcards):
     return base
 
 
-def _tta_base_wildcards(wildcards):
+def _base_wildcards(wildcards):
+    """Wildcards of the backend a `tta` or `pad_pam` backend builds on."""
     from types import SimpleNamespace
 
     return SimpleNamespace(backend=tta_base(wildcards), dataset=wildcards.dataset)
@@ -191,12 +199,12 @@ def _tta_base_wildcards(wildcards):
 
 def tta_base_options(wildcards):
     """The adapted backend's options (JSON: MuSc's RsCIN neighbourhoods, APRIL-GAN's adapters file)."""
-    return backend_options(_tta_base_wildcards(wildcards))
+    return backend_options(_base_wildcards(wildcards))
 
 
 def tta_base_checkpoint(wildcards):
     """The trained weights the adapted backend reads (APRIL-GAN's adapters), or nothing."""
-    return backend_checkpoint(_tta_base_wildcards(wildcards))
+    return backend_checkpoint(_base_wildcards(wildcards))
 
 
 def tta_options(wildcards):

@@ -13,6 +13,8 @@ rule metrics:
         options=json.dumps(config["evaluation"], sort_keys=True),
     log:
         "logs/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.log",
+    benchmark:
+        "results/benchmarks/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.tsv"
     threads: 1
     resources:
         mem_mb=8000,

@@ -9,7 +9,8 @@ anomaly detection (A.5), implemented here:
 * :mod:`.sar`, :mod:`.deyo`, :mod:`.tipi` - one group step of each method;
 * :mod:`.adapt` - the per-category loop (:func:`~.adapt.adapt_category`, :class:`~.adapt.TTAConfig`);
 * :mod:`.musc` - MuSc as a TTA backend (differentiable mutual scoring);
-* :mod:`.april_gan` - APRIL-GAN as a TTA backend (its own 2-class token and image logits).
+* :mod:`.april_gan` - APRIL-GAN as a TTA backend (its own 2-class token and image logits);
+* :mod:`.vcp_clip` - VCP-CLIP as a TTA backend (its two branches' 2-class token logits).
 
 A new backend (VCP-CLIP) plugs in by providing the protocol: either its zero-shot backend object
 has a ``tta_backend(backbone, seed, autocast_dtype)`` method returning one, or it is added to
@@ -41,6 +42,10 @@ def build_tta_backend(base_type: str, base_name: str, base_options: dict, backbo
         from .april_gan import AprilGanTTA
 
         return AprilGanTTA(zsad, autocast_dtype=dtype, name=base_name)
+    if base_type == "vcp_clip":
+        from .vcp_clip import VcpClipTTA
+
+        return VcpClipTTA(zsad, autocast_dtype=dtype, name=base_name)
     if hasattr(zsad, "tta_backend"):
         return zsad.tta_backend(backbone, seed=seed, autocast_dtype=dtype)
     raise ValueError(

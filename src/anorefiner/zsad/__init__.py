@@ -14,6 +14,10 @@ name            type      preset
 ``byo``         byo       user maps; MuSc proxy for pseudo-anomalies
 ``april_gan``   april_gan APRIL-GAN zero-shot (adapters trained on the auxiliary dataset)
 ``winclip``     winclip   WinCLIP zero-shot (``k_shot: 4`` for its 4-shot mode)
+``vcp_clip``    vcp_clip  VCP-CLIP (prompts, Pre-/Post-VCP trained on the auxiliary dataset)
+``adaclip``     adaclip   AdaCLIP (hybrid prompts and heads trained on the auxiliary dataset; scores images)
+``anomalyclip`` anomalyclip AnomalyCLIP (object-agnostic prompts trained on the auxiliary dataset; DPAM forward)
+``pad_pam``     pad_pam   PA-CLIP's PAD+PAM on an AnomalyCLIP/AdaCLIP base (options ``base_type``, ``base_options``)
 ==============  ========  =============================================
 """
 
@@ -36,6 +40,10 @@ PRESETS = {
     "byo": ("byo", {}),
     "april_gan": ("april_gan", {}),
     "winclip": ("winclip", {}),
+    "vcp_clip": ("vcp_clip", {}),
+    "adaclip": ("adaclip", {}),
+    "anomalyclip": ("anomalyclip", {}),
+    "pad_pam": ("pad_pam", {}),
 }
 
 

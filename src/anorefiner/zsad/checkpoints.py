@@ -4,7 +4,9 @@ The APRIL-GAN repository ships its adapters in git (``exps/pretrained/{mvtec,vis
 committed at 26f19a6 and never changed; specs/backends.md section 1). No SHA-256 is published, so
 a download is verified by its git blob id: ``sha1(b"blob <size>\\0" + content)``, what
 ``git hash-object`` prints. The names say which dataset the adapters were *trained on*: the
-VisA-trained file scores MVTec AD and vice versa.
+VisA-trained file scores MVTec AD and vice versa. AnomalyCLIP's prompt learners are in its repository too
+(specs/tta.md B.1). VCP-CLIP's and AdaCLIP's files are on Google Drive with no checksum: they are listed
+without a blob id and used only from a local file the user downloaded (keys and shapes checked).
 """
 
 from __future__ import annotations
@@ -17,11 +19,29 @@ from pathlib import Path
 from ..log import LOG
 
 _APRIL = "https://github.com/ByChelsea/VAND-APRIL-GAN/raw/26f19a6cd50eed387c443d3cfad49dbfba9ab8ee/exps/pretrained/"
+_ANOMALYCLIP = "https://github.com/zqhang/AnomalyCLIP/raw/45ed4dd35c05797d854294b5e8d585c545920089/checkpoints/"
 #: backend type -> auxiliary (training) dataset -> url and git blob id (specs/backends.md section 1).
 OFFICIAL = {
     "april_gan": {
         "visa": {"url": _APRIL + "visa_pretrained.pth", "git_blob": "86d6848c543f8393663d35c0333498ffb5ce9b68"},
         "mvtec_ad": {"url": _APRIL + "mvtec_pretrained.pth", "git_blob": "a057cec6c2ba5996baa0160a51e155908156813f"},
+    },
+    # specs/tta.md B.1: committed in the initial commit; "9_12_4_multiscale" was trained on VisA (scores MVTec AD)
+    "anomalyclip": {
+        "visa": {"url": _ANOMALYCLIP + "9_12_4_multiscale/epoch_15.pth",
+                 "git_blob": "c90f1d9d92d158b436a8fc193f984d4cec8b1fc8"},
+        "mvtec_ad": {"url": _ANOMALYCLIP + "9_12_4_multiscale_visa/epoch_15.pth",
+                     "git_blob": "72adc786e031b49ea288ba5f815f0d38cf158708"},
+    },
+    # Google Drive only, no checksum published (specs/backends.md section 2, specs/tta.md B.2): no git_blob, so
+    # train-backend accepts only a file the user downloaded (backends.<name>.official.<aux>.url), keys and shapes checked
+    "vcp_clip": {
+        "visa": {"url": "https://drive.google.com/file/d/1MOTaN2hf6ejraTzax6Fnr0fa_b2ZMzjN", "git_blob": None},
+        "mvtec_ad": {"url": "https://drive.google.com/file/d/1uJE25wx2OgSbVPMhR2rbOO5ey0r9UkTr", "git_blob": None},
+    },
+    "adaclip": {
+        "visa": {"url": "https://drive.google.com/file/d/1QGmPB0ByPZQ7FucvGODMSz7r5Ke5wx9W", "git_blob": None},
+        "mvtec_ad": {"url": "https://drive.google.com/file/d/1xVXANHGuJBRx59rqPRir7iqbkYzq45W0", "git_blob": None},
     },
 }
 

@@ -55,6 +55,13 @@ BACKEND_TYPES: dict[str, BackendType] = {
     "byo": BackendType("byo", "ByoBackend", "ByoConfig"),
     "april_gan": BackendType("april_gan", "AprilGanBackend", "AprilGanConfig", clip=True, class_name=True,
                              text_cache=True, trainer="april_gan_train"),
+    "vcp_clip": BackendType("vcp_clip", "VcpClipBackend", "VcpClipConfig", clip=True, trainer="vcp_clip_train"),
+    "anomalyclip": BackendType("anomalyclip", "AnomalyCLIPBackend", "AnomalyCLIPConfig", clip=True, images=True,
+                               trainer="anomalyclip_train", refinable=False),
+    "adaclip": BackendType("adaclip", "AdaClipBackend", "AdaClipConfig", clip=True, class_name=True, images=True,
+                           trainer="adaclip_train", refinable=False),
+    "pad_pam": BackendType("pad_pam", "PadPamBackend", "PadPamConfig", clip=True, class_name=True, images=True,
+                           refinable=False),
     "winclip": BackendType("winclip", "WinClipBackend", "WinClipConfig", clip=True, class_name=True,
                            text_cache=True, images=True, refinable=False),
 }

@@ -1,0 +1,87 @@
+"""VCP-CLIP as a test-time-adaptation backend (tta.md A.5 P2(a), P4): Table 1's "VCP-CLIP + TIPI/SAR/DeYO".
+
+VCP-CLIP is a 2-class classifier per token in two branches, so its own logits are the TTA units:
+
+* **patch units**: per tapped layer, branch (raw linear branch and Post-VCP) and token of the token grid
+  (before upsampling, so each token counts once), the logits ``exp(tau) * <token, text>`` over
+  (normal, abnormal) (:meth:`anorefiner.zsad.vcp_clip.VcpModel.layer_logits`, ``VCP-CLIP:test.py`` l.150-191);
+* **image unit** (DeYO's PLPD only, not in the loss): VCP-CLIP has no image-level softmax; A.5 P4 takes
+  ``p_abn`` of the image's max-pooled map: here the maximum over tokens of the token-level map
+  ``alpha * raw + (1 - alpha) * new`` (layer means of the abnormal probabilities), as logits
+  ``(log(1 - p), log p)``.
+
+The text embeddings depend on the image (Pre-VCP reads ``ln_post(CLS) @ proj``), so the adapted vision
+LayerNorms move the text side too and ``ln_post`` is in use. VCP-CLIP's trained parts stay frozen.
+Prediction: the backend's smoothed maps and scores at the current weights, *without* the class-stack
+min-max (a group sees only its own images; the min-max over the category is monotone, so the
+category's pooled metrics do not depend on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from .common import Units
+from .musc import vit_forward
+
+
+class VcpClipTTA:
+    """:class:`~anorefiner.tta.common.TTABackend` over a :class:`~anorefiner.zsad.vcp_clip.VcpClipBackend`."""
+
+    uses_ln_post = True
+    image_loss = False
+
+    def __init__(self, zsad, autocast_dtype: torch.dtype | None = None, name: str = "vcp_clip"):
+        backbone = zsad.backbone
+        if not hasattr(backbone, "visual") or not hasattr(backbone, "pos_embed"):
+            raise ValueError(f"tta: VCP-CLIP adaptation needs an open_clip ViT backbone, got {backbone!r}")
+        self.zsad, self.backbone, self.visual = zsad, backbone, backbone.visual
+        self.device, self.name, self.autocast_dtype = backbone.device, name, autocast_dtype
+        self.layers = list(backbone.layers)
+        zsad.model.eval().requires_grad_(False)
+
+    def _forward(self, x: torch.Tensor):
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else contextlib.nullcontext())
+        with ctx:
+            toks, cls = vit_forward(self.backbone, x.to(self.device), self.layers, need_cls=True)
+        return {k: v.float() for k, v in toks.items()}, cls.float()
+
+    def begin_group(self, x: torch.Tensor, calibrate: bool = True) -> None:
+        """VCP-CLIP scores each image on its own: no group context."""
+
+    def units(self, x: torch.Tensor, positions) -> Units:
+        toks, cls = self._forward(x)
+        b, h, w, c = toks[self.layers[0]].shape
+        v = self.visual
+        g = v.ln_post(cls)
+        if v.proj is not None:
+            g = g @ v.proj
+        model = self.zsad.model
+        text = model.text(self.backbone, self.zsad.tokens, g)
+        raw, new = model.layer_logits([toks[k].reshape(b, h * w, c) for k in self.layers], text, (h, w))
+        patch = torch.cat([lg.flatten(2).transpose(1, 2) for lg in raw + new], 1)
+        alpha = self.zsad.config.alpha
+        p_raw = sum(torch.softmax(lg, 1)[:, 1] for lg in raw) / len(raw)
+        p_new = sum(torch.softmax(lg, 1)[:, 1] for lg in new) / len(new)
+        p = (alpha * p_raw + (1 - alpha) * p_new).flatten(1).amax(1).clamp(1e-6, 1 - 1e-6)
+        image = torch.stack([torch.log1p(-p), torch.log(p)], dim=1)
+        return Units(patch=patch, image=image)
+
+    def predict(self, x: torch.Tensor, index=None) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = [], []
+        bs = self.zsad.config.batch_size
+        with torch.no_grad():
+            for s in range(0, len(x), bs):
+                toks, cls = self._forward(x[s : s + bs])
+                m, sc, _, _ = self.zsad._maps(toks, cls)
+                maps.append(m)
+                scores.append(sc)
+        return np.concatenate(maps).astype(np.float32), np.concatenate(scores).astype(np.float32)
+
+    def finalize_scores(self, scores: np.ndarray, groups) -> np.ndarray:
+        return np.asarray(scores, dtype=np.float32)
+
