@@ -172,9 +172,11 @@ def check_checkpoint(path: str | Path, backbone=None, config: TrainConfig | None
 
     Without a backbone only the file, the ``prompt_learner`` key and the official key names are checked.
     """
-    c = config or TrainConfig()
     if backbone is not None:
-        load_prompt_learner(path, backbone, c.n_ctx, c.depth, c.t_n_ctx)
+        if config is not None:
+            load_prompt_learner(path, backbone, config.n_ctx, config.depth, config.t_n_ctx)
+        else:  # the prompt sizes the file itself holds (the train command checks what it just wrote)
+            load_prompt_learner(path, backbone, *file_prompt_sizes(path))
         return
     path = Path(path)
     if not path.is_file():
@@ -196,3 +198,20 @@ def check_checkpoint(path: str | Path, backbone=None, config: TrainConfig | None
     if len(n_ctx) != 4 or n_ctx[2] != c.n_ctx or tuple(state["ctx_neg"].shape) != n_ctx:
         raise ValueError(f"anomalyclip checkpoint {path}: ctx_pos/ctx_neg have shapes {n_ctx}/"
                          f"{tuple(state['ctx_neg'].shape)}, expected (1, 1, {c.n_ctx}, width)")
+
+
+def file_prompt_sizes(path: str | Path) -> tuple[int, int, int]:
+    """``(n_ctx, depth, t_n_ctx)`` of a prompt-learner file, read from its shapes (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"anomalyclip checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure: not a tensor checkpoint
+        raise ValueError(f"anomalyclip checkpoint {path}: not a weights-only torch file ({err})") from None
+    state = obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or "ctx_pos" not in state:
+        raise ValueError(f"anomalyclip checkpoint {path}: no {CHECKPOINT_KEY!r} state dict with 'ctx_pos'")
+    compound = [k for k in state if k.startswith("compound_prompts_text.")]
+    t_n_ctx = int(state["compound_prompts_text.0"].shape[0]) if "compound_prompts_text.0" in state else 0
+    return int(state["ctx_pos"].shape[-2]), len(compound) + 1, t_n_ctx
