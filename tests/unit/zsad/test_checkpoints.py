@@ -72,3 +72,26 @@ def test_command_checks_keys_before_writing(ckpt, tmp_path):
     base[-1] = str(out2)
     assert cli(base + ["--official", str(wrong), "--git-blob", git_blob_id(wrong)]) == 1  # logged error
     assert not out2.exists()
+
+
+def test_drive_only_official_files_need_a_local_copy(tmp_path, tiny_clip):
+    """VCP-CLIP / AdaCLIP publish no checksum: a URL is refused (nothing unverified is downloaded); a local file
+    the user downloaded is accepted after its keys and shapes are checked."""
+    from anorefiner.backbones import build_backbone
+    from anorefiner.zsad.vcp_clip import VcpDims, VcpModel
+
+    assert OFFICIAL["vcp_clip"]["visa"]["git_blob"] is None and OFFICIAL["adaclip"]["mvtec_ad"]["git_blob"] is None
+    out = tmp_path / "results" / "vcp.pt"
+    base = ["train-backend", "--backend-type", "vcp_clip", "--dataset", "visa", "--backbone", tiny_clip,
+            "--resolution", "56", "--pretrained", "none", "--download-dir", str(tmp_path / "dl"), "--out", str(out)]
+    assert cli(base + ["--official", "default"]) == 1  # the Drive URL: refused, with the instructions logged
+    assert not out.exists() and not (tmp_path / "dl").exists()
+    local = tmp_path / "train_visa.pth"
+    torch.save(VcpModel(VcpDims.of_backbone(build_backbone(tiny_clip, 56, pretrained=None))).state_official(), local)
+    assert cli(base + ["--official", str(local)]) == 0
+    assert out.read_bytes() == local.read_bytes()
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"trainable_linearlayer": LinearAdapters(8, 4, 4).state_dict()}, wrong)
+    out.unlink()
+    assert cli(base + ["--official", str(wrong)]) == 1
+    assert not out.exists()
