@@ -90,6 +90,17 @@ def vit_forward(backbone, x: torch.Tensor, layer_ids, need_cls: bool = False):
     return {str(i): out[str(i)] for i in layer_ids}, cls_token
 
 
+def class_token_forward(backbone, x: torch.Tensor, layer_ids, autocast_dtype: torch.dtype | None = None):
+    """:func:`vit_forward` with the class token, under autocast when ``autocast_dtype`` is given; float32
+    outputs (the per-image classifiers APRIL-GAN and VCP-CLIP read both)."""
+    device = backbone.device
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        toks, cls = vit_forward(backbone, x.to(device), layer_ids, need_cls=True)
+    return {k: v.float() for k, v in toks.items()}, cls.float()
+
+
 def nearest_selection(q: torch.Tensor, ref: torch.Tensor, exclude: torch.Tensor, k: int,
                       chunk: int = 2**25) -> tuple[torch.Tensor, torch.Tensor]:
     """For queries ``q`` ``[B, L, C]`` and references ``ref`` ``[G, L', C]`` (no gradient): the ``k``

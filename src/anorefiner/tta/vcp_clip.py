@@ -19,13 +19,11 @@ category's pooled metrics do not depend on it).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 from .common import Units
-from .musc import vit_forward
+from .musc import class_token_forward
 
 
 class VcpClipTTA:
@@ -44,11 +42,7 @@ class VcpClipTTA:
         zsad.model.eval().requires_grad_(False)
 
     def _forward(self, x: torch.Tensor):
-        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-               else contextlib.nullcontext())
-        with ctx:
-            toks, cls = vit_forward(self.backbone, x.to(self.device), self.layers, need_cls=True)
-        return {k: v.float() for k, v in toks.items()}, cls.float()
+        return class_token_forward(self.backbone, x, self.layers, self.autocast_dtype)
 
     def begin_group(self, x: torch.Tensor, calibrate: bool = True) -> None:
         """VCP-CLIP scores each image on its own: no group context."""

@@ -199,13 +199,10 @@ def _infer(state: dict, path: Path) -> AdaClipModel:
 def load_model(path: str | Path, backbone=None) -> AdaClipModel:
     """Learnable parts of a checkpoint (ours or the official ``pretrained_*.pth``), keys and shapes checked
     against the shapes the file implies and, with ``backbone``, against the backbone's widths and layers."""
+    from .checkpoints import load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adaclip checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure: not a tensor checkpoint
-        raise ValueError(f"adaclip checkpoint {path}: not a weights-only torch file ({err})") from None
+    obj = load_weights_only(path, "adaclip checkpoint")
     if not isinstance(obj, dict):
         raise ValueError(f"adaclip checkpoint {path}: a {type(obj).__name__}, not a dict of tensors")
     state = {k: v for k, v in obj.items() if k != "meta"}

@@ -21,16 +21,14 @@ dict of plain values, written atomically, loadable with ``torch.load(..., weight
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_path
 from ..log import LOG, progress
+from .checkpoints import check_finite_loss, save_checkpoint, training_info
 from .adaclip import AdaClipConfig, adaclip_forward, class_bank, upsample
 from .adaclip_prompts import AdaClipModel, load_model, state_for_checkpoint
 from .april_gan_train import _load_sample, dice_loss, focal_loss, training_samples
@@ -121,16 +119,9 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
         losses.append(total / len(order))
         LOG.info("adaclip epoch %d/%d: mean loss %.5f (%d images, %.1f s)", epoch, c.epochs, losses[-1], len(order),
                  time.time() - start)
-        if not math.isfinite(losses[-1]):
-            raise ValueError(f"adaclip training diverged at epoch {epoch} (loss {losses[-1]})")
-    info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
-            "classes": classes, "n_images": len(rows), "backbone": json.dumps(backbone.identity, default=str),
-            "seconds": float(time.time() - start), "selection": "last epoch (no target-set selection)"}
-    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str))
-                 for k, v in (meta or {}).items()})
-    state = state_for_checkpoint(model)
-    with atomic_path(out) as tmp:
-        torch.save({**state, "meta": info}, tmp)
+        check_finite_loss("adaclip", epoch, losses[-1])
+    info = training_info(c, losses, rows, backbone, start, meta, selection="last epoch (no target-set selection)")
+    save_checkpoint(out, state_for_checkpoint(model), info)
     LOG.info("adaclip prompts (%d images of %d classes, %d epochs) -> %s", len(rows), len(classes), c.epochs, out)
     return Path(out)
 

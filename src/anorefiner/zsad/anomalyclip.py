@@ -202,13 +202,10 @@ def expected_shapes(backbone, n_ctx: int, depth: int, t_n_ctx: int) -> dict[str,
 def load_prompt_learner(path: str | Path, backbone, n_ctx: int = 12, depth: int = 9, t_n_ctx: int = 4
                         ) -> PromptLearner:
     """A prompt learner from a checkpoint (ours or the official ``epoch_15.pth``), keys and shapes checked."""
+    from .checkpoints import load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"anomalyclip checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure: not a tensor checkpoint
-        raise ValueError(f"anomalyclip checkpoint {path}: not a weights-only torch file ({err})") from None
+    obj = load_weights_only(path, "anomalyclip checkpoint")
     state = obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"anomalyclip checkpoint {path}: no {CHECKPOINT_KEY!r} state dict "

@@ -18,18 +18,17 @@ atomically and loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_path
 from ..log import LOG, progress
+from .checkpoints import load_weights_only, save_checkpoint, training_info
 from .anomalyclip import CHECKPOINT_KEY, PromptLearner, encode_text, load_prompt_learner, patch_probs, upsample_probs
 from .anomalyclip_dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens,
                                with_position_embedding)
@@ -146,15 +145,10 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
                 raise ValueError(f"anomalyclip training diverged at epoch {epoch} "
                                  f"(loss {losses[-1]}, image loss {image_losses[-1]})")
     classes = sorted({r["category"] for r in rows})
-    info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
-            "epoch_image_losses": [float(v) for v in image_losses], "classes": classes, "n_images": len(rows),
-            "backbone": json.dumps(backbone.identity, default=str), "seconds": float(time.time() - start),
-            "map_layers": [int(v) for v in layers], "dpam_layer": dpam_layer}
-    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str))
-                 for k, v in (meta or {}).items()})
+    info = training_info(c, losses, rows, backbone, start, meta, dpam_layer=dpam_layer,
+                         epoch_image_losses=[float(v) for v in image_losses], map_layers=[int(v) for v in layers])
     state = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
-    with atomic_path(out) as tmp:
-        torch.save({CHECKPOINT_KEY: state, "meta": info}, tmp)
+    save_checkpoint(out, {CHECKPOINT_KEY: state}, info)
     LOG.info("anomalyclip prompts (%d images of %d classes, %d epochs) -> %s", len(rows), len(classes), c.epochs, out)
     return Path(out)
 
@@ -170,48 +164,40 @@ def train_backend(backbone, root: str | Path, dataset: str, config: TrainConfig,
 def check_checkpoint(path: str | Path, backbone=None, config: TrainConfig | None = None) -> None:
     """Trainer interface: the prompt learner loads weights-only with the backbone's widths (official names).
 
-    Without a backbone only the file, the ``prompt_learner`` key and the official key names are checked.
+    The prompt sizes are ``config``'s, else the file's own. Without a backbone only the file, the
+    ``prompt_learner`` key, the official key names and the context shapes are checked.
     """
+    n_ctx, depth, t_n_ctx = ((config.n_ctx, config.depth, config.t_n_ctx) if config is not None
+                             else file_prompt_sizes(path))
     if backbone is not None:
-        if config is not None:
-            load_prompt_learner(path, backbone, config.n_ctx, config.depth, config.t_n_ctx)
-        else:  # the prompt sizes the file itself holds (the train command checks what it just wrote)
-            load_prompt_learner(path, backbone, *file_prompt_sizes(path))
+        load_prompt_learner(path, backbone, n_ctx, depth, t_n_ctx)
         return
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"anomalyclip checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"anomalyclip checkpoint {path}: not a weights-only torch file ({err})") from None
-    state = obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"anomalyclip checkpoint {path}: no {CHECKPOINT_KEY!r} state dict")
+    state = _state(path)
     required = {"ctx_pos", "ctx_neg", "token_prefix_pos", "token_suffix_pos", "tokenized_prompts_pos",
                 "token_prefix_neg", "token_suffix_neg", "tokenized_prompts_neg"}
-    required |= {f"compound_prompts_text.{i}" for i in range(c.depth - 1)}
+    required |= {f"compound_prompts_text.{i}" for i in range(depth - 1)}
     missing = sorted(required - set(state))
     if missing:
         raise ValueError(f"anomalyclip checkpoint {path}: missing keys {missing[:6]}")
-    n_ctx = tuple(state["ctx_pos"].shape)
-    if len(n_ctx) != 4 or n_ctx[2] != c.n_ctx or tuple(state["ctx_neg"].shape) != n_ctx:
-        raise ValueError(f"anomalyclip checkpoint {path}: ctx_pos/ctx_neg have shapes {n_ctx}/"
-                         f"{tuple(state['ctx_neg'].shape)}, expected (1, 1, {c.n_ctx}, width)")
+    shape = tuple(state["ctx_pos"].shape)
+    if len(shape) != 4 or shape[2] != n_ctx or tuple(state["ctx_neg"].shape) != shape:
+        raise ValueError(f"anomalyclip checkpoint {path}: ctx_pos/ctx_neg have shapes {shape}/"
+                         f"{tuple(state['ctx_neg'].shape)}, expected (1, 1, {n_ctx}, width)")
+
+
+def _state(path: str | Path) -> dict:
+    obj = load_weights_only(path, "anomalyclip checkpoint")
+    state = obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"anomalyclip checkpoint {path}: no {CHECKPOINT_KEY!r} state dict")
+    return state
 
 
 def file_prompt_sizes(path: str | Path) -> tuple[int, int, int]:
     """``(n_ctx, depth, t_n_ctx)`` of a prompt-learner file, read from its shapes (errors name the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"anomalyclip checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure: not a tensor checkpoint
-        raise ValueError(f"anomalyclip checkpoint {path}: not a weights-only torch file ({err})") from None
-    state = obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or "ctx_pos" not in state:
-        raise ValueError(f"anomalyclip checkpoint {path}: no {CHECKPOINT_KEY!r} state dict with 'ctx_pos'")
+    state = _state(path)
+    if "ctx_pos" not in state or not torch.is_tensor(state["ctx_pos"]) or state["ctx_pos"].ndim != 4:
+        raise ValueError(f"anomalyclip checkpoint {path}: no 4-d 'ctx_pos' in {CHECKPOINT_KEY!r}")
     compound = [k for k in state if k.startswith("compound_prompts_text.")]
     t_n_ctx = int(state["compound_prompts_text.0"].shape[0]) if "compound_prompts_text.0" in state else 0
     return int(state["ctx_pos"].shape[-2]), len(compound) + 1, t_n_ctx

@@ -97,13 +97,10 @@ def image_scores(global_emb: torch.Tensor, text: torch.Tensor, temperature: floa
 
 def load_adapters(path: str | Path, n_layers: int | None = None, dim_in: int | None = None) -> LinearAdapters:
     """Adapters of a checkpoint (ours or the official ``exps/pretrained/*.pth``), keys and shapes checked."""
+    from .checkpoints import load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"april_gan checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure: not a tensor checkpoint
-        raise ValueError(f"april_gan checkpoint {path}: not a weights-only torch file ({err})") from None
+    obj = load_weights_only(path, "april_gan checkpoint")
     state = obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"april_gan checkpoint {path}: no {CHECKPOINT_KEY!r} state dict "

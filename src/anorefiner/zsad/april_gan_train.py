@@ -22,19 +22,17 @@ and loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..io import atomic_path
 from ..log import LOG, progress
+from .checkpoints import check_finite_loss, save_checkpoint, training_info
 from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs
 
 
@@ -207,15 +205,9 @@ def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | P
             losses.append(total / max(steps, 1))
             LOG.info("april_gan epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
                      time.time() - start)
-            if not math.isfinite(losses[-1]):
-                raise ValueError(f"april_gan training diverged at epoch {epoch} (loss {losses[-1]})")
-    info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
-            "classes": classes, "n_images": len(rows), "backbone": json.dumps(backbone.identity, default=str),
-            "seconds": float(time.time() - start)}
-    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str)) for k, v in (meta or {}).items()})
+            check_finite_loss("april_gan", epoch, losses[-1])
     state = {k: v.detach().cpu().clone() for k, v in adapters.state_dict().items()}
-    with atomic_path(out) as tmp:
-        torch.save({CHECKPOINT_KEY: state, "meta": info}, tmp)
+    save_checkpoint(out, {CHECKPOINT_KEY: state}, training_info(c, losses, rows, backbone, start, meta))
     LOG.info("april_gan adapters (%d images of %d classes, %d epochs) -> %s", len(rows), len(classes), c.epochs, out)
     return Path(out)
 

@@ -108,3 +108,51 @@ def fetch_checkpoint(url: str, dest: str | Path, git_blob: str, options=None) ->
     os.replace(partial, dest)
     LOG.info("downloaded and verified (git blob %s) %s", git_blob, dest)
     return dest
+
+
+def load_weights_only(path: str | Path, what: str):
+    """``torch.load(path, weights_only=True)`` on CPU; errors name ``what`` (e.g. "vcp_clip checkpoint") and
+    the file: a missing file, or one that is not a weights-only torch file (nothing is unpickled)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure: not a tensor checkpoint
+        raise ValueError(f"{what} {path}: not a weights-only torch file ({err})") from None
+
+
+def training_info(config, losses, rows, backbone, start: float, meta: dict | None = None, **extra) -> dict:
+    """The ``meta`` dict of a trained backend's checkpoint (plain values only, so it loads weights-only):
+    the options, per-epoch mean losses, the classes and number of training images, the backbone, the time."""
+    import json
+    import time
+    from dataclasses import asdict
+
+    info = {"train_config": json.dumps(asdict(config), default=str), "epoch_losses": [float(v) for v in losses],
+            "classes": sorted({r["category"] for r in rows}), "n_images": len(rows),
+            "backbone": json.dumps(backbone.identity, default=str), "seconds": float(time.time() - start), **extra}
+    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str))
+                 for k, v in (meta or {}).items()})
+    return info
+
+
+def save_checkpoint(out: str | Path, payload: dict, info: dict) -> Path:
+    """Write ``{**payload, "meta": info}`` atomically (a killed job leaves no partial checkpoint)."""
+    import torch
+
+    from ..io import atomic_path
+
+    with atomic_path(out) as tmp:
+        torch.save({**payload, "meta": info}, tmp)
+    return Path(out)
+
+
+def check_finite_loss(name: str, epoch: int, loss: float) -> None:
+    """Stop a diverged training with the epoch and the loss."""
+    import math
+
+    if not math.isfinite(loss):
+        raise ValueError(f"{name} training diverged at epoch {epoch} (loss {loss})")

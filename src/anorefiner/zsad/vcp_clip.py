@@ -197,12 +197,9 @@ def class_minmax(maps: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _load(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"vcp_clip checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure: not a tensor checkpoint
-        raise ValueError(f"vcp_clip checkpoint {path}: not a weights-only torch file ({err})") from None
+    from .checkpoints import load_weights_only
+
+    return load_weights_only(path, "vcp_clip checkpoint")
 
 
 def _dims_of(path: Path, obj: dict) -> VcpDims:

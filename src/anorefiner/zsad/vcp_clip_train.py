@@ -25,11 +25,10 @@ with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 from scipy.ndimage import rotate as nd_rotate
 
-from ..io import atomic_path
 from ..log import LOG, progress
+from .checkpoints import check_finite_loss, save_checkpoint, training_info
 from .april_gan_train import _load_pair, dice_loss, focal_loss, mosaic_from, resize_mask, training_samples
 from .vcp_clip import VcpDims, VcpModel, load_vcp_checkpoint
 from .vcp_clip_prompts import ABNORMAL_PROMPT, NORMAL_PROMPT, slot_tokens
@@ -221,15 +220,8 @@ def train_vcp(backbone, rows: list[dict], config: TrainConfig, out: str | Path, 
                 losses.append(total / max(steps, 1))
                 LOG.info("vcp_clip epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1],
                          steps, time.time() - start)
-                if not math.isfinite(losses[-1]):
-                    raise ValueError(f"vcp_clip training diverged at epoch {epoch} (loss {losses[-1]})")
-    info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
-            "classes": classes, "n_images": len(rows), "backbone": json.dumps(backbone.identity, default=str),
-            "seconds": float(time.time() - start), "heads": int(c.heads)}
-    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str))
-                 for k, v in (meta or {}).items()})
-    with atomic_path(out) as tmp:
-        torch.save({**model.state_official(), "meta": info}, tmp)
+                check_finite_loss("vcp_clip", epoch, losses[-1])
+    save_checkpoint(out, model.state_official(), training_info(c, losses, rows, backbone, start, meta, heads=int(c.heads)))
     LOG.info("vcp_clip (%d images of %d classes, %d epochs) -> %s", len(rows), len(classes), c.epochs, out)
     return Path(out)
 

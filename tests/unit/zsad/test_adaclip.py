@@ -19,6 +19,8 @@ from anorefiner.zsad.adaclip_prompts import (KEY_PREFIX, AdaClipModel, load_mode
 from anorefiner.zsad.adaclip_train import TrainConfig, check_checkpoint, train_backend, train_prompts
 from anorefiner.zsad.april_gan_train import training_samples
 
+from .reference import bilinear_align_corners
+
 
 @pytest.fixture(scope="module")
 def tiny56(tiny_clip):
@@ -99,19 +101,6 @@ def test_text_prompts_overwrite_positions_after_block_one_like_a_manual_loop(tin
             np.testing.assert_allclose(got[b, c].detach().numpy(), mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-7)
 
 
-def _bilinear_align_corners(grid: np.ndarray, size: int) -> np.ndarray:
-    h, w = grid.shape
-    out = np.zeros((size, size))
-    for i in range(size):
-        y = i * (h - 1) / (size - 1)
-        y0 = min(int(math.floor(y)), h - 2)
-        for j in range(size):
-            x = j * (w - 1) / (size - 1)
-            x0 = min(int(math.floor(x)), w - 2)
-            dy, dx = y - y0, x - x0
-            out[i, j] = (grid[y0, x0] * (1 - dy) * (1 - dx) + grid[y0, x0 + 1] * (1 - dy) * dx
-                         + grid[y0 + 1, x0] * dy * (1 - dx) + grid[y0 + 1, x0 + 1] * dy * dx)
-    return out
 
 
 def test_map_and_hsf_score_match_float64_loops():
@@ -123,7 +112,7 @@ def test_map_and_hsf_score_match_float64_loops():
     logits = [100 * torch.einsum("bpd,bcd->bcp", f, text).reshape(n, 2, h, w) for f in feats]
     got = official_map(logits, size).numpy()
     for b in range(n):
-        up = [np.stack([_bilinear_align_corners(lg[b, c].numpy(), size) for c in range(2)]) for lg in logits]
+        up = [np.stack([bilinear_align_corners(lg[b, c].numpy(), size) for c in range(2)]) for lg in logits]
         mean = sum(up) / n_layers
         ref = np.exp(mean[1]) / (np.exp(mean[0]) + np.exp(mean[1]))
         np.testing.assert_allclose(got[b], ref, rtol=1e-5, atol=1e-9)

@@ -17,21 +17,9 @@ from anorefiner.zsad.april_gan import (CHECKPOINT_KEY, LinearAdapters, full_map,
 from anorefiner.zsad.april_gan_train import (TrainConfig, dice_loss, focal_loss, mosaic, train_adapters,
                                              training_samples)
 
+from .reference import bilinear_align_corners
 
-def _bilinear_align_corners(grid: np.ndarray, size: int) -> np.ndarray:
-    """Loop version of bilinear upsampling with align_corners=True, float64."""
-    h, w = grid.shape
-    out = np.zeros((size, size))
-    for i in range(size):
-        y = i * (h - 1) / (size - 1)
-        y0 = min(int(math.floor(y)), h - 2)
-        for j in range(size):
-            x = j * (w - 1) / (size - 1)
-            x0 = min(int(math.floor(x)), w - 2)
-            dy, dx = y - y0, x - x0
-            out[i, j] = (grid[y0, x0] * (1 - dy) * (1 - dx) + grid[y0, x0 + 1] * (1 - dy) * dx
-                         + grid[y0 + 1, x0] * dy * (1 - dx) + grid[y0 + 1, x0 + 1] * dy * dx)
-    return out
+
 
 
 def _reference_map(tokens, weights, biases, text, size, grid, temp=100.0):
@@ -47,7 +35,7 @@ def _reference_map(tokens, weights, biases, text, size, grid, temp=100.0):
                 p = p / np.sqrt((p * p).sum())
                 for c in range(2):
                     logit[c, k // w, k % w] = temp * (p * text[c]).sum()
-            up = np.stack([_bilinear_align_corners(logit[c], size) for c in range(2)])
+            up = np.stack([bilinear_align_corners(logit[c], size) for c in range(2)])
             full[b] += np.exp(up[1]) / (np.exp(up[0]) + np.exp(up[1]))
     cell = size // h
     patch = np.zeros((n, h, w))
