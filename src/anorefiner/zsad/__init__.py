@@ -15,6 +15,7 @@ name            type      preset
 ``april_gan``   april_gan APRIL-GAN zero-shot (adapters trained on the auxiliary dataset)
 ``winclip``     winclip   WinCLIP zero-shot (``k_shot: 4`` for its 4-shot mode)
 ``vcp_clip``    vcp_clip  VCP-CLIP (prompts, Pre-/Post-VCP trained on the auxiliary dataset)
+``rareclip``    rareclip  RareCLIP (text adapters trained on the auxiliary dataset; online rarity memory)
 ``adaclip``     adaclip   AdaCLIP (hybrid prompts and heads trained on the auxiliary dataset; scores images)
 ``anomalyclip`` anomalyclip AnomalyCLIP (object-agnostic prompts trained on the auxiliary dataset; DPAM forward)
 ``pad_pam``     pad_pam   PA-CLIP's PAD+PAM on an AnomalyCLIP/AdaCLIP base (options ``base_type``, ``base_options``)
@@ -41,6 +42,7 @@ PRESETS = {
     "april_gan": ("april_gan", {}),
     "winclip": ("winclip", {}),
     "vcp_clip": ("vcp_clip", {}),
+    "rareclip": ("rareclip", {}),
     "adaclip": ("adaclip", {}),
     "anomalyclip": ("anomalyclip", {}),
     "pad_pam": ("pad_pam", {}),

@@ -95,31 +95,33 @@ def image_scores(global_emb: torch.Tensor, text: torch.Tensor, temperature: floa
     return torch.softmax(temperature * g @ F.normalize(text.float(), dim=-1).T, dim=-1)[:, 1]
 
 
-def load_adapters(path: str | Path, n_layers: int | None = None, dim_in: int | None = None) -> LinearAdapters:
-    """Adapters of a checkpoint (ours or the official ``exps/pretrained/*.pth``), keys and shapes checked."""
+def load_adapters(path: str | Path, n_layers: int | None = None, dim_in: int | None = None,
+                  what: str = "april_gan") -> LinearAdapters:
+    """Adapters of a checkpoint (ours or the official ``exps/pretrained/*.pth``), keys and shapes checked;
+    ``what`` names the backend in the errors (RareCLIP's text adapters share the format)."""
     from .checkpoints import load_weights_only
 
     path = Path(path)
-    obj = load_weights_only(path, "april_gan checkpoint")
+    obj = load_weights_only(path, f"{what} checkpoint")
     state = obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"april_gan checkpoint {path}: no {CHECKPOINT_KEY!r} state dict "
+        raise ValueError(f"{what} checkpoint {path}: no {CHECKPOINT_KEY!r} state dict "
                          f"(top-level keys: {sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__})")
     n = len([k for k in state if k.endswith(".weight")])
     expected = {f"fc.{i}.{p}" for i in range(n) for p in ("weight", "bias")}
     if n == 0 or set(state) != expected:
-        raise ValueError(f"april_gan checkpoint {path}: keys {sorted(state)} are not fc.{{0..{n - 1}}}.weight/bias")
+        raise ValueError(f"{what} checkpoint {path}: keys {sorted(state)} are not fc.{{0..{n - 1}}}.weight/bias")
     w0 = state["fc.0.weight"]
     out_dim, in_dim = w0.shape
     for i in range(n):
         w, b = state[f"fc.{i}.weight"], state[f"fc.{i}.bias"]
         if tuple(w.shape) != (out_dim, in_dim) or tuple(b.shape) != (out_dim,):
-            raise ValueError(f"april_gan checkpoint {path}: fc.{i} has shapes {tuple(w.shape)}/{tuple(b.shape)}, "
+            raise ValueError(f"{what} checkpoint {path}: fc.{i} has shapes {tuple(w.shape)}/{tuple(b.shape)}, "
                              f"expected {(out_dim, in_dim)}/{(out_dim,)}")
     if n_layers is not None and n != n_layers:
-        raise ValueError(f"april_gan checkpoint {path}: {n} adapters but the feature cache has {n_layers} layers")
+        raise ValueError(f"{what} checkpoint {path}: {n} adapters but the feature cache has {n_layers} layers")
     if dim_in is not None and in_dim != dim_in:
-        raise ValueError(f"april_gan checkpoint {path}: adapters take {in_dim}-d tokens, the backbone gives {dim_in}")
+        raise ValueError(f"{what} checkpoint {path}: adapters take {in_dim}-d tokens, the backbone gives {dim_in}")
     adapters = LinearAdapters(in_dim, out_dim, n)
     adapters.load_state_dict({k: v.float() for k, v in state.items()})
     return adapters.eval().requires_grad_(False)

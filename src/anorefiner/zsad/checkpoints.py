@@ -20,6 +20,7 @@ from ..log import LOG
 
 _APRIL = "https://github.com/ByChelsea/VAND-APRIL-GAN/raw/26f19a6cd50eed387c443d3cfad49dbfba9ab8ee/exps/pretrained/"
 _ANOMALYCLIP = "https://github.com/zqhang/AnomalyCLIP/raw/45ed4dd35c05797d854294b5e8d585c545920089/checkpoints/"
+_RARECLIP = "https://github.com/hy28hy/RareCLIP_v1/raw/a8e6d46ee2612a0edbf48c3b88e9998497e2b422/weights/"
 #: backend type -> auxiliary (training) dataset -> url and git blob id (specs/backends.md section 1).
 OFFICIAL = {
     "april_gan": {
@@ -32,6 +33,11 @@ OFFICIAL = {
                  "git_blob": "c90f1d9d92d158b436a8fc193f984d4cec8b1fc8"},
         "mvtec_ad": {"url": _ANOMALYCLIP + "9_12_4_multiscale_visa/epoch_15.pth",
                      "git_blob": "72adc786e031b49ea288ba5f815f0d38cf158708"},
+    },
+    # specs/backends.md section 3: in-repo weights of hy28hy/RareCLIP_v1 (uploaded in 550e6cb, unchanged since)
+    "rareclip": {
+        "visa": {"url": _RARECLIP + "visa_pretrained.pth", "git_blob": "2827c741c147ac57ee05144483193ad7e588698e"},
+        "mvtec_ad": {"url": _RARECLIP + "mvtec_pretrained.pth", "git_blob": "a7826d01ee7305edf740566874eb180dcccd2d33"},
     },
     # Google Drive only, no checksum published (specs/backends.md section 2, specs/tta.md B.2): no git_blob, so
     # train-backend accepts only a file the user downloaded (backends.<name>.official.<aux>.url), keys and shapes checked

@@ -200,7 +200,8 @@ class RareClipBackend:
         self.rare_layers = [str(v) for v in c.rare_layers]
         c.text_layers, c.rare_layers = tuple(self.text_layers), tuple(self.rare_layers)
         self.device = _resolve_device(c.device)
-        self.adapters = load_adapters(c.checkpoint, len(self.text_layers), getattr(backbone, "width", None))
+        self.adapters = load_adapters(c.checkpoint, len(self.text_layers), getattr(backbone, "width", None),
+                                      what="rareclip")
         self.adapters.to(self.device)
         self.text = text_embeddings(backbone, c.text_cache).to(self.device)
         self.map_size = int(c.map_size or backbone.resolution)

@@ -160,6 +160,6 @@ def train_backend(backbone, root: str | Path, dataset: str, config: TrainConfig,
 
 
 def check_checkpoint(path: str | Path, backbone=None) -> None:
-    """Trainer interface: 4 adapters (the default text layers) taking the backbone's token width."""
+    """Trainer interface: 4 adapters (the official text layers 12/16/20/24) taking the backbone's token width."""
     n = len(TrainConfig().text_layers)
-    load_adapters(path, n, None if backbone is None else getattr(backbone, "width", None))
+    load_adapters(path, n, None if backbone is None else getattr(backbone, "width", None), what="rareclip")

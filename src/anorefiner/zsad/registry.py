@@ -56,6 +56,8 @@ BACKEND_TYPES: dict[str, BackendType] = {
     "april_gan": BackendType("april_gan", "AprilGanBackend", "AprilGanConfig", clip=True, class_name=True,
                              text_cache=True, trainer="april_gan_train"),
     "vcp_clip": BackendType("vcp_clip", "VcpClipBackend", "VcpClipConfig", clip=True, trainer="vcp_clip_train"),
+    "rareclip": BackendType("rareclip", "RareClipBackend", "RareClipConfig", clip=True, text_cache=True,
+                            trainer="rareclip_train"),
     "anomalyclip": BackendType("anomalyclip", "AnomalyCLIPBackend", "AnomalyCLIPConfig", clip=True, images=True,
                                trainer="anomalyclip_train", refinable=False),
     "adaclip": BackendType("adaclip", "AdaClipBackend", "AdaClipConfig", clip=True, class_name=True, images=True,

@@ -51,8 +51,10 @@ def test_required_metric_files_table1():
     files = required_metric_files(decl, SMALL)
     # deterministic backends: seed 0 only; the test-time-adaptation rows (type tta) are coarse stores
     runs = [("musc", "coarse", [0]), ("musc_star", "coarse", [0, 1]), ("musc_star", "default", [0, 1]),
-            ("april_gan", "coarse", [0]), ("april_gan", "default", [0, 1])]
-    runs += [(f"{base}_{m}", "coarse", [0, 1]) for base in ("musc_star", "april_gan") for m in ("tipi", "sar", "deyo")]
+            ("april_gan", "coarse", [0]), ("april_gan", "default", [0, 1]),
+            ("vcp_clip", "coarse", [0]), ("vcp_clip", "default", [0, 1])]
+    runs += [(f"{base}_{m}", "coarse", [0, 1]) for base in ("musc_star", "april_gan", "vcp_clip")
+             for m in ("tipi", "sar", "deyo")]
     expected = [f"results/metrics/{ds}/{b}/{v}/seed{s}/{cat}.csv"
                 for ds, cats in (("mvtec_ad", ["bottle", "cable"]), ("visa", ["candle"])) for cat in cats
                 for b, v, seeds in runs for s in seeds]

@@ -86,9 +86,8 @@ def test_every_status_and_the_aggregation(table1_metrics):
     ours = _cell(frame, "MVTec AD", "MuSc/+ Ours", "AP-segm")
     assert ours["status"] == "not run" and "1 of 4" in ours["note"] and "seed1/cable.csv" in ours["note"]
     assert _cell(frame, "VisA", "MuSc*", "AP-segm")["status"] == "not run"
-    ni = _cell(frame, "VisA", "VCP-CLIP/+ TIPI", "AP-segm")
-    assert ni["status"].startswith("not implemented: VCP-CLIP backend")
-    assert ni["published"] == 29.7
+    vcp = _cell(frame, "VisA", "VCP-CLIP/+ TIPI", "AP-segm")
+    assert vcp["status"] == "not run" and vcp["published"] == 29.7
 
 
 def test_random_backbone_weights_are_marked_not_meaningful(table1_metrics, tmp_path):
@@ -106,8 +105,8 @@ def test_random_backbone_weights_are_marked_not_meaningful(table1_metrics, tmp_p
         star = _cell(frame, "MVTec AD", "MuSc*", "AP-segm")  # the category note is kept beside the mark
         assert "of the paper's 15 categories" in star["note"]
         assert (f"**{RANDOM_WEIGHTS}**" in to_markdown(frame, decl, 1.0)) == marked
-    # Rows not implemented get no mark: nothing was computed for them.
-    assert not _cell(frame, "VisA", "VCP-CLIP", "AP-segm")["note"]
+    # Rows not run get no mark: nothing was computed for them.
+    assert RANDOM_WEIGHTS not in _cell(frame, "VisA", "VCP-CLIP", "AP-segm")["note"]
 
 
 def test_no_published_value_and_unmapped_dataset(tmp_path):
@@ -166,9 +165,11 @@ def test_write_table_and_audit(tmp_path, table1_metrics):
     assert not list((tmp_path / "tables").glob(".*.tmp"))
     t8 = render_table(load_declaration("table8", TABLES_DIR), CONFIG, load_metrics([]), str(table1_metrics))
     write_table(t8, load_declaration("table8", TABLES_DIR), tmp_path / "tables" / "table8.csv", 1.0)
-    rendered = read_rendered([csv_path, tmp_path / "tables" / "table8.csv"])
+    t13 = render_table(load_declaration("table13", TABLES_DIR), CONFIG, load_metrics([]), str(table1_metrics))
+    write_table(t13, load_declaration("table13", TABLES_DIR), tmp_path / "tables" / "table13.csv", 1.0)
+    rendered = read_rendered([csv_path, tmp_path / "tables" / "table8.csv", tmp_path / "tables" / "table13.csv"])
     audit = audit_markdown(rendered, 1.0)
-    assert "| table1 | 1 | 1 | 10 | 0 | 120 | 60 |" in audit  # reproduced: MuSc AUROC-cls only; VCP-CLIP not implemented
+    assert "| table1 | 1 | 1 | 10 | 0 | 180 | 0 |" in audit  # reproduced: MuSc AUROC-cls only; the rest not run
     assert "| table8 | 0 | 0 | 0 | 0 | 16 | 0 |" in audit
     assert "## Largest differences" in audit and "## Not implemented" in audit
     out = write_audit([csv_path], tmp_path / "tables" / "audit.md", 1.0)

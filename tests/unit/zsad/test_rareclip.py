@@ -20,6 +20,8 @@ from anorefiner.zsad.rareclip_train import (MVTEC_EXCLUDED, TrainConfig, align_l
                                             filter_rows, train_text_branch)
 from anorefiner.zsad.april_gan_train import training_samples
 
+from .reference import bilinear_align_corners
+
 LAYERS = ("1", "2", "3", "4")
 
 
@@ -348,19 +350,6 @@ def test_score_queries_leaves_the_reference_memory_alone(tiny56, widget, tmp_pat
         be.score_queries(q, qcls, widget, refs, [0])
 
 
-def _ref_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
-    h, w = grid.shape
-    out = np.zeros((size, size))
-    for i in range(size):
-        y = i * (h - 1) / (size - 1)
-        y0 = min(int(math.floor(y)), h - 2)
-        for j in range(size):
-            x = j * (w - 1) / (size - 1)
-            x0 = min(int(math.floor(x)), w - 2)
-            dy, dx = y - y0, x - x0
-            out[i, j] = (grid[y0, x0] * (1 - dy) * (1 - dx) + grid[y0, x0 + 1] * (1 - dy) * dx
-                         + grid[y0 + 1, x0] * dy * (1 - dx) + grid[y0 + 1, x0 + 1] * dy * dx)
-    return out
 
 
 def _ref_blur(m: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
@@ -422,7 +411,7 @@ def test_stream_step_matches_a_float64_loop():
             rare = rare + fg_score * (1 + (fg - fg.min()) / (fg.max() - fg.min()))
         wr, wt = (0.0, 1.0) if t == 0 else ((2 / 3, 2 / 3) if t <= 3 else (4 / 3, 1 / 3))
         amap = (wr * rare + wt * text).reshape(h, w)
-        ref_full = _ref_blur(_ref_bilinear(amap, size), ks, sg)
+        ref_full = _ref_blur(bilinear_align_corners(amap, size), ks, sg)
         raw_score = ref_full.max() + float(tp)
         scores.append(raw_score)
         globs.append(gn)
