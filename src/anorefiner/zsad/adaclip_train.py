@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from ..log import LOG, progress
-from .checkpoints import check_finite_loss, save_checkpoint, training_info
 from .adaclip import AdaClipConfig, adaclip_forward, class_bank, upsample
 from .adaclip_prompts import AdaClipModel, load_model, state_for_checkpoint
 from .april_gan_train import _load_sample, dice_loss, focal_loss, training_samples
+from .checkpoints import check_finite_loss, save_checkpoint, training_info
 
 
 @dataclass

@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 
 from ..log import LOG, progress
-from .checkpoints import check_finite_loss, save_checkpoint, training_info
 from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs
+from .checkpoints import check_finite_loss, save_checkpoint, training_info
 
 
 @dataclass
@@ -70,6 +70,18 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
     p, t = prob.reshape(prob.shape[0], -1), target.reshape(target.shape[0], -1).to(prob.dtype)
     dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
     return 1 - dice.mean()
+
+
+def segmentation_loss(prob_maps: list[torch.Tensor], target: torch.Tensor, config) -> torch.Tensor:
+    """Sum over the maps (layers, branches) of focal + binary dice of the abnormal channel (``loss.py``),
+    with ``config``'s ``focal_gamma``, ``focal_smooth`` and ``dice_smooth``: the segmentation loss of
+    APRIL-GAN, VCP-CLIP and RareCLIP training."""
+    loss = torch.zeros((), device=target.device)
+    for probs in prob_maps:
+        probs = probs.float()
+        loss = loss + focal_loss(probs, target, config.focal_gamma, config.focal_smooth)
+        loss = loss + dice_loss(probs[:, 1], target, config.dice_smooth)
+    return loss
 
 
 def training_samples(root: str | Path, dataset: str, max_images: int | None = None) -> list[dict]:
@@ -191,11 +203,8 @@ def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | P
                 with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
                     layers, _ = backbone.forward(x)
                 toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in backbone.layers]
-                loss = torch.zeros((), device=device)
-                for p in adapters(toks):
-                    probs = layer_probs(layer_logits(p, t, grid, c.temperature), size)
-                    loss = loss + focal_loss(probs, gt, c.focal_gamma, c.focal_smooth)
-                    loss = loss + dice_loss(probs[:, 1], gt, c.dice_smooth)
+                loss = segmentation_loss([layer_probs(layer_logits(p, t, grid, c.temperature), size)
+                                          for p in adapters(toks)], gt, c)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -20,21 +20,20 @@ Shared pieces come from :mod:`.april_gan_train` (focal/dice losses, samples, mos
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_path
 from ..log import LOG, progress
 from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs, load_adapters
-from .april_gan_train import _load_sample, dice_loss, focal_loss, mosaic_pick, training_samples
+from .april_gan_train import _load_sample, mosaic_pick, segmentation_loss, training_samples
+from .checkpoints import check_finite_loss, save_checkpoint, training_info
 
 #: MVTec AD defect types train.py leaves out (the integrator sets them for mvtec_ad)
 MVTEC_EXCLUDED = ("transistor/misplaced", "cable/missing_cable")
@@ -123,11 +122,8 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
                 g = torch.as_tensor(backbone.image_embedding(cls.float(), normalize=True)).float().to(device)
             toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in names]
             projected = adapters(toks)
-            loss = c.align_weight * align_loss(projected, g)
-            for p in projected:
-                probs = layer_probs(layer_logits(p, text, grid, c.temperature), size)
-                loss = loss + focal_loss(probs, gt, c.focal_gamma, c.focal_smooth)
-                loss = loss + dice_loss(probs[:, 1], gt, c.dice_smooth)
+            loss = c.align_weight * align_loss(projected, g) + segmentation_loss(
+                [layer_probs(layer_logits(p, text, grid, c.temperature), size) for p in projected], gt, c)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -137,16 +133,11 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
                  time.time() - start)
         if not math.isfinite(losses[-1]):
             pool.shutdown()
-            raise ValueError(f"rareclip training diverged at epoch {epoch} (loss {losses[-1]})")
+            check_finite_loss("rareclip", epoch, losses[-1])
     pool.shutdown()
-    info = {"train_config": json.dumps(asdict(c), default=str), "epoch_losses": [float(v) for v in losses],
-            "classes": sorted(by_class), "n_images": len(rows), "text_layers": names,
-            "backbone": json.dumps(backbone.identity, default=str), "seconds": float(time.time() - start)}
-    info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str))
-                 for k, v in (meta or {}).items()})
     state = {k: v.detach().cpu().clone() for k, v in adapters.state_dict().items()}
-    with atomic_path(out) as tmp:
-        torch.save({CHECKPOINT_KEY: state, "meta": info}, tmp)
+    save_checkpoint(out, {CHECKPOINT_KEY: state}, training_info(c, losses, rows, backbone, start, meta,
+                                                                 text_layers=names))
     LOG.info("rareclip text adapters (%d images, %d epochs) -> %s", len(rows), c.epochs, out)
     return Path(out)
 

@@ -37,8 +37,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from scipy.ndimage import rotate as nd_rotate
 
 from ..log import LOG, progress
+from .april_gan_train import _load_pair, mosaic_from, resize_mask, segmentation_loss, training_samples
 from .checkpoints import check_finite_loss, save_checkpoint, training_info
-from .april_gan_train import _load_pair, dice_loss, focal_loss, mosaic_from, resize_mask, training_samples
 from .vcp_clip import VcpDims, VcpModel, load_vcp_checkpoint
 from .vcp_clip_prompts import ABNORMAL_PROMPT, NORMAL_PROMPT, slot_tokens
 
@@ -206,11 +206,7 @@ def train_vcp(backbone, rows: list[dict], config: TrainConfig, out: str | Path, 
                         raw, new = model.layer_logits(toks, text, grid)
                         all_probs = [torch.softmax(torch.nn.functional.interpolate(
                             lg, size=(size, size), mode="bilinear", align_corners=True), dim=1) for lg in raw + new]
-                    loss = torch.zeros((), device=device)  # train.py: the losses outside autocast, no grad scaler
-                    for probs in all_probs:
-                        probs = probs.float()
-                        loss = loss + focal_loss(probs, gt, c.focal_gamma, c.focal_smooth)
-                        loss = loss + dice_loss(probs[:, 1], gt, c.dice_smooth)
+                    loss = segmentation_loss(all_probs, gt, c)  # train.py: outside autocast, no grad scaler
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
