@@ -42,7 +42,8 @@ GEOMETRY = {
     "efficientnet_lite0": {"stride": 8, "channels": 40 + 112, "cls": 0},  # blocks.2 + blocks.4 (backbones/cnn.py)
 }
 # Rules with a cost model; table, audit, figures and the default target cost seconds and kilobytes.
-PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default"}
+PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default",
+          "train_backend"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -259,9 +260,13 @@ class CostModel:
                 return d["coarse_job_overhead_s"] + pairs * self.rate(bb)["musc_s_per_pair"] * self.scales(bb)[1], disk
             if cfg["type"] == "paclip":
                 return d["coarse_job_overhead_s"] + n * d["paclip_s_per_image"] * self.scales(bb)[0], disk
-            return d["coarse_job_overhead_s"], disk
+            factor = float(d.get("coarse_image_factor", {}).get(cfg["type"], 0.0))
+            per_image = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0] * factor
+            return d["coarse_job_overhead_s"] + n * per_image, disk
         if job.rule == "pgt":
             return self.pgt(wc)
+        if job.rule == "train_backend":
+            return self.train_backend(wc)
         if job.rule == "metrics":
             e = (self.config.get("evaluation") or {}).get("resolution") or REF_RESOLUTION
             return self.n(wc) * d["metrics_s_per_image"] * (e / REF_RESOLUTION) ** 2, self.rates["metric_file_bytes"]
@@ -278,6 +283,32 @@ class CostModel:
             images = len(ds.get("categories", [])) * (gen.get("n_train", 20) + 2 * gen.get("n_test", 60))
             return 0.0, images * 3 * gen.get("image_size", 256) ** 2 / 2  # PNG: about half the raw bytes
         return 0.0, 0.0
+
+    def train_backend(self, wc) -> tuple[float, float]:
+        """Training on the auxiliary dataset's test split: images x epochs x the type's factor of a forward;
+        an official checkpoint only downloads (``checkpoint_bytes``)."""
+        from ..config import from_dict
+        from ..zsad.registry import backend_type
+
+        cfg = self.config["backends"][wc["backend"]]
+        size = float(self.rates.get("checkpoint_bytes", {}).get(cfg["type"], 0.0))
+        if wc.get("source") == "official":
+            return 0.0, size
+        train = self.dev["train_backend"]
+        factor = train["image_epoch_factor"].get(cfg["type"])
+        if factor is None:
+            note = f"backend type {cfg['type']!r} has no train_backend factor in {RATES_FILE.name}: not priced"
+            if note not in self.notes:
+                self.notes.append(note)
+            return 0.0, size
+        aux = wc["dataset"]
+        categories = (self.config.get("datasets") or {}).get(aux, {}).get("categories") or []
+        n = sum(count_test_images(self.config, aux, c, self.directory, self.rates) for c in categories)
+        options = (cfg.get("train") or {}).get(aux, {})
+        epochs = int(from_dict(backend_type(cfg["type"]).trainer_module().TrainConfig, options).epochs)
+        bb = self.backbone(cfg["backbone"])
+        per_image = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0] * float(factor)
+        return train["job_overhead_s"] + n * epochs * per_image, size
 
     def pgt(self, wc) -> tuple[float, float]:
         from ..refine.pgt import PGTConfig

@@ -159,3 +159,30 @@ def test_gpu_check_summary_replaces_its_devices_rates(tmp_path):
     with pytest.raises(ValueError, match="not a benchmarks/gpu_check.py summary"):
         rates_from_gpu_check(rates, {"schema": "other"}, "x.json")
     assert math.isfinite(vit["musc_s_per_pair"])
+
+
+def test_trained_backends_are_priced(tmp_path):
+    """train_backend: auxiliary test images x epochs x the type's factor of a forward; official files only
+    download; image-scoring backends pay their forward in coarse."""
+    from anorefiner.commands.plan import load_config
+
+    rates = load_rates()
+    config = load_config(Path(__file__).resolve().parents[3] / "config" / "config.yaml")  # the paper's
+    model = CostModel(config, rates, "gpu", tmp_path)  # nothing on disk: the published counts
+    d = rates["devices"]["gpu"]
+    vit = d["backbones"]["ViT-L-14-336"]
+    n_visa = sum(rates["test_images"]["visa"].values())  # 2162: VisA's test split trains the MVTec AD weights
+    t = d["train_backend"]
+    seconds, disk = model.cost(Job("train_backend", {"backend": "vcp_clip", "source": "trained", "dataset": "visa"}))
+    expected = t["job_overhead_s"] + n_visa * 10 * vit["features_s_per_image"] * t["image_epoch_factor"]["vcp_clip"]
+    assert seconds == pytest.approx(expected)  # 10 epochs: VCP-CLIP's TrainConfig default
+    assert disk == rates["checkpoint_bytes"]["vcp_clip"]
+    # APRIL-GAN on MVTec AD: the config's 3 epochs
+    n_mvtec = sum(rates["test_images"]["mvtec_ad"].values())
+    seconds, _ = model.cost(Job("train_backend", {"backend": "april_gan", "source": "trained", "dataset": "mvtec_ad"}))
+    assert seconds == pytest.approx(t["job_overhead_s"] + n_mvtec * 3 * vit["features_s_per_image"])
+    assert model.cost(Job("train_backend", {"backend": "anomalyclip", "source": "official", "dataset": "visa"}))[0] == 0
+    wc = {"dataset": "mvtec_ad", "backend": "adaclip", "category": "bottle", "seed": "0"}
+    seconds, _ = model.cost(Job("coarse", wc))
+    assert seconds == pytest.approx(d["coarse_job_overhead_s"]
+                                    + 83 * vit["features_s_per_image"] * d["coarse_image_factor"]["adaclip"])
