@@ -41,6 +41,7 @@ from ..log import LOG
 from .adaclip_prompts import (AdaClipModel, SentenceBank, frozen_pooled, load_model, prompted_text,
                               prompted_visual)
 from .april_gan import layer_logits, patch_map
+from .maps import gaussian_smooth
 from .musc import _resolve_device
 from .prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
 
@@ -49,13 +50,6 @@ ADACLIP_PROMPTS = PromptSet("adaclip", APRIL_NORMAL, APRIL_ABNORMAL, APRIL_TEMPL
 CLS_INPUTS = ("prompted", "frozen")
 MAP_LEVEL = ("token grid: area mean of the official map (layer-mean bilinear logits -> softmax -> p_abn -> "
              "Gaussian) per patch")
-#: official weights (Google Drive file ids, README; no checksums published); the file names say what
-#: they were trained on (specs/tta.md B.2: trust the names, not the README table labels)
-OFFICIAL_DRIVE_IDS = {
-    "pretrained_mvtec_colondb.pth": "1xVXANHGuJBRx59rqPRir7iqbkYzq45W0",
-    "pretrained_visa_clinicdb.pth": "1QGmPB0ByPZQ7FucvGODMSz7r5Ke5wx9W",
-    "pretrained_all.pth": "1Cgkfx3GAaSYnXPLolx-P7pFqYV0IVzZF",
-}
 
 
 
@@ -90,16 +84,6 @@ def official_map(logits: list[torch.Tensor], size: int) -> torch.Tensor:
     """Test-time map ``[B, size, size]``: mean of the upsampled logits over layers, softmax, p_abnormal."""
     mean = torch.stack([upsample(lg, size) for lg in logits], 0).mean(0)
     return torch.softmax(mean, dim=1)[:, 1]
-
-
-def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """scipy ``gaussian_filter(sigma)`` per image (``trainer.py``); sigma 0 = none."""
-    if sigma <= 0:
-        return maps
-    from scipy.ndimage import gaussian_filter
-
-    arr = maps.detach().cpu().double().numpy()
-    return torch.from_numpy(np.stack([gaussian_filter(m, sigma=sigma) for m in arr])).to(maps.dtype)
 
 
 def token_abnormality(token_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -220,7 +204,7 @@ class AdaClipBackend:
         x = self.backbone.preprocess(self.images(idx))
         with torch.no_grad():
             out = adaclip_forward(self.backbone, self.model, self.bank, x, self.config, self.seed)
-            full = smooth(official_map(out["logits"], self.map_size), self.config.sigma)
+            full = gaussian_smooth(official_map(out["logits"], self.map_size), self.config.sigma)
         grid = tuple(self.backbone.grid)
         return out, patch_map(full.float(), grid), out["probs"][:, 1]
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from ..log import LOG, progress
-from .adaclip import AdaClipConfig, adaclip_forward, class_bank, upsample
+from .adaclip import AdaClipConfig, adaclip_forward, class_bank
 from .adaclip_prompts import AdaClipModel, load_model, state_for_checkpoint
-from .april_gan_train import _load_sample, dice_loss, focal_loss, training_samples
+from .april_gan import layer_probs
+from .april_gan_train import _load_sample, focal_loss, segmentation_loss, training_samples
 from .checkpoints import check_finite_loss, save_checkpoint, training_info
 
 
@@ -66,13 +67,8 @@ def _forward_config(c: TrainConfig) -> AdaClipConfig:
 
 def sample_loss(out: dict, gt: torch.Tensor, label: torch.Tensor, size: int, c: TrainConfig) -> torch.Tensor:
     """``trainer.py`` train_one_batch: focal on the image probs + per layer focal + two dice terms."""
-    probs = out["probs"]
-    loss = focal_loss(probs[:, :, None, None], label[:, None, None], c.focal_gamma, c.focal_smooth)
-    for lg in out["logits"]:
-        p = torch.softmax(upsample(lg, size), dim=1)
-        loss = loss + focal_loss(p, gt, c.focal_gamma, c.focal_smooth)
-        loss = loss + dice_loss(p[:, 1], gt, c.dice_smooth) + dice_loss(p[:, 0], 1 - gt, c.dice_smooth)
-    return loss
+    image = focal_loss(out["probs"][:, :, None, None], label[:, None, None], c.focal_gamma, c.focal_smooth)
+    return image + segmentation_loss([layer_probs(lg, size) for lg in out["logits"]], gt, c, normal_dice=True)
 
 
 def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Path, meta: dict | None = None) -> Path:

@@ -40,6 +40,7 @@ from ..log import LOG
 from .anomalyclip_dpam import (default_dpam_layer, dual_path_forward, global_feature, project_tokens,
                                with_position_embedding)
 from .april_gan import patch_map
+from .maps import gaussian_smooth as smooth  # test.py: scipy gaussian_filter, sigma 4
 from .musc import _resolve_device
 
 CHECKPOINT_KEY = "prompt_learner"  # train.py saves {"prompt_learner": state_dict}
@@ -164,17 +165,6 @@ def full_map(probs: list[torch.Tensor], size: int) -> torch.Tensor:
         up = upsample_probs(p, size)
         out = out + (up[:, 1] + 1 - up[:, 0]) / 2.0
     return out
-
-
-def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter(map, sigma)`` per map (``test.py``); ``sigma <= 0``: unchanged."""
-    if sigma <= 0:
-        return maps
-    from scipy.ndimage import gaussian_filter
-
-    arr = maps.detach().cpu().double().numpy()
-    out = np.stack([gaussian_filter(m, sigma=float(sigma)) for m in arr])
-    return torch.from_numpy(out).to(maps.dtype)
 
 
 def image_scores(glob: torch.Tensor, text: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:

@@ -18,7 +18,6 @@ atomically and loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from ..log import LOG, progress
 from .anomalyclip import CHECKPOINT_KEY, PromptLearner, encode_text, load_prompt_learner, patch_probs, upsample_probs
 from .anomalyclip_dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens,
                                with_position_embedding)
-from .april_gan_train import _load_sample, dice_loss, focal_loss, training_samples
-from .checkpoints import load_weights_only, save_checkpoint, training_info
+from .april_gan_train import _load_sample, prefetched, segmentation_loss, training_samples
+from .checkpoints import check_finite_loss, load_weights_only, save_checkpoint, training_info
 
 
 @dataclass
@@ -63,14 +62,8 @@ class TrainConfig:
 def step_loss(probs: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor,
               config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel loss * lam, image CE)`` of upsampled per-layer probabilities ``[B, 2, S, S]`` and image logits."""
-    c = config
     image_loss = F.cross_entropy(logits, labels.long())
-    loss = torch.zeros((), device=logits.device, dtype=logits.dtype)
-    for p in probs:
-        loss = loss + focal_loss(p, gt, c.focal_gamma, c.focal_smooth)
-        loss = loss + dice_loss(p[:, 1], gt, c.dice_smooth)
-        loss = loss + dice_loss(p[:, 0], 1 - gt, c.dice_smooth)
-    return c.lam * loss, image_loss
+    return config.lam * segmentation_loss(probs, gt, config, normal_dice=True), image_loss
 
 
 def _check(config: TrainConfig, backbone) -> list[int]:
@@ -112,13 +105,9 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
                 batch = [rows[i] for i in order[a : a + c.batch_size]]
                 return batch, [pool.submit(_load_sample, [r], size) for r in batch]
 
-            bar = progress(starts, desc=f"anomalyclip epoch {epoch}/{c.epochs}", unit="batch")
-            nxt = submit(starts[0])
-            for j, _a in enumerate(bar):
-                batch, futures = nxt
-                if j + 1 < len(starts):
-                    nxt = submit(starts[j + 1])
-                loaded = [f.result() for f in futures]
+            bar = progress(prefetched(starts, submit), total=len(starts),
+                           desc=f"anomalyclip epoch {epoch}/{c.epochs}", unit="batch")
+            for batch, loaded in bar:
                 x = backbone.preprocess([im for im, _ in loaded])
                 gt = torch.stack([m for _, m in loaded]).to(device)
                 labels = torch.tensor([r["defect"] != "good" for r in batch], device=device)
@@ -141,9 +130,7 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
             image_losses.append(total_img / steps)
             LOG.info("anomalyclip epoch %d/%d: loss %.5f, image loss %.5f (%d batches, %.1f s)", epoch, c.epochs,
                      losses[-1], image_losses[-1], steps, time.time() - start)
-            if not (math.isfinite(losses[-1]) and math.isfinite(image_losses[-1])):
-                raise ValueError(f"anomalyclip training diverged at epoch {epoch} "
-                                 f"(loss {losses[-1]}, image loss {image_losses[-1]})")
+            check_finite_loss("anomalyclip", epoch, losses[-1] + image_losses[-1])
     classes = sorted({r["category"] for r in rows})
     info = training_info(c, losses, rows, backbone, start, meta, dpam_layer=dpam_layer,
                          epoch_image_losses=[float(v) for v in image_losses], map_layers=[int(v) for v in layers])

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..log import LOG
+from .maps import float_tensor
 from .musc import _resolve_device
 
 CHECKPOINT_KEY = "trainable_linearlayer"  # train.py's key, kept so the official files load as ours
@@ -127,10 +128,6 @@ def load_adapters(path: str | Path, n_layers: int | None = None, dim_in: int | N
     return adapters.eval().requires_grad_(False)
 
 
-def _tensor(x) -> torch.Tensor:
-    return x.float() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float32))
-
-
 class AprilGanBackend:
     """APRIL-GAN zero-shot maps and scores as a :class:`~anorefiner.zsad.Backend`."""
 
@@ -162,7 +159,7 @@ class AprilGanBackend:
         bs = self.config.batch_size
         out = []
         for a in range(0, n, bs):
-            toks = [_tensor(layers[k][a : a + bs]).reshape(-1, h * w, layers[k].shape[-1]).to(self.device)
+            toks = [float_tensor(layers[k][a : a + bs]).reshape(-1, h * w, layers[k].shape[-1]).to(self.device)
                     for k in names]
             with torch.no_grad():
                 logits = [layer_logits(p, self.text, (h, w), self.config.temperature) for p in self.adapters(toks)]

@@ -72,16 +72,34 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
     return 1 - dice.mean()
 
 
-def segmentation_loss(prob_maps: list[torch.Tensor], target: torch.Tensor, config) -> torch.Tensor:
+def segmentation_loss(prob_maps: list[torch.Tensor], target: torch.Tensor, config,
+                      normal_dice: bool = False) -> torch.Tensor:
     """Sum over the maps (layers, branches) of focal + binary dice of the abnormal channel (``loss.py``),
     with ``config``'s ``focal_gamma``, ``focal_smooth`` and ``dice_smooth``: the segmentation loss of
-    APRIL-GAN, VCP-CLIP and RareCLIP training."""
+    APRIL-GAN, VCP-CLIP and RareCLIP training. ``normal_dice`` adds the dice of the normal channel against
+    the inverted mask (AnomalyCLIP's and AdaCLIP's second dice term)."""
     loss = torch.zeros((), device=target.device)
     for probs in prob_maps:
         probs = probs.float()
         loss = loss + focal_loss(probs, target, config.focal_gamma, config.focal_smooth)
         loss = loss + dice_loss(probs[:, 1], target, config.dice_smooth)
+        if normal_dice:
+            loss = loss + dice_loss(probs[:, 0], 1 - target, config.dice_smooth)
     return loss
+
+
+def prefetched(keys, submit):
+    """Yield ``(payload, loaded)`` per key, where ``submit(key) -> (payload, futures)`` is called one key
+    ahead (the next batch decodes in the pool while this one trains) and ``loaded`` holds the futures'
+    results in order. ``submit`` runs in the calling thread, in key order, so its random draws do not
+    depend on the pool."""
+    keys = list(keys)
+    nxt = submit(keys[0]) if keys else None
+    for j in range(len(keys)):
+        payload, futures = nxt
+        if j + 1 < len(keys):
+            nxt = submit(keys[j + 1])
+        yield payload, [f.result() for f in futures]
 
 
 def training_samples(root: str | Path, dataset: str, max_images: int | None = None) -> list[dict]:
@@ -189,13 +207,9 @@ def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | P
                          else [r] for r in batch]
                 return batch, [pool.submit(_load_sample, spec, size) for spec in specs]
 
-            bar = progress(starts, desc=f"april_gan epoch {epoch}/{c.epochs}", unit="batch")
-            nxt = submit(starts[0])
-            for j, _a in enumerate(bar):
-                batch, futures = nxt
-                if j + 1 < len(starts):
-                    nxt = submit(starts[j + 1])  # decoded while the model runs on this batch
-                loaded = [f.result() for f in futures]
+            bar = progress(prefetched(starts, submit), total=len(starts), desc=f"april_gan epoch {epoch}/{c.epochs}",
+                           unit="batch")
+            for batch, loaded in bar:
                 imgs, masks = [im for im, _ in loaded], [m for _, m in loaded]
                 x = backbone.preprocess(imgs)
                 gt = torch.stack(masks).to(device)

@@ -41,11 +41,13 @@ OFFICIAL = {
     },
     # Google Drive only, no checksum published (specs/backends.md section 2, specs/tta.md B.2): no git_blob, so
     # train-backend accepts only a file the user downloaded (backends.<name>.official.<aux>.url), keys and shapes checked
-    "vcp_clip": {
+    "vcp_clip": {  # README: train_visa.pth / train_mvtec.pth (the latter's link replaced on 2024-09-11, 8f8d4db,
+        #            formerly 1eKuE7FbyGXgs7n2nKlGWD1tDcu69wt4a)
         "visa": {"url": "https://drive.google.com/file/d/1MOTaN2hf6ejraTzax6Fnr0fa_b2ZMzjN", "git_blob": None},
         "mvtec_ad": {"url": "https://drive.google.com/file/d/1uJE25wx2OgSbVPMhR2rbOO5ey0r9UkTr", "git_blob": None},
     },
-    "adaclip": {
+    "adaclip": {  # pretrained_visa_clinicdb.pth / pretrained_mvtec_colondb.pth (the names say the training sets;
+        #           pretrained_all.pth, 1Cgkfx3GAaSYnXPLolx-P7pFqYV0IVzZF, was trained on everything)
         "visa": {"url": "https://drive.google.com/file/d/1QGmPB0ByPZQ7FucvGODMSz7r5Ke5wx9W", "git_blob": None},
         "mvtec_ad": {"url": "https://drive.google.com/file/d/1xVXANHGuJBRx59rqPRir7iqbkYzq45W0", "git_blob": None},
     },

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..log import LOG, progress
 from .april_gan import load_adapters, patch_map
+from .maps import float_tensor
 from .musc import _resolve_device
 from .prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
 from .rareclip_memory import RarityBank, aggregate, gaussian_blur, minmax, rescore, stream_weights
@@ -177,10 +178,6 @@ class RareStream:
         return full, score
 
 
-def _tensor(x) -> torch.Tensor:
-    return x.float() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float32))
-
-
 class RareClipBackend:
     """RareCLIP maps and scores as a :class:`~anorefiner.zsad.Backend` (one online stream per category)."""
 
@@ -225,15 +222,15 @@ class RareClipBackend:
         with torch.no_grad():
             bs = max(1, int(self.config.batch_size))
             for a in range(0, n, bs):
-                toks = [_tensor(layers[k][a : a + bs]).reshape(-1, h * w, layers[k].shape[-1]).to(self.device)
+                toks = [float_tensor(layers[k][a : a + bs]).reshape(-1, h * w, layers[k].shape[-1]).to(self.device)
                         for k in self.text_layers]
                 maps.append(text_maps(self.adapters, toks, self.text, self.config.text_temperature).cpu())
-            g = torch.as_tensor(self.backbone.image_embedding(_tensor(cls), normalize=True)).float().to(self.device)
+            g = torch.as_tensor(self.backbone.image_embedding(float_tensor(cls), normalize=True)).float().to(self.device)
             prob = torch.softmax(self.config.text_temperature * g @ self.text.T, dim=-1)[:, 1]
         return torch.cat(maps), prob.cpu(), g.cpu(), (h, w)
 
     def _raw(self, layers: dict, i: int) -> dict:
-        return {k: _tensor(layers[k][i]).to(self.device) for k in self.rare_layers}
+        return {k: float_tensor(layers[k][i]).to(self.device) for k in self.rare_layers}
 
     def _run(self, stream: RareStream, layers, order, maps, prob, g, grid, update=True, late=False):
         out = {}

@@ -20,7 +20,6 @@ Shared pieces come from :mod:`.april_gan_train` (focal/dice losses, samples, mos
 
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from ..log import LOG, progress
 from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs, load_adapters
-from .april_gan_train import _load_sample, mosaic_pick, segmentation_loss, training_samples
+from .april_gan_train import _load_sample, mosaic_pick, prefetched, segmentation_loss, training_samples
 from .checkpoints import check_finite_loss, save_checkpoint, training_info
 
 #: MVTec AD defect types train.py leaves out (the integrator sets them for mvtec_ad)
@@ -105,36 +104,37 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
     size, grid = backbone.resolution, backbone.grid
     losses, start = [], time.time()
     use_amp = c.autocast and device.type == "cuda"
-    pool = ThreadPoolExecutor(max(1, int(c.workers)))
-    for epoch in range(1, c.epochs + 1):
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        total, steps = 0.0, 0
-        for a in progress(range(0, len(order), c.batch_size), desc=f"rareclip epoch {epoch}/{c.epochs}",
-                          unit="batch"):
-            batch = [rows[i] for i in order[a : a + c.batch_size]]
-            specs = [mosaic_pick(by_class[r["category"]], rng) if c.mosaic_p > 0 and rng.random() < c.mosaic_p
-                     else [r] for r in batch]
-            loaded = list(pool.map(lambda spec: _load_sample(spec, size), specs))  # rng drawn above, in order
-            x = backbone.preprocess([im for im, _ in loaded])
-            gt = torch.stack([m for _, m in loaded]).to(device)
-            with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
-                layers, cls = backbone.forward(x)
-                g = torch.as_tensor(backbone.image_embedding(cls.float(), normalize=True)).float().to(device)
-            toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in names]
-            projected = adapters(toks)
-            loss = c.align_weight * align_loss(projected, g) + segmentation_loss(
-                [layer_probs(layer_logits(p, text, grid, c.temperature), size) for p in projected], gt, c)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
-        losses.append(total / max(steps, 1))
-        LOG.info("rareclip epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
-                 time.time() - start)
-        if not math.isfinite(losses[-1]):
-            pool.shutdown()
+    with ThreadPoolExecutor(max(1, int(c.workers))) as pool:
+        for epoch in range(1, c.epochs + 1):
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            starts = list(range(0, len(order), c.batch_size))
+            total, steps = 0.0, 0
+
+            def submit(a):  # rng drawn here, in batch order: the result does not depend on the pool
+                batch = [rows[i] for i in order[a : a + c.batch_size]]
+                specs = [mosaic_pick(by_class[r["category"]], rng) if c.mosaic_p > 0 and rng.random() < c.mosaic_p
+                         else [r] for r in batch]
+                return batch, [pool.submit(_load_sample, spec, size) for spec in specs]
+
+            for batch, loaded in progress(prefetched(starts, submit), total=len(starts),
+                                          desc=f"rareclip epoch {epoch}/{c.epochs}", unit="batch"):
+                x = backbone.preprocess([im for im, _ in loaded])
+                gt = torch.stack([m for _, m in loaded]).to(device)
+                with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
+                    layers, cls = backbone.forward(x)
+                    g = torch.as_tensor(backbone.image_embedding(cls.float(), normalize=True)).float().to(device)
+                toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in names]
+                projected = adapters(toks)
+                loss = c.align_weight * align_loss(projected, g) + segmentation_loss(
+                    [layer_probs(layer_logits(p, text, grid, c.temperature), size) for p in projected], gt, c)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + float(loss.detach()), steps + 1
+            losses.append(total / max(steps, 1))
+            LOG.info("rareclip epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
+                     time.time() - start)
             check_finite_loss("rareclip", epoch, losses[-1])
-    pool.shutdown()
     state = {k: v.detach().cpu().clone() for k, v in adapters.state_dict().items()}
     save_checkpoint(out, {CHECKPOINT_KEY: state}, training_info(c, losses, rows, backbone, start, meta,
                                                                  text_layers=names))

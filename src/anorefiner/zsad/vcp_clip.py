@@ -37,24 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 from ..log import LOG
 from .april_gan import LinearAdapters, layer_logits, layer_probs, patch_map
+from .maps import float_tensor, gaussian_smooth
 from .musc import _resolve_device
 from .vcp_clip_prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, TEMPERATURE_INIT, PreVcp, TextPrompts,
                                slot_tokens, vcp_text)
 
-#: Official checkpoints (README, specs/backends.md section 2): Google Drive, no size or checksum published.
-OFFICIAL_CHECKPOINTS = {
-    "visa": {"file": "train_visa.pth", "trained_on": "visa", "used_for": "mvtec_ad",
-             "url": "https://drive.google.com/file/d/1MOTaN2hf6ejraTzax6Fnr0fa_b2ZMzjN",
-             "gdrive_id": "1MOTaN2hf6ejraTzax6Fnr0fa_b2ZMzjN"},
-    "mvtec_ad": {"file": "train_mvtec.pth", "trained_on": "mvtec_ad", "used_for": "visa",
-                 "url": "https://drive.google.com/file/d/1uJE25wx2OgSbVPMhR2rbOO5ey0r9UkTr",
-                 "gdrive_id": "1uJE25wx2OgSbVPMhR2rbOO5ey0r9UkTr",
-                 "replaced_gdrive_id": "1eKuE7FbyGXgs7n2nKlGWD1tDcu69wt4a"},  # link before 2024-09-11 (8f8d4db)
-}
 GROUPS = ("trainable_linearlayer", "New_Lan_Embed", "Zero_try")
 TOP_LEVEL = ("prompt_embeddings", "deep_prompt_embeddings", "prompt_proj.weight", "prompt_proj.bias",
              "prompt_norm.weight", "prompt_norm.bias", "prompt_text_projection")
@@ -184,8 +174,8 @@ def image_scores(raw: torch.Tensor, new: torch.Tensor, k: int) -> torch.Tensor:
 
 def smooth(raw: np.ndarray, new: np.ndarray, alpha: float, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """``gaussian(alpha raw + (1 - alpha) new)`` per image ``[B, S, S]`` (scipy, mode reflect), float64."""
-    blend = alpha * np.asarray(raw, np.float64) + (1 - alpha) * np.asarray(new, np.float64)
-    return np.stack([gaussian_filter(m, sigma=sigma, truncate=truncate, mode="reflect") for m in blend])
+    return gaussian_smooth(alpha * np.asarray(raw, np.float64) + (1 - alpha) * np.asarray(new, np.float64),
+                           sigma, truncate)
 
 
 def class_minmax(maps: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -194,12 +184,6 @@ def class_minmax(maps: np.ndarray, lo: float, hi: float) -> np.ndarray:
         LOG.warning("vcp_clip: constant maps over the class stack (min = max = %g); maps set to 0", lo)
         return np.zeros_like(maps)
     return (maps - lo) / (hi - lo)
-
-
-def _load(path: Path):
-    from .checkpoints import load_weights_only
-
-    return load_weights_only(path, "vcp_clip checkpoint")
 
 
 def _dims_of(path: Path, obj: dict) -> VcpDims:
@@ -217,8 +201,10 @@ def _dims_of(path: Path, obj: dict) -> VcpDims:
 def load_vcp_checkpoint(path: str | Path, backbone=None, heads: int = 8) -> VcpModel:
     """A :class:`VcpModel` from a checkpoint (ours or the official file): every key and shape checked against
     the backbone (or, without one, against the file's own dimensions); errors name the file and key."""
+    from .checkpoints import load_weights_only
+
     path = Path(path)
-    obj = _load(path)
+    obj = load_weights_only(path, "vcp_clip checkpoint")
     if not isinstance(obj, dict):
         raise ValueError(f"vcp_clip checkpoint {path}: a {type(obj).__name__}, not a dict")
     for g in GROUPS:
@@ -257,10 +243,6 @@ def load_vcp_checkpoint(path: str | Path, backbone=None, heads: int = 8) -> VcpM
     return model.eval().requires_grad_(False)
 
 
-def _tensor(x) -> torch.Tensor:
-    return x.float() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float32))
-
-
 class VcpClipBackend:
     """VCP-CLIP zero-shot maps and scores as a :class:`~anorefiner.zsad.Backend` (from the feature cache)."""
 
@@ -296,10 +278,10 @@ class VcpClipBackend:
         n, h, w, _ = layers[names[0]].shape
         if n == 0:
             raise ValueError("vcp_clip: no images to score (empty category)")
-        cls = _tensor(cls)
+        cls = float_tensor(cls)
         maps, scores, lo, hi = [], [], np.inf, -np.inf
         for a in range(0, n, self.config.batch_size):
-            toks = [_tensor(layers[k][a : a + self.config.batch_size]).reshape(-1, h * w, layers[k].shape[-1])
+            toks = [float_tensor(layers[k][a : a + self.config.batch_size]).reshape(-1, h * w, layers[k].shape[-1])
                     .to(self.device) for k in names]
             with torch.no_grad():
                 g = self.backbone.image_embedding(cls[a : a + self.config.batch_size], normalize=False).float()

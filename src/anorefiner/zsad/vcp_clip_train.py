@@ -37,7 +37,9 @@ from PIL import Image, ImageEnhance, ImageFilter
 from scipy.ndimage import rotate as nd_rotate
 
 from ..log import LOG, progress
-from .april_gan_train import _load_pair, mosaic_from, resize_mask, segmentation_loss, training_samples
+from .april_gan import layer_probs
+from .april_gan_train import (_load_pair, mosaic_from, prefetched, resize_mask, segmentation_loss,
+                              training_samples)
 from .checkpoints import check_finite_loss, save_checkpoint, training_info
 from .vcp_clip import VcpDims, VcpModel, load_vcp_checkpoint
 from .vcp_clip_prompts import ABNORMAL_PROMPT, NORMAL_PROMPT, slot_tokens
@@ -185,15 +187,11 @@ def train_vcp(backbone, rows: list[dict], config: TrainConfig, out: str | Path, 
                                 if c.mosaic_p > 0 and rng.random() < c.mosaic_p else [])
                         aug = draw_augmentation(rng, c) if c.augment else {}
                         specs.append((pick or [r], aug))
-                    return [pool.submit(_load_sample, spec, aug, size) for spec, aug in specs]
+                    return batch, [pool.submit(_load_sample, spec, aug, size) for spec, aug in specs]
 
-                bar = progress(starts, desc=f"vcp_clip epoch {epoch}/{c.epochs}", unit="batch")
-                nxt = submit(starts[0])
-                for j, _a in enumerate(bar):
-                    futures = nxt
-                    if j + 1 < len(starts):
-                        nxt = submit(starts[j + 1])
-                    loaded = [f.result() for f in futures]
+                bar = progress(prefetched(starts, submit), total=len(starts),
+                               desc=f"vcp_clip epoch {epoch}/{c.epochs}", unit="batch")
+                for _batch, loaded in bar:
                     x = backbone.preprocess([im for im, _ in loaded])
                     gt = torch.stack([m for _, m in loaded]).to(device)
                     with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
@@ -204,8 +202,7 @@ def train_vcp(backbone, rows: list[dict], config: TrainConfig, out: str | Path, 
                     with torch.autocast("cuda", enabled=use_amp):  # train.py: the forward under autocast
                         text = model.text(backbone, tokens, g)
                         raw, new = model.layer_logits(toks, text, grid)
-                        all_probs = [torch.softmax(torch.nn.functional.interpolate(
-                            lg, size=(size, size), mode="bilinear", align_corners=True), dim=1) for lg in raw + new]
+                        all_probs = [layer_probs(lg, size) for lg in raw + new]
                     loss = segmentation_loss(all_probs, gt, c)  # train.py: outside autocast, no grad scaler
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

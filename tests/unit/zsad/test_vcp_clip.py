@@ -14,7 +14,8 @@ from anorefiner.backbones import build_backbone
 from anorefiner.cache import extract_features, read_features
 from anorefiner.data.index import index_category
 from anorefiner.zsad.april_gan_train import training_samples
-from anorefiner.zsad.vcp_clip import (OFFICIAL_CHECKPOINTS, PostVcp, VcpClipBackend, VcpClipConfig, VcpDims,
+from anorefiner.zsad.checkpoints import OFFICIAL
+from anorefiner.zsad.vcp_clip import (PostVcp, VcpClipBackend, VcpClipConfig, VcpDims,
                                       VcpModel, branch_maps, class_minmax, effective_topk, image_scores,
                                       load_vcp_checkpoint, smooth)
 from anorefiner.zsad.vcp_clip_prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, PreVcp, slot_tokens, token_embeddings,
@@ -235,7 +236,7 @@ def test_checkpoint_round_trip_and_errors(tiny56, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pth: not a weights-only"):
         check_checkpoint(tmp_path / "junk.pth")
-    assert set(OFFICIAL_CHECKPOINTS) == {"visa", "mvtec_ad"}
+    assert set(OFFICIAL["vcp_clip"]) == {"visa", "mvtec_ad"}
 
 
 def test_augmentation_keeps_image_and_mask_aligned():
