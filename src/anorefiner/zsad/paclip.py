@@ -227,13 +227,13 @@ class PACLIPBackend:
         if not c.pam:  # ablation: no content-adaptive augmentation (Sec. 3.3)
             return {k: v[0] for k, v in views.items()}, normal
         gen = np.random.default_rng([self.seed, 4])
-        if self.images is not None and self.backbone is not None:
-            imgs = self.images(list(normal))
+        image_source = self._view_source()
+        if image_source is not None:
+            imgs = image_source(list(normal))
             for v in range(c.n_augment):
                 aug = [_photometric(im, gen) if photometric else
                        np.ascontiguousarray(_geometric(torch.from_numpy(np.array(im)), v).numpy()) for im in imgs]
-                with torch.no_grad():
-                    layers, _ = self.backbone.forward(self.backbone.preprocess(aug))
+                layers = self._encode_views(aug)
                 for k in names:
                     views[k].append(torch.as_tensor(layers[k]).float().cpu())
                 source.append(normal)
@@ -246,6 +246,16 @@ class PACLIPBackend:
             LOG.warning("PA-CLIP CADA: sigma=%.3f asks for photometric augments, which need images; "
                         "the normal bank uses the un-augmented tokens", sigma)
         return {k: torch.cat(v, 0) for k, v in views.items()}, np.concatenate(source)
+
+    def _view_source(self):
+        """``indices -> images`` for image-level CADA, or None (it needs the images and a backbone to encode)."""
+        return self.images if self.backbone is not None else None
+
+    def _encode_views(self, images: list) -> dict:
+        """Tokens ``{layer: [V, h, w, C]}`` of augmented images: the backbone's forward."""
+        with torch.no_grad():
+            layers, _ = self.backbone.forward(self.backbone.preprocess(images))
+        return layers
 
     def _bank(self, z: torch.Tensor, image: np.ndarray, ratio: float, seed: int) -> _Bank:
         """``z`` [V, h, w, C] normalised; reference id = view number, ``image`` = source per view."""

@@ -72,32 +72,18 @@ class _BaseSelectedPACLIP(PACLIPBackend):
     def normal_scores(self, feats, idx: np.ndarray) -> np.ndarray:
         return -self.base_scores[np.asarray(idx)]
 
-    def _augmented_tokens(self, feats, normal: np.ndarray, sigma: float):
-        if self.base.images is None or not self.config.pam:
-            return super()._augmented_tokens(feats, normal, sigma)
-        from .paclip import _geometric, _photometric
-        import torch
+    def _view_source(self):
+        return self.base.images
 
-        c = self.config
-        photometric = sigma > c.sigma_threshold
-        names = self._names(feats)
-        views = {k: [torch.as_tensor(np.asarray(feats.layers[k])[normal]).float()] for k in names}
-        source = [normal]
-        gen = np.random.default_rng([self.seed, 4])
-        originals = self.base.images(list(normal))
-        source_images = self.base.images
+    def _encode_views(self, images: list) -> dict:
+        """The base's features of augmented images (its forward reads images through ``base.images``)."""
+        source = self.base.images
+        self.base.images = lambda idx: [images[i] for i in idx]
         try:
-            for v in range(c.n_augment):
-                aug = [_photometric(im, gen) if photometric else
-                       np.ascontiguousarray(_geometric(torch.from_numpy(np.array(im)), v).numpy()) for im in originals]
-                self.base.images = lambda idx, aug=aug: [aug[i] for i in idx]
-                layers, _, _ = self.base.features_and_scores(list(range(len(aug))))
-                for k in names:
-                    views[k].append(torch.as_tensor(np.asarray(layers[k])).float())
-                source.append(normal)
+            layers, _, _ = self.base.features_and_scores(list(range(len(images))))
         finally:
-            self.base.images = source_images
-        return {k: torch.cat(v, 0) for k, v in views.items()}, np.concatenate(source)
+            self.base.images = source
+        return layers
 
 
 class PadPamBackend:

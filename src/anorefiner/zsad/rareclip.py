@@ -202,6 +202,7 @@ class RareClipBackend:
         self.adapters.to(self.device)
         self.text = text_embeddings(backbone, c.text_cache).to(self.device)
         self.map_size = int(c.map_size or backbone.resolution)
+        self._prepared: tuple | None = None  # (feature ids, _prepare of them): PGT scores many query batches
         self.last_info = {"map_level": MAP_LEVEL, "map_size": self.map_size, "checkpoint": str(c.checkpoint),
                           "seed": self.seed, "stream": "random.Random(seed).shuffle of the index order"}
 
@@ -229,6 +230,13 @@ class RareClipBackend:
             prob = torch.softmax(self.config.text_temperature * g @ self.text.T, dim=-1)[:, 1]
         return torch.cat(maps), prob.cpu(), g.cpu(), (h, w)
 
+    def _category(self, feats) -> tuple:
+        """:meth:`_prepare` of the category's own features, computed once per feature set."""
+        key = tuple(np.asarray(feats.ids).tolist())
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, self._prepare(feats.layers, feats.cls))
+        return self._prepared[1]
+
     def _raw(self, layers: dict, i: int) -> dict:
         return {k: float_tensor(layers[k][i]).to(self.device) for k in self.rare_layers}
 
@@ -247,7 +255,7 @@ class RareClipBackend:
         n = len(feats.ids)
         if n == 0:
             raise ValueError("rareclip: empty category (no test images in the feature cache)")
-        maps, prob, g, grid = self._prepare(feats.layers, feats.cls)
+        maps, prob, g, grid = self._category(feats)
         order = stream_order(n, self.seed)
         stream = RareStream(self.config, grid[0] * grid[1], self.map_size)
         res = {}
@@ -273,7 +281,7 @@ class RareClipBackend:
         if bad:
             raise ValueError(f"rareclip score_queries: reference indices {bad[:5]} outside 0..{len(feats.ids) - 1}")
         refs = sorted(set(refs), key=lambda j: rank[j])
-        maps, prob, g, grid = self._prepare(feats.layers, feats.cls)
+        maps, prob, g, grid = self._category(feats)
         qmaps, qprob, qg, qgrid = self._prepare(query_layers, query_cls)
         if qgrid != grid:
             raise ValueError(f"rareclip score_queries: query grid {qgrid} != feature grid {grid}")
