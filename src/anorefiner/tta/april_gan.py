@@ -25,18 +25,20 @@ from .common import Units
 from .musc import class_token_forward
 
 
-class AprilGanTTA:
-    """:class:`~anorefiner.tta.common.TTABackend` over an :class:`~anorefiner.zsad.april_gan.AprilGanBackend`."""
+class PerImageTTA:
+    """What the TTA backends over a per-image CLIP classifier share (APRIL-GAN here, VCP-CLIP in
+    :mod:`.vcp_clip`): the zero-shot backend ``zsad`` on an open_clip ViT, the tapped layers and the class
+    token of one forward, no group context, raw image scores kept."""
 
     uses_ln_post = True
-    image_loss = True
+    title = "a per-image backend"
 
-    def __init__(self, zsad, autocast_dtype: torch.dtype | None = None, name: str = "april_gan"):
+    def __init__(self, zsad, autocast_dtype: torch.dtype | None = None, name: str = ""):
         backbone = zsad.backbone
         if not hasattr(backbone, "visual") or not hasattr(backbone, "pos_embed"):
-            raise ValueError(f"tta: APRIL-GAN adaptation needs an open_clip ViT backbone, got {backbone!r}")
+            raise ValueError(f"tta: {self.title} adaptation needs an open_clip ViT backbone, got {backbone!r}")
         if torch.device(zsad.device) != torch.device(backbone.device):
-            raise ValueError(f"tta: APRIL-GAN runs on {zsad.device} but its backbone on {backbone.device}")
+            raise ValueError(f"tta: {self.title} runs on {zsad.device} but its backbone on {backbone.device}")
         self.zsad, self.backbone, self.visual = zsad, backbone, backbone.visual
         self.device, self.name, self.autocast_dtype = backbone.device, name, autocast_dtype
         self.layers = list(backbone.layers)
@@ -45,7 +47,20 @@ class AprilGanTTA:
         return class_token_forward(self.backbone, x, self.layers, self.autocast_dtype)
 
     def begin_group(self, x: torch.Tensor, calibrate: bool = True) -> None:
-        """APRIL-GAN scores each image on its own: no group context."""
+        """Each image is scored on its own: no group context."""
+
+    def finalize_scores(self, scores: np.ndarray, groups) -> np.ndarray:
+        return np.asarray(scores, dtype=np.float32)
+
+
+class AprilGanTTA(PerImageTTA):
+    """:class:`~anorefiner.tta.common.TTABackend` over an :class:`~anorefiner.zsad.april_gan.AprilGanBackend`."""
+
+    image_loss = True
+    title = "APRIL-GAN"
+
+    def __init__(self, zsad, autocast_dtype: torch.dtype | None = None, name: str = "april_gan"):
+        super().__init__(zsad, autocast_dtype, name)
 
     def units(self, x: torch.Tensor, positions) -> Units:
         toks, cls = self._forward(x)
@@ -72,6 +87,3 @@ class AprilGanTTA:
                 emb = self.backbone.image_embedding(cls, normalize=True).float()
                 scores.append(image_scores(emb, self.zsad.text, self.zsad.config.temperature).cpu())
         return torch.cat(maps).numpy().astype(np.float32), torch.cat(scores).numpy().astype(np.float32)
-
-    def finalize_scores(self, scores: np.ndarray, groups) -> np.ndarray:
-        return np.asarray(scores, dtype=np.float32)

@@ -23,29 +23,18 @@ import numpy as np
 import torch
 
 from .common import Units
-from .musc import class_token_forward
+from .april_gan import PerImageTTA
 
 
-class VcpClipTTA:
+class VcpClipTTA(PerImageTTA):
     """:class:`~anorefiner.tta.common.TTABackend` over a :class:`~anorefiner.zsad.vcp_clip.VcpClipBackend`."""
 
-    uses_ln_post = True
     image_loss = False
+    title = "VCP-CLIP"
 
     def __init__(self, zsad, autocast_dtype: torch.dtype | None = None, name: str = "vcp_clip"):
-        backbone = zsad.backbone
-        if not hasattr(backbone, "visual") or not hasattr(backbone, "pos_embed"):
-            raise ValueError(f"tta: VCP-CLIP adaptation needs an open_clip ViT backbone, got {backbone!r}")
-        self.zsad, self.backbone, self.visual = zsad, backbone, backbone.visual
-        self.device, self.name, self.autocast_dtype = backbone.device, name, autocast_dtype
-        self.layers = list(backbone.layers)
+        super().__init__(zsad, autocast_dtype, name)
         zsad.model.eval().requires_grad_(False)
-
-    def _forward(self, x: torch.Tensor):
-        return class_token_forward(self.backbone, x, self.layers, self.autocast_dtype)
-
-    def begin_group(self, x: torch.Tensor, calibrate: bool = True) -> None:
-        """VCP-CLIP scores each image on its own: no group context."""
 
     def units(self, x: torch.Tensor, positions) -> Units:
         toks, cls = self._forward(x)
@@ -75,7 +64,3 @@ class VcpClipTTA:
                 maps.append(m)
                 scores.append(sc)
         return np.concatenate(maps).astype(np.float32), np.concatenate(scores).astype(np.float32)
-
-    def finalize_scores(self, scores: np.ndarray, groups) -> np.ndarray:
-        return np.asarray(scores, dtype=np.float32)
-
