@@ -73,25 +73,24 @@ def _official(args, trainer) -> int:
     known = official_source(args.backend_type, args.dataset) if args.official == "default" or not args.git_blob else {}
     url = known.get("url") if args.official == "default" else args.official
     blob = args.git_blob or known.get("git_blob")
-    if not blob:  # Google-Drive-only official files (VCP-CLIP, AdaCLIP) publish no checksum
-        return _unverifiable_official(args, trainer, url)
-    name = Path(url.split("?")[0]).name
-    local = fetch_checkpoint(url, Path(args.download_dir) / args.backend_type / args.dataset / name, blob)
+    if blob:
+        name = Path(url.split("?")[0]).name
+        local = fetch_checkpoint(url, Path(args.download_dir) / args.backend_type / args.dataset / name, blob)
+    else:  # Google-Drive-only official files (VCP-CLIP, AdaCLIP) publish no checksum
+        local = _unverifiable_local(args, url)
     trainer.check_checkpoint(local)  # keys and shapes checked before anything is written to --out
     with atomic_path(args.out) as tmp:
         shutil.copyfile(local, tmp)
     return 0
 
 
-def _unverifiable_official(args, trainer, url: str) -> int:
-    """An official file with no published checksum: only a local file the user downloaded is accepted,
-    checked by its keys and shapes (nothing is downloaded without a checksum to verify)."""
-    import shutil
+def _unverifiable_local(args, url: str):
+    """An official file with no published checksum: only a local file the user downloaded is accepted (its
+    SHA-256 is logged; the caller checks its keys and shapes). Nothing is downloaded without a checksum."""
     from pathlib import Path
 
     from ..config import ConfigError
     from ..data.download import sha256_file
-    from ..io import atomic_path
     from ..log import LOG
 
     if "://" in str(url):
@@ -102,9 +101,6 @@ def _unverifiable_official(args, trainer, url: str) -> int:
     local = Path(url)
     if not local.is_file():
         raise FileNotFoundError(f"official {args.backend_type} checkpoint {local} does not exist")
-    trainer.check_checkpoint(local)
-    LOG.warning("official %s checkpoint %s: no published checksum; keys and shapes checked, sha256 %s",
+    LOG.warning("official %s checkpoint %s: no published checksum, sha256 %s (only its keys and shapes are checked)",
                 args.backend_type, local, sha256_file(local))
-    with atomic_path(args.out) as tmp:
-        shutil.copyfile(local, tmp)
-    return 0
+    return local
