@@ -13,6 +13,15 @@ def float_tensor(x) -> torch.Tensor:
     return x.float() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float32))
 
 
+def minmax(x):
+    """``(x - min) / (max - min)`` over the whole tensor or array (a category's maps, a running prior); a
+    constant input gives zeros (the official divisions would give NaN)."""
+    lo, hi = x.min(), x.max()
+    if hi <= lo:
+        return torch.zeros_like(x) if torch.is_tensor(x) else np.zeros_like(x)
+    return (x - lo) / (hi - lo)
+
+
 def gaussian_smooth(maps, sigma: float, truncate: float = 4.0):
     """``gaussian_filter(m, sigma, truncate=truncate, mode='reflect')`` of every map of ``[B, H, W]``, in
     float64; ``sigma <= 0`` returns the input. A tensor comes back as a tensor of its dtype, an array as a

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..log import LOG
+from .maps import minmax
 from .paclip import PACLIPBackend, PACLIPConfig
 
 #: base backend types that expose ``features_and_scores(indices) -> (layers, maps, scores)``
@@ -46,15 +47,9 @@ class PadPamConfig:
     device: str = "auto"
 
 
-def minmax(x: np.ndarray) -> np.ndarray:
-    """Min-max over the whole array (a category's maps or scores); a constant array maps to zeros."""
-    x = np.asarray(x, dtype=np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    return np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
-
-
 def fuse(base: np.ndarray, pad: np.ndarray, base_weight: float) -> np.ndarray:
-    """The decision rule above: a convex combination of the two min-max normalised arrays."""
+    """The decision rule above: a convex combination of the two arrays, each min-max normalised (float64)."""
+    base, pad = np.asarray(base, np.float64), np.asarray(pad, np.float64)
     return (base_weight * minmax(base) + (1.0 - base_weight) * minmax(pad)).astype(np.float32)
 
 

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from ..log import LOG, progress
 from .april_gan import load_adapters, patch_map
-from .maps import float_tensor
+from .maps import float_tensor, minmax
 from .musc import _resolve_device
 from .prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
-from .rareclip_memory import RarityBank, aggregate, gaussian_blur, minmax, rescore, stream_weights
+from .rareclip_memory import RarityBank, aggregate, gaussian_blur, rescore, stream_weights
 
 MAP_LEVEL = "token grid: area mean of the official full-resolution map (upsampled, blurred) per patch"
 CLASS_WORDS = ("object", "texture")  # rareclip.py: every state filled with both words (class-agnostic)

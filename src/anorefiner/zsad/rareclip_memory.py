@@ -200,12 +200,6 @@ class RarityBank:
             self.earlier[stale], self.earlier_arg[stale] = best, barg
 
 
-def minmax(x: torch.Tensor) -> torch.Tensor:
-    """``normalize01``; a constant map gives zeros (the official division would give NaN)."""
-    lo, hi = x.min(), x.max()
-    return torch.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
-
-
 def stream_weights(position: int, early: int = 3) -> tuple[float, float]:
     """``(rare weight, text weight)`` of the image at ``position`` of a class stream (0-based):
     text only first, 2/3 + 2/3 up to position ``early``, then 4/3 rare + 1/3 text."""
