@@ -13,7 +13,7 @@ Facts from the official code state ``hy28hy/RareCLIP_v1@a8e6d46`` (``rareclip.py
   features, a PSM row (LS of each prototype's max similarity to the new patches) and the new columns
   ``[ref_prob; 1]``; SCS sampling (:func:`scs_keep`) when M > 3 * patches; PSM rows above 200 drop the
   oldest;
-* :func:`gaussian_blur` (torchvision ``GaussianBlur`` on tensors: reflect padding, separable kernel),
+* :func:`gaussian_blur` (torchvision's ``gaussian_blur``, as ``GaussianBlur``),
   :func:`rescore` (kNN re-scoring of the image score).
 
 Memory is O(prototypes x patches): the similarity of the new image's patches to the prototypes is
@@ -210,26 +210,17 @@ def stream_weights(position: int, early: int = 3) -> tuple[float, float]:
     return 4.0 / 3.0, 1.0 / 3.0
 
 
-def gaussian_kernel1d(kernel_size: int, sigma: float, dtype=torch.float32) -> torch.Tensor:
-    """torchvision's ``_get_gaussian_kernel1d``: ``exp(-x^2 / 2 sigma^2)`` on a centred grid, normalised."""
-    half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, kernel_size, dtype=dtype)
-    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-    return pdf / pdf.sum()
-
-
 def gaussian_blur(maps: torch.Tensor, kernel_size: int = 25, sigma: float = 4.0) -> torch.Tensor:
-    """torchvision ``GaussianBlur`` on ``[N, H, W]`` maps: reflect padding, separable Gaussian kernel."""
+    """torchvision's ``gaussian_blur`` (what RareCLIP's ``GaussianBlur`` runs) on ``[N, H, W]`` maps, with the
+    sizes checked first (torchvision's reflect padding needs the kernel's half-width below the map size)."""
+    from .._compat import import_torchvision
+
     if kernel_size % 2 != 1 or kernel_size < 1:
         raise ValueError(f"rareclip: blur kernel size must be odd and positive, got {kernel_size}")
-    pad = kernel_size // 2
-    if pad >= min(maps.shape[-2:]):
+    if kernel_size // 2 >= min(maps.shape[-2:]):
         raise ValueError(f"rareclip: blur kernel {kernel_size} is too large for {tuple(maps.shape[-2:])} maps")
-    k = gaussian_kernel1d(kernel_size, sigma, maps.dtype).to(maps.device)
-    x = F.pad(maps.unsqueeze(1), (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, k.reshape(1, 1, 1, -1))
-    x = F.conv2d(x, k.reshape(1, 1, -1, 1))
-    return x.squeeze(1)
+    blur = import_torchvision().transforms.functional.gaussian_blur
+    return blur(maps.unsqueeze(1), [kernel_size, kernel_size], [float(sigma), float(sigma)]).squeeze(1)
 
 
 def rescore(sim: torch.Tensor, scores: torch.Tensor, freq: int = 20, temperature: float = 200.0,
