@@ -55,11 +55,13 @@ def register_tiny_clip() -> str:
     return TINY_CLIP
 
 
-def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                          mode: str = "bicubic") -> torch.Tensor:
     """Resize a ``[1 + gh*gw, C]`` position embedding to a new patch grid.
 
     The patch part is treated as a 2-D ``gh×gw`` image and resized bicubically
     (``align_corners=False``, ``antialias=True``); the class position (row 0) is kept unchanged.
+    ``mode="bilinear"``: plain bilinear, no antialias (AnomalyCLIP's own resize, ``AnomalyCLIP.py`` L363-370).
     """
     n_expected = 1 + old_grid[0] * old_grid[1]
     if pos.ndim != 2 or pos.shape[0] != n_expected:
@@ -68,10 +70,16 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
         return pos
     cls_pos, grid = pos[:1], pos[1:]
     c = grid.shape[1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2).float()
+    grid = grid.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)
+    grid = grid.float() if grid.dtype in (torch.float16, torch.bfloat16) else grid  # float64 stays float64
     # antialias=True as open_clip's resize_pos_embed and the official APRIL-GAN/VCP-CLIP forks (backends.md
     # section 0.3): PyTorch's antialiased bicubic uses another kernel, so it differs even when upsampling.
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    if mode == "bicubic":
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    elif mode == "bilinear":
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", align_corners=False)
+    else:
+        raise ValueError(f"position embedding resize mode must be 'bicubic' or 'bilinear', got {mode!r}")
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], c).to(pos.dtype)
     return torch.cat([cls_pos, grid], dim=0)
 

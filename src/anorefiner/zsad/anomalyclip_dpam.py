@@ -139,14 +139,10 @@ def with_position_embedding(backbone, mode: str = "bilinear"):
         raise ValueError(f"anomalyclip option pos_embed must be one of {POS_EMBED_MODES}, got {mode!r}")
     if mode == "backbone":
         return backbone
-    pos = backbone.visual.positional_embedding.detach()
-    old, new = tuple(backbone.native_grid), tuple(backbone.grid)
+    from ..backbones.clip_vit import interpolate_pos_embed
+
     out = copy.copy(backbone)
-    if old != new:
-        grid = pos[1:].reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
-        grid = grid.float() if grid.dtype in (torch.float16, torch.bfloat16) else grid
-        grid = F.interpolate(grid, size=new, mode="bilinear", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(new[0] * new[1], -1).to(pos.dtype)
-        pos = torch.cat([pos[:1], grid], dim=0)
+    pos = interpolate_pos_embed(backbone.visual.positional_embedding.detach(), tuple(backbone.native_grid),
+                                tuple(backbone.grid), mode="bilinear")
     out.pos_embed = pos.to(backbone.pos_embed.device)
     return out
