@@ -54,6 +54,34 @@ def tiny_config(tables_dir: Path) -> dict:
     }
 
 
+def trained_backend_config(work: Path, title: str, rows: list[dict], backbones: dict, backends: dict,
+                           n_aux_test: int = 8, **sections) -> Path:
+    """A tiny config scoring demo/widget with trained CLIP backends: a generated auxiliary dataset (registered
+    as ``mvtec_ad``, its test split trains the backends), a one-table declaration of ``rows`` in
+    ``work/tables``, and the config file it writes (``work/trained.yaml``); ``sections`` replace config
+    sections (e.g. ``tta``)."""
+    from anorefiner.data.demo import generate_demo
+
+    aux_root = work / "aux_data"
+    generate_demo(aux_root, categories=("tiles",), image_size=64, n_train=2, n_test=n_aux_test, seed=1)
+    tables = work / "tables"
+    tables.mkdir()
+    (tables / "demo_table1.yaml").write_text(yaml.safe_dump({
+        "title": title, "published": None, "datasets": ["MVTec AD"],
+        "columns": {"AUROC-cls": "image_auroc", "AUROC-segm": "pixel_auroc"}, "rows": rows,
+    }, sort_keys=False))
+    cfg = tiny_config(tables)
+    cfg["targets"] = ["tables/demo_table1.csv"]
+    cfg["datasets"]["demo"]["categories"] = ["widget"]
+    cfg["datasets"]["mvtec_ad"] = {"format": "mvtec", "root": str(aux_root), "categories": ["tile"]}
+    cfg["backbones"], cfg["backends"] = backbones, backends
+    cfg["figures"] = {"runs": []}
+    cfg.update(sections)
+    path = work / "trained.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 def write_config(workdir: Path, **overrides) -> Path:
     cfg = tiny_config(REPO / "config" / "tables")
     cfg.update(overrides)

@@ -6,40 +6,22 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from .conftest import snakemake, tiny_config
+from .conftest import snakemake, trained_backend_config
 
 
 @pytest.fixture(scope="module")
 def april_run(tmp_path_factory):
-    from anorefiner.data.demo import generate_demo
-
     work = tmp_path_factory.mktemp("april_gan_workflow")
-    aux_root = work / "aux_data"
-    generate_demo(aux_root, categories=("tiles",), image_size=64, n_train=2, n_test=8, seed=1)
-    tables = work / "tables"
-    tables.mkdir()
-    (tables / "demo_table1.yaml").write_text(yaml.safe_dump({
-        "title": "APRIL-GAN on the demo", "published": None, "datasets": ["MVTec AD"],
-        "columns": {"AUROC-cls": "image_auroc", "AUROC-segm": "pixel_auroc"},
-        "rows": [{"row": "APRIL-GAN", "backend": "april_gan", "variant": "coarse", "seeds": "first"},
-                 {"row": "APRIL-GAN/+ Ours", "backend": "april_gan", "variant": "default", "method": "combined"}],
-    }, sort_keys=False))
-    cfg = tiny_config(tables)
-    cfg["targets"] = ["tables/demo_table1.csv"]
-    cfg["datasets"]["demo"]["categories"] = ["widget"]
-    cfg["datasets"]["mvtec_ad"] = {"format": "mvtec", "root": str(aux_root), "categories": ["tile"]}
-    cfg["backbones"] = {"tiny": {"name": "anorefiner-tiny-clip", "pretrained": None, "resolution": 112,
-                                 "activation": "gelu"}}
-    cfg["backends"] = {"april_gan": {
+    rows = [{"row": "APRIL-GAN", "backend": "april_gan", "variant": "coarse", "seeds": "first"},
+            {"row": "APRIL-GAN/+ Ours", "backend": "april_gan", "variant": "default", "method": "combined"}]
+    backbones = {"tiny": {"name": "anorefiner-tiny-clip", "pretrained": None, "resolution": 112, "activation": "gelu"}}
+    backends = {"april_gan": {
         "type": "april_gan", "backbone": "tiny", "options": {"batch_size": 6},
         "auxiliary": {"demo": "mvtec_ad"},
         "train": {"mvtec_ad": {"epochs": 1, "batch_size": 4, "mosaic_p": 0.2, "dim_out": 32}},
     }}
-    cfg["figures"] = {"runs": []}
-    path = work / "april.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = trained_backend_config(work, "APRIL-GAN on the demo", rows, backbones, backends)
     proc = snakemake(work, path, timeout=600)
     return work, path, proc
 

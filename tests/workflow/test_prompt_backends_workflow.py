@@ -8,9 +8,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from .conftest import snakemake, tiny_config
+from .conftest import snakemake, trained_backend_config
 
 ROWS = [
     {"row": "VCP-CLIP", "backend": "vcp_clip", "variant": "coarse", "seeds": "first"},
@@ -29,29 +28,15 @@ TRAINED = ("vcp_clip", "rareclip", "anomalyclip", "adaclip")
 
 @pytest.fixture(scope="module")
 def prompt_run(tmp_path_factory):
-    from anorefiner.data.demo import generate_demo
-
     work = tmp_path_factory.mktemp("prompt_backends_workflow")
-    aux_root = work / "aux_data"
-    generate_demo(aux_root, categories=("tiles",), image_size=64, n_train=2, n_test=6, seed=1)
-    tables = work / "tables"
-    tables.mkdir()
-    (tables / "demo_table1.yaml").write_text(yaml.safe_dump({
-        "title": "Prompt-learning backends on the demo", "published": None, "datasets": ["MVTec AD"],
-        "columns": {"AUROC-cls": "image_auroc", "AUROC-segm": "pixel_auroc"}, "rows": ROWS,
-    }, sort_keys=False))
-    cfg = tiny_config(tables)
-    cfg["targets"] = ["tables/demo_table1.csv"]
-    cfg["datasets"]["demo"]["categories"] = ["widget"]
-    cfg["datasets"]["mvtec_ad"] = {"format": "mvtec", "root": str(aux_root), "categories": ["tile"]}
-    cfg["backbones"] = {
+    backbones = {
         "tiny": {"name": "anorefiner-tiny-clip", "pretrained": None, "resolution": 56, "activation": "gelu"},
         "tiny_qg": {"name": "anorefiner-tiny-clip", "pretrained": None, "resolution": 56,
                     "activation": "quick_gelu", "layers": ["4"]},
     }
     one_epoch = {"epochs": 1, "max_images": 4}
     aux = {"demo": "mvtec_ad"}
-    cfg["backends"] = {
+    backends = {
         "vcp_clip": {"type": "vcp_clip", "backbone": "tiny", "options": {"sigma": 1.0}, "auxiliary": aux,
                      "train": {"mvtec_ad": {**one_epoch, "batch_size": 4, "mosaic_p": 0.2, "lr": 2.0e-5}}},
         "vcp_clip_sar": {"type": "tta", "base": "vcp_clip", "method": "sar", "backbone": "tiny"},
@@ -68,10 +53,8 @@ def prompt_run(tmp_path_factory):
         "adaclip_pad_pam": {"type": "pad_pam", "base": "adaclip", "backbone": "tiny",
                             "options": {"paclip": {"n_augment": 2}}},
     }
-    cfg["tta"] = {"micro_batch": 3}
-    cfg["figures"] = {"runs": []}
-    path = work / "prompt.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = trained_backend_config(work, "Prompt-learning backends on the demo", ROWS, backbones, backends,
+                                  n_aux_test=6, tta={"micro_batch": 3})
     proc = snakemake(work, path, timeout=1500)
     return work, path, proc
 
