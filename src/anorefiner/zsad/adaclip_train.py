@@ -31,7 +31,7 @@ from ..log import LOG, progress
 from .adaclip import AdaClipConfig, adaclip_forward, class_bank
 from .adaclip_prompts import AdaClipModel, load_model, state_for_checkpoint
 from .april_gan import layer_probs
-from .april_gan_train import _load_sample, focal_loss, segmentation_loss, training_samples
+from .april_gan_train import _load_sample, focal_loss, optimizer_step, segmentation_loss, training_samples
 from .checkpoints import check_finite_loss, save_checkpoint, training_info
 
 
@@ -106,12 +106,7 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
             label = torch.tensor([0.0 if row["defect"] == "good" else 1.0], device=device)  # index.py's label
             res = adaclip_forward(backbone, model, banks[row["category"]], x, fwd, c.seed)
             loss = sample_loss(res, gt, label, size, c)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, step = total + float(loss.detach()), step + 1
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            total, step = total + optimizer_step(opt, loss, bar), step + 1
         losses.append(total / len(order))
         LOG.info("adaclip epoch %d/%d: mean loss %.5f (%d images, %.1f s)", epoch, c.epochs, losses[-1], len(order),
                  time.time() - start)

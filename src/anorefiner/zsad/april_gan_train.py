@@ -88,6 +88,17 @@ def segmentation_loss(prob_maps: list[torch.Tensor], target: torch.Tensor, confi
     return loss
 
 
+def optimizer_step(opt, loss: torch.Tensor, bar=None) -> float:
+    """One step on ``loss`` (zero grad, backward, step); shows it on the progress ``bar``; returns it."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = float(loss.detach())
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{value:.4f}")
+    return value
+
+
 def prefetched(keys, submit):
     """Yield ``(payload, loaded)`` per key, where ``submit(key) -> (payload, futures)`` is called one key
     ahead (the next batch decodes in the pool while this one trains) and ``loaded`` holds the futures'
@@ -219,12 +230,7 @@ def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | P
                 toks = [layers[k].float().reshape(len(batch), grid[0] * grid[1], -1) for k in backbone.layers]
                 loss = segmentation_loss([layer_probs(layer_logits(p, t, grid, c.temperature), size)
                                           for p in adapters(toks)], gt, c)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, steps = total + float(loss.detach()), steps + 1
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                total, steps = total + optimizer_step(opt, loss, bar), steps + 1
             losses.append(total / max(steps, 1))
             LOG.info("april_gan epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
                      time.time() - start)

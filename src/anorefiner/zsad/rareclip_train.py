@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..log import LOG, progress
 from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs, load_adapters
-from .april_gan_train import _load_sample, mosaic_pick, prefetched, segmentation_loss, training_samples
+from .april_gan_train import (_load_sample, mosaic_pick, optimizer_step, prefetched, segmentation_loss,
+                              training_samples)
 from .checkpoints import check_finite_loss, save_checkpoint, training_info
 
 #: MVTec AD defect types train.py leaves out (the integrator sets them for mvtec_ad)
@@ -116,8 +117,9 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
                          else [r] for r in batch]
                 return batch, [pool.submit(_load_sample, spec, size) for spec in specs]
 
-            for batch, loaded in progress(prefetched(starts, submit), total=len(starts),
-                                          desc=f"rareclip epoch {epoch}/{c.epochs}", unit="batch"):
+            bar = progress(prefetched(starts, submit), total=len(starts), desc=f"rareclip epoch {epoch}/{c.epochs}",
+                           unit="batch")
+            for batch, loaded in bar:
                 x = backbone.preprocess([im for im, _ in loaded])
                 gt = torch.stack([m for _, m in loaded]).to(device)
                 with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
@@ -127,10 +129,7 @@ def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str 
                 projected = adapters(toks)
                 loss = c.align_weight * align_loss(projected, g) + segmentation_loss(
                     [layer_probs(layer_logits(p, text, grid, c.temperature), size) for p in projected], gt, c)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, steps = total + float(loss.detach()), steps + 1
+                total, steps = total + optimizer_step(opt, loss, bar), steps + 1
             losses.append(total / max(steps, 1))
             LOG.info("rareclip epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1], steps,
                      time.time() - start)

@@ -38,8 +38,8 @@ from scipy.ndimage import rotate as nd_rotate
 
 from ..log import LOG, progress
 from .april_gan import layer_probs
-from .april_gan_train import (_load_pair, mosaic_from, prefetched, resize_mask, segmentation_loss,
-                              training_samples)
+from .april_gan_train import (_load_pair, mosaic_from, optimizer_step, prefetched, resize_mask,
+                              segmentation_loss, training_samples)
 from .checkpoints import check_finite_loss, save_checkpoint, training_info
 from .vcp_clip import VcpDims, VcpModel, load_vcp_checkpoint
 from .vcp_clip_prompts import ABNORMAL_PROMPT, NORMAL_PROMPT, slot_tokens
@@ -204,12 +204,7 @@ def train_vcp(backbone, rows: list[dict], config: TrainConfig, out: str | Path, 
                         raw, new = model.layer_logits(toks, text, grid)
                         all_probs = [layer_probs(lg, size) for lg in raw + new]
                     loss = segmentation_loss(all_probs, gt, c)  # train.py: outside autocast, no grad scaler
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total, steps = total + float(loss.detach()), steps + 1
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                    total, steps = total + optimizer_step(opt, loss, bar), steps + 1
                 losses.append(total / max(steps, 1))
                 LOG.info("vcp_clip epoch %d/%d: mean loss %.5f (%d batches, %.1f s)", epoch, c.epochs, losses[-1],
                          steps, time.time() - start)
