@@ -26,9 +26,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..log import LOG, progress
 from ..seeding import rng as make_rng
+from . import safeguard
 from .ard import ARDConfig, build_refiner, fuse_layers
 from .store import Refined
 from .synthesis import SynthesisConfig, synthesize
@@ -37,6 +39,7 @@ SCHEDULES = ("progressive", "one_group", "same_anomalies", "same_normals")
 COARSE_NORMS = ("first_group", "running_minmax", "group_minmax", "none")
 LOSSES = ("dice", "dice_bce", "dice_focal")
 FIRST_GROUP = ("zeros", "coarse", "self")
+QUERY_REFERENCES = ("backend", "group", "seen", "all")
 
 
 @dataclass
@@ -68,9 +71,13 @@ class PGTConfig:
     # far (the scale drifts from group to group: on bottle pixel F1-max fell 1.0 point below "none").
     # "group_minmax": each group's own min/max. "none": raw values (only for backends already in [0,1]).
     coarse_norm: str = "first_group"
-    # References of the pseudo-anomalies' coarse maps: "group" (the current group, what MuSc* scores real
-    # images against and all that is seen online), "seen" (groups up to the current one), "all" (every test image).
-    query_references: str = "group"
+    # References of the pseudo-anomalies' coarse maps. "backend" (default): the images the backend scored the
+    # source image against (``Backend.reference_indices``: MuSc its whole test set, MuSc* the source's group of
+    # 30, PA-CLIP every image; backends without it: the current group), so a pseudo-anomaly's coarse map is
+    # made as its real images' are. "group" (the previous default) scored musc_cnn's pseudo-anomalies against 24
+    # references while its real images had 99 (transistor, issue 26). "seen": groups up to the current one;
+    # "all": every test image.
+    query_references: str = "backend"
     # Image score of "ard"/"combined": "max" of the map (as the paper scores coarse maps, Sec. 3.2); "coarse"
     # keeps the backend's image score for every method. The "coarse" method always keeps the backend score.
     image_score: str = "max"
@@ -97,6 +104,23 @@ class PGTConfig:
     # (or its focal form, gamma 2, as APRIL-GAN trains its maps). Dice alone is blind to how confident a pixel is:
     # it pushes outputs to 0/1, and a confident false positive then outranks true defects in pooled pixel metrics.
     loss: str = "dice"
+    # BatchNorm running statistics are recomputed after each group's training: one no-gradient pass over the
+    # group's training set with the final weights (cumulative average, "precise BN"). Without it the ARD is
+    # evaluated with running averages of the last ~10 SGD steps' batch statistics, taken while the weights were
+    # still moving: on transistor (seed 0) group 1's ARD had eval-mode Dice loss 0.62 on its own training images
+    # against 0.38 in train mode (issue 26). No effect when ``ard.norm`` is "none".
+    bn_recalibrate: bool = True
+    # Upsampling of the coarse half of "combined" (patch grid -> evaluation resolution). True: corner-aligned, as
+    # MuSc's and APRIL-GAN's official code upsample their maps (and the "coarse" output always is); False:
+    # pixel-centred, the geometry of the ARD's own output. The two halves used to differ (issue 26: up to 3.5 px at
+    # the borders); measured on the stored maps: docs/refiner_audit.md.
+    coarse_align_corners: bool = True
+    # The safeguard (refine/safeguard.py, not in the paper): an ARD refines a group only if, on held-back
+    # pseudo-anomalies plus the group's pseudo-normal images, its combined map beats the coarse map in pixel AP
+    # by more than safeguard_margin; otherwise the group keeps its coarse map. Measured: docs/refiner_audit.md.
+    safeguard: bool = True
+    safeguard_holdout: int = 1  # held-back pseudo-anomalies per pseudo-normal image (own seeded stream, never trained on)
+    safeguard_margin: float = 0.0  # pixel AP points (as a fraction) combined must gain over coarse
     train_last_group: bool = False  # training after the last group changes no output; True only for timing
     amp: bool = False  # mixed precision on CUDA (ignored on CPU)
     feature_batch_size: int = 16  # backbone batch for pseudo-anomaly features
@@ -110,8 +134,8 @@ class PGTConfig:
             raise ValueError(f"pgt.first_group_ard={self.first_group_ard!r}: expected one of {FIRST_GROUP}")
         if self.coarse_norm not in COARSE_NORMS:
             raise ValueError(f"pgt.coarse_norm={self.coarse_norm!r}: expected one of {COARSE_NORMS}")
-        if self.query_references not in ("group", "seen", "all"):
-            raise ValueError(f"pgt.query_references={self.query_references!r}: expected group, seen or all")
+        if self.query_references not in QUERY_REFERENCES:
+            raise ValueError(f"pgt.query_references={self.query_references!r}: expected one of {QUERY_REFERENCES}")
         if self.loss not in LOSSES:
             raise ValueError(f"pgt.loss={self.loss!r}: expected one of {LOSSES}")
         if self.image_score not in ("max", "coarse", "topk"):
@@ -120,7 +144,8 @@ class PGTConfig:
             raise ValueError(f"pgt.image_topk={self.image_topk!r}: expected a fraction in (0, 1]")
         if not 0.0 <= self.contamination_ratio <= 1.0:
             raise ValueError(f"pgt.contamination_ratio={self.contamination_ratio!r}: expected 0..1")
-        for key in ("group_size", "n_pseudo_normal", "n_anomalies_per_normal", "batch_size", "feature_batch_size"):
+        for key in ("group_size", "n_pseudo_normal", "n_anomalies_per_normal", "batch_size", "feature_batch_size",
+                    "safeguard_holdout"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"pgt.{key}={getattr(self, key)!r}: must be >= 1")
         if int(self.epochs) < 0:
@@ -276,12 +301,19 @@ class _Trainer:
         return np.concatenate(out).astype(np.float32)
 
     def make_training_set(self, normals: np.ndarray, references: np.ndarray, stream: int) -> dict:
-        """Pseudo-anomalies of the pseudo-normal images ``normals``: features, raw coarse maps, masks."""
+        """The group's training set: pseudo-anomalies of ``normals`` (plus the normals, ``train_on_normals``)."""
+        p = self.options.pgt
+        data = self.make_pseudo_anomalies(normals, references, p.n_anomalies_per_normal, (stream,))
+        return self.add_normals(data) if p.train_on_normals else data
+
+    def make_pseudo_anomalies(self, normals: np.ndarray, references: np.ndarray, per_normal: int,
+                              stream: tuple) -> dict:
+        """``per_normal`` pseudo-anomalies of each pseudo-normal image: features, raw coarse maps, masks."""
         p, bb = self.options.pgt, self.backbone
         interp = getattr(bb, "interpolation", "bicubic")
         base = [_resize_image(_load(self.images[int(i)]), self.resolution, interp) for i in normals]
-        imgs, masks, sources = synthesize(base, p.n_anomalies_per_normal, self.options.synthesis, self.textures,
-                                          self.seed, stream=(stream,))
+        imgs, masks, sources = synthesize(base, per_normal, self.options.synthesis, self.textures, self.seed,
+                                          stream=stream)
         layers: dict[str, list] = {k: [] for k in self.layer_names}
         cls_parts = []
         with torch.no_grad():
@@ -300,9 +332,8 @@ class _Trainer:
         qmaps = self.backend.score_queries(qlayers, qcls, self.feats, [int(i) for i in references], exclude)
         qmaps = torch.as_tensor(qmaps).float().cpu().numpy()
         x = fuse_layers({k: v.numpy() for k, v in qlayers.items()}, self.options.ard.feature_fusion)
-        data = {"x": x, "coarse": qmaps, "masks": torch.as_tensor(masks[:, None].astype(np.float32)),
+        return {"x": x, "coarse": qmaps, "masks": torch.as_tensor(masks[:, None].astype(np.float32)),
                 "normals": normals}
-        return self.add_normals(data) if p.train_on_normals else data
 
     def add_normals(self, data: dict) -> dict:
         """Append the pseudo-normal images (cached features, their coarse maps, empty masks)."""
@@ -340,6 +371,56 @@ class _Trainer:
         self.loss_history.append(history)
         return history
 
+    def check_fit(self, data: dict, norm: CoarseNorm) -> dict:
+        """After training: the final weights' loss on the training set in train and eval mode, with BN
+        recalibrated first (``PGTConfig.bn_recalibrate``); the eval-mode loss is what inference gets."""
+        fit = {"train_mode": self.loss_on(data, norm, train_mode=True)}
+        if self.options.pgt.bn_recalibrate and self._norm_layers():
+            fit["eval_mode_stale_bn"] = self.loss_on(data, norm, train_mode=False)
+            self.recalibrate_bn(data, norm)
+        fit["eval_mode"] = self.loss_on(data, norm, train_mode=False)
+        return fit
+
+    def _norm_layers(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def _forward_all(self, data: dict, norm: CoarseNorm, *, train_mode: bool, bn_momentum: float | None = 0.0):
+        """Logits of every training image, in training-batch-sized chunks. In train mode BN normalises with
+        batch statistics and updates its buffers with ``bn_momentum`` (0: left unchanged; None: cumulative)."""
+        bs = self.options.pgt.batch_size
+        c = torch.as_tensor(norm(data["coarse"]))[:, None].float()
+        bns = self._norm_layers()
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = bn_momentum
+        self.model.train(train_mode)
+        try:
+            for s in range(0, len(data["x"]), bs):
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    yield s, self.model(data["x"][s:s + bs].to(self.device), c[s:s + bs].to(self.device),
+                                        out_size=(self.resolution, self.resolution))
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            self.model.eval()
+
+    def loss_on(self, data: dict, norm: CoarseNorm, *, train_mode: bool) -> float:
+        """Mean loss over ``data`` with the current weights; BN on batch (train mode) or running statistics."""
+        total = 0.0
+        for s, logits in self._forward_all(data, norm, train_mode=train_mode):
+            total += float(refiner_loss(logits, data["masks"][s:s + len(logits)].to(self.device),
+                                        self.options.pgt.loss)) * len(logits)
+        return total / len(data["x"])
+
+    def recalibrate_bn(self, data: dict, norm: CoarseNorm) -> None:
+        """``PGTConfig.bn_recalibrate``: BN running statistics become the average of the training batches'
+        statistics under the final weights, so eval mode computes what training fit."""
+        for m in self._norm_layers():
+            m.reset_running_stats()
+        for _ in self._forward_all(data, norm, train_mode=True, bn_momentum=None):
+            pass
+
 
 def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: RefinerOptions | None = None, *,
             seed: int = 0, textures: Sequence = (), eval_resolution: int = 256, labels=None,
@@ -372,34 +453,53 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     e = int(eval_resolution)
     maps = {m: np.zeros((n, e, e), np.float32) for m in ("coarse", "ard", "combined")}
     group_of = np.zeros(n, np.int64)
-    by_ard = np.zeros(n, bool)  # images whose "ard" map came from a trained ARD (not a group-1 stand-in)
-    first_set = None
+    by_ard = np.zeros(n, bool)  # images whose combined map holds an ARD's output (not a stand-in)
+    first_set = holdout = None
+    fit_log: list[dict] = []  # per trained group: loss of the final weights in train and eval mode
+    guard_log: list[dict] = []  # per refined group: the safeguard's check (PGTConfig.safeguard)
     timings = {"train_s": 0.0, "synthesis_s": 0.0, "refine_s": 0.0}
+
+    def refine_group(k: int, g: np.ndarray, coarse_n: np.ndarray) -> None:
+        """Group k's ARD and combined maps from the current ARD, unless the safeguard keeps its coarse map."""
+        x, c = trainer.real_inputs(g, norm)
+        maps["ard"][g] = trainer.refine(x, c, e)
+        use = True
+        if p.safeguard:
+            normals = select_pseudo_normals(coarse.maps, g, p.n_pseudo_normal)
+            verdict = safeguard.check(trainer, holdout, normals, norm, p.coarse_align_corners)
+            use = verdict["ap_combined"] > verdict["ap_coarse"] + p.safeguard_margin
+            guard_log.append({"group": k + 1, "refined": bool(use), **verdict})
+            LOG.info("pgt safeguard: group %d %s (pixel AP on %d held-back pseudo-anomalies + %d pseudo-normal "
+                     "images: combined %.4f, coarse %.4f)", k + 1,
+                     "refined by the ARD" if use else "KEEPS ITS COARSE MAP: the ARD does not beat it",
+                     verdict["n_holdout"], verdict["n_normals"], verdict["ap_combined"], verdict["ap_coarse"])
+        # a group the safeguard keeps coarse gets 0.5·coarse_n: the coarse ranking on refined groups' scale
+        maps["combined"][g] = 0.5 * (coarse_n + (maps["ard"][g] if use else 0.0))
+        by_ard[g] = use
+
     for k, g in enumerate(groups):
         group_of[g] = k
         norm.update(coarse.maps[g])
-        raw = torch.as_tensor(coarse.maps[g].astype(np.float32))[:, None]
-        maps["coarse"][g] = F.interpolate(raw, size=(e, e), mode="bilinear", align_corners=True)[:, 0].numpy()
-        coarse_n = norm(maps["coarse"][g])
+        # "coarse" is upsampled as the metrics stage upsamples the backend's maps (MuSc's align_corners=True),
+        # so its metrics equal the backend's; the coarse half of "combined" as PGTConfig.coarse_align_corners
+        maps["coarse"][g] = safeguard.upsample(coarse.maps[g], e, align_corners=True)
+        coarse_n = norm(safeguard.upsample(coarse.maps[g], e, p.coarse_align_corners))
         t = time.time()
         if trainer.trained:
-            x, c = trainer.real_inputs(g, norm)
-            maps["ard"][g] = trainer.refine(x, c, e)
-            by_ard[g] = True
+            refine_group(k, g, coarse_n)
         else:
             # group 1 (nothing trained yet): the coarse map, Sec. 3.2 (or nothing, see first_group_ard)
             maps["ard"][g] = coarse_n if p.first_group_ard == "coarse" else 0.0
-        maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
+            maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
         timings["refine_s"] += time.time() - t
         LOG.info("pgt: group %d/%d (%d images) refined by %s", k + 1, len(groups), len(g),
-                 "the ARD" if trainer.trained else "nothing (coarse map kept)")
+                 "the ARD" if by_ard[g].all() else "nothing (coarse map kept)")
         refine_self = k == 0 and p.first_group_ard == "self"
         if k == len(groups) - 1 and not p.train_last_group and not refine_self:
             break
         if p.schedule == "one_group" and k > 0:
             continue
         t = time.time()
-        refs = _references(groups, k, p.query_references, n)
         if p.schedule == "same_anomalies" and first_set is not None:
             data = first_set
         else:
@@ -410,22 +510,27 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
                     coarse.maps, g, p.n_pseudo_normal, contamination_ratio=p.contamination_ratio,
                     labels=labels if p.contamination_ratio > 0 else None,
                     gen=make_rng(seed, "contamination", k))
+            refs = _references(groups, k, p.query_references, n, backend, normals)
             data = trainer.make_training_set(normals, refs, stream=k)
+            if p.safeguard:
+                holdout = trainer.make_pseudo_anomalies(normals, refs, p.safeguard_holdout, (k, "safeguard"))
         if first_set is None:
             first_set = data
         timings["synthesis_s"] += time.time() - t
         t = time.time()
         history = trainer.train(data, norm, stream=k)
-        timings["train_s"] += time.time() - t
         if history:
-            LOG.info("pgt: group %d trained on %d pseudo-anomalies (normals %s): %s loss %.4f -> %.4f in %.0f s",
-                     k + 1, len(data["x"]), [str(feats.ids[int(i)]) for i in data["normals"]], p.loss, history[0],
-                     history[-1], time.time() - t)
+            fit = trainer.check_fit(data, norm)
+            fit_log.append({"group": k + 1, **fit})
+            LOG.info("pgt: group %d trained on %d pseudo-anomalies (normals %s) in %.0f s: %s loss %.4f -> %.4f "
+                     "(train mode, during training); final weights on the training set: train mode %.4f, eval mode "
+                     "%.4f%s", k + 1, len(data["x"]), [str(feats.ids[int(i)]) for i in data["normals"]],
+                     time.time() - t, p.loss, history[0], history[-1], fit["train_mode"], fit["eval_mode"],
+                     f" (before BN recalibration {fit['eval_mode_stale_bn']:.4f})" if "eval_mode_stale_bn" in fit
+                     else "")
+        timings["train_s"] += time.time() - t
         if refine_self and trainer.trained:
-            x, c = trainer.real_inputs(g, norm)
-            maps["ard"][g] = trainer.refine(x, c, e)
-            maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
-            by_ard[g] = True
+            refine_group(k, g, coarse_n)
             LOG.info("pgt: group 1 refined by the ARD trained on its own pseudo-anomalies (first_group_ard='self')")
     scores = {"coarse": np.asarray(coarse.scores, np.float32)}
     for m in ("ard", "combined"):
@@ -433,6 +538,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     timings["total_s"] = time.time() - t0
     attrs = {"options": asdict(options), "seed": int(seed), "eval_resolution": e, "timings": timings,
              "n_groups": len(groups), "n_refined_by_ard": int(by_ard.sum()), "loss_history": trainer.loss_history,
+             "fit": fit_log, "safeguard": guard_log,
              "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi},
              "image_score_rule": {"coarse": "backend score", "ard": p.image_score, "combined": p.image_score},
              "labels_used": bool(p.contamination_ratio > 0)}
@@ -448,7 +554,11 @@ def image_scores(maps: np.ndarray, p: PGTConfig) -> np.ndarray:
     return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(1)
 
 
-def _references(groups, k: int, mode: str, n: int) -> np.ndarray:
+def _references(groups, k: int, mode: str, n: int, backend=None, sources=()) -> np.ndarray:
+    """Reference images of the pseudo-anomalies made from ``sources`` (``PGTConfig.query_references``)."""
+    if mode == "backend":
+        own = getattr(backend, "reference_indices", None)
+        return np.asarray(own(n, sources), dtype=np.int64) if own is not None else groups[k]
     if mode == "group":
         return groups[k]
     if mode == "seen":

@@ -130,5 +130,8 @@ class ByoBackend:
         c = load_byo(self.config.maps_path, list(feats.ids), grid)
         return CoarseResult(maps=c.maps, scores=c.scores)
 
+    def reference_indices(self, n: int, sources) -> np.ndarray:
+        return self.proxy.reference_indices(n, sources)
+
     def score_queries(self, query_layers, query_cls, feats, reference_idx, exclude):
         return self.proxy.score_queries(query_layers, query_cls, feats, reference_idx, exclude)

@@ -340,6 +340,11 @@ class MuscBackend:
         LOG.info("musc: RsCIN on the raw class token (no CLIP backbone given for its image embedding)")
         return cls
 
+    def reference_indices(self, n: int, sources) -> np.ndarray:
+        """The images this backend scored ``sources`` against: the union of their groups (MuSc: all n)."""
+        groups = self.groups(n)
+        return np.sort(np.concatenate([g for g in groups if np.isin(g, np.asarray(sources)).any()]))
+
     def score_queries(self, query_layers, query_cls, feats, reference_idx, exclude):
         """Coarse maps of new images against ``feats`` images ``reference_idx`` (``exclude[m]``:
         index into ``feats`` of query m's source image, removed from its references)."""

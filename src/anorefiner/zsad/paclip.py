@@ -356,6 +356,10 @@ class PACLIPBackend:
         scores = flat.mean(1) if self.config.image_score == "mean" else flat.max(1)
         return CoarseResult(maps=maps, scores=scores.astype(np.float32))
 
+    def reference_indices(self, n: int, sources) -> np.ndarray:
+        """:meth:`coarse` builds its banks from every test image."""
+        return np.arange(n)
+
     def score_queries(self, query_layers, query_cls, feats, reference_idx, exclude):
         """Banks are rebuilt from the references; ``tau`` is taken from the queries' S_b."""
         ex = [-1 if e is None else int(e) for e in exclude]
