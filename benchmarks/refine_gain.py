@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--no-default", action="store_true", help="run only the --variant entries")
     p.add_argument("--eval-resolution", type=int, default=256)
     p.add_argument("--no-pro", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="skip the per-group diagnostic figure of each run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/out/refine_gain")
     return p.parse_args(argv)
@@ -81,20 +82,110 @@ def merged_options(args, override: dict):
     return options
 
 
+def unguarded(refined):
+    """``combined`` as it would be without the safeguard: ``0.5·(coarse_n + ard)`` in every group (the ARD maps
+    are stored for kept groups too, and the training is the same either way). None when it cannot be rebuilt."""
+    pgt = refined.attrs.get("options", {}).get("pgt", {})
+    kept = [v for v in refined.attrs.get("safeguard", []) if not v["refined"]]
+    if not kept or not pgt.get("coarse_align_corners", True):
+        return None
+    norm = refined.attrs["coarse_norm"]
+    coarse_n = (refined.maps["coarse"] - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12)
+    return 0.5 * (coarse_n + refined.maps["ard"])
+
+
 def evaluate(refined, masks, labels, args) -> list[dict]:
+    """Tidy metric rows: all images, the groups the ARD refined, and each PGT group on its own."""
     from anorefiner.metrics import EvalConfig, evaluate_category
+    from anorefiner.refine.pgt import image_scores
 
     cfg = EvalConfig(resolution=args.eval_resolution, compute_pro=not args.no_pro)
     rows = []
-    later = np.asarray(refined.groups) > 0
-    subsets = {"all": np.ones(len(refined.ids), bool), "refined_groups": later}
+    groups = np.asarray(refined.groups)
+    subsets = {"all": np.ones(len(refined.ids), bool), "refined_groups": groups > 0}
+    subsets.update({f"group{g + 1}": groups == g for g in sorted(set(groups.tolist()))})
+    methods = dict(refined.maps)
+    scores = dict(refined.scores)
+    rebuilt = unguarded(refined)
+    if rebuilt is not None:
+        from anorefiner.config import from_dict
+        from anorefiner.refine.pgt import PGTConfig
+
+        methods["unguarded"] = rebuilt
+        scores["unguarded"] = image_scores(rebuilt, from_dict(PGTConfig, refined.attrs["options"]["pgt"]))
     for subset, keep in subsets.items():
         if not keep.any() or labels[keep].min() == labels[keep].max():
             continue
-        methods = {m: (refined.maps[m][keep], refined.scores[m][keep]) for m in refined.maps}
-        for row in evaluate_category(methods, masks[keep], labels[keep], cfg):
+        chosen = {m: (methods[m][keep], scores[m][keep]) for m in methods}
+        if subset.startswith("group"):  # per group: pixel metrics of coarse and combined only
+            chosen = {m: chosen[m] for m in ("coarse", "combined")}
+        for row in evaluate_category(chosen, masks[keep], labels[keep], cfg):
             rows.append({**row, "subset": subset})
     return rows
+
+
+def diagnose(refined, masks, labels) -> list[dict]:
+    """Why the ARD misses real defects (issue 26), as tidy rows of subset "diagnosis": the normalised coarse map's
+    median inside real defects and on good images next to the pseudo-anomalies' (``attrs["fit"]``), the share of
+    defect pixels the ARD leaves below 0.1, and the share of good-image pixels where it says > 0.5."""
+    import torch
+    import torch.nn.functional as F
+
+    def at(maps):
+        return F.interpolate(torch.as_tensor(maps)[:, None], size=masks.shape[-2:], mode="bilinear",
+                             align_corners=False)[:, 0].numpy()
+
+    norm = refined.attrs["coarse_norm"]
+    coarse_n = at((refined.maps["coarse"] - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12))
+    ard = at(refined.maps["ard"])
+    defect, good = masks.astype(bool), labels == 0
+    fit = refined.attrs.get("fit", [])
+    values = {"real_coarse_median_in_mask": float(np.median(coarse_n[defect])),
+              "real_coarse_median_good_images": float(np.median(coarse_n[good])),
+              "pseudo_coarse_median_in_mask": float(np.nanmean([f.get("pseudo_coarse_median_in_mask", np.nan)
+                                                                for f in fit])) if fit else float("nan"),
+              "pseudo_coarse_median_outside": float(np.nanmean([f.get("pseudo_coarse_median_outside", np.nan)
+                                                                for f in fit])) if fit else float("nan"),
+              "ard_defect_pixels_below_0.1": float((ard[defect] < 0.1).mean()),
+              "ard_good_pixels_above_0.5": float((ard[good] > 0.5).mean()),
+              "eval_minus_train_loss": float(np.mean([f["eval_mode"] - f["train_mode"] for f in fit])) if fit
+              else float("nan")}
+    return [{"subset": "diagnosis", "method": "ard", "metric": k, "value": v} for k, v in values.items()]
+
+
+def diagnosis_table(frame: pd.DataFrame) -> str:
+    part = frame[frame.subset == "diagnosis"]
+    if part.empty:
+        return ""
+    stats = part.groupby(["category", "textures", "variant", "metric"], sort=False)["value"].mean().unstack("metric")
+    cols = list(part.metric.drop_duplicates())
+    lines = ["\n### diagnosis (mean over seeds)\n", "| category / textures / variant | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for key, row in stats.iterrows():
+        lines.append(f"| {' / '.join(map(str, key))} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def group_table(frame: pd.DataFrame, verdicts: dict) -> str:
+    """Per category, textures, variant and PGT group: pixel AP of coarse and combined (mean over seeds), whether
+    the ARD helped (combined > coarse), and how often the safeguard let the ARD refine the group."""
+    part = frame[frame.subset.str.match(r"group\d+$") & (frame.metric == "pixel_ap")]
+    if part.empty:
+        return ""
+    lines = ["\n### per PGT group: pixel AP (mean over seeds)\n",
+             "| category / textures / variant | group | coarse | combined | ARD helped (seeds) | safeguard let it refine |",
+             "|---|---|---|---|---|---|"]
+    keys = ["category", "textures", "variant", "subset"]
+    for key, rows in part.groupby(keys, sort=False):
+        wide = rows.pivot_table(index="seed", columns="method", values="value")
+        helped = int((wide["combined"] > wide["coarse"]).sum())
+        group = int(key[3][5:])
+        decided = [v for (c, t, var, seed), vs in verdicts.items() if (c, t, var) == key[:3]
+                   for v in vs if v["group"] == group]
+        guard = f"{sum(v['refined'] for v in decided)}/{len(decided)}" if decided else "off"
+        lines.append(f"| {' / '.join(map(str, key[:3]))} | {group} | {100 * wide['coarse'].mean():.1f} | "
+                     f"{100 * wide['combined'].mean():.1f} | {helped}/{len(wide)} | {guard} |")
+    return "\n".join(lines)
 
 
 def summarise(frame: pd.DataFrame) -> str:
@@ -106,7 +197,7 @@ def summarise(frame: pd.DataFrame) -> str:
         lines.append("| method | " + " | ".join(SHOWN) + " |")
         lines.append("|---|" + "---|" * len(SHOWN))
         stats = part[part.metric.isin(SHOWN)].groupby(["method", "metric"])["value"].agg(["mean", "std"])
-        for method in ("coarse", "ard", "combined"):
+        for method in ("coarse", "ard", "combined", "unguarded"):
             cells = []
             for metric in SHOWN:
                 if (method, metric) not in stats.index:
@@ -128,6 +219,8 @@ def main(argv=None) -> int:
 
     setup_logging()
     from anorefiner import stages
+    from anorefiner.data.index import index_category, load_image
+    from anorefiner.figures import group_diagnostics
     from anorefiner.refine.store import read_refined
 
     out = Path(args.out)
@@ -136,10 +229,13 @@ def main(argv=None) -> int:
         name, _, text = spec.partition("=")
         variants[name] = json.loads(text)
     rows: list[dict] = []
+    verdicts: dict = {}  # (category, textures, variant, seed) -> the safeguard's per-group checks
     t_all = time.time()
     for category in args.categories:
         backbone, backend_type, backend_opts, feat_path, coarse_path = prepare_category(args, category, out / category)
-        masks, labels = stages.ground_truth(args.data_root, args.dataset, category, stages.stored_ids(coarse_path))
+        ids = stages.stored_ids(coarse_path)
+        masks, labels = stages.ground_truth(args.data_root, args.dataset, category, ids)
+        index = index_category(args.data_root, category, dataset=args.dataset).set_index("image_id").loc[ids]
         for tex in args.textures:
             tex_tag = "offline" if tex == "offline" else "dtd"
             for vname, override in variants.items():
@@ -150,11 +246,19 @@ def main(argv=None) -> int:
                                          backend_opts=backend_opts, options=options, seed=seed, textures=tex,
                                          eval_resolution=args.eval_resolution, device=args.device, reuse=True,
                                          out=out / category / tex_tag / vname / f"seed{seed}" / "refined.h5")
-                    for row in evaluate(read_refined(path), masks, labels, args):
+                    refined = read_refined(path)
+                    verdicts[(category, tex_tag, vname, seed)] = refined.attrs.get("safeguard", [])
+                    for row in evaluate(refined, masks, labels, args) + diagnose(refined, masks, labels):
                         rows.append({"category": category, "textures": tex_tag, "variant": vname, "seed": seed, **row})
+                    if not args.no_figures:
+                        figure = group_diagnostics(refined, [load_image(p) for p in index.image_path], masks,
+                                                   path.with_name("groups.png"),
+                                                   f"{category} / {tex_tag} / {vname} / seed {seed}")
+                        print(f"group diagnostics -> {figure}")
                     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     frame = pd.DataFrame(rows)
-    text = summarise(frame)
+    text = "\n".join([summarise(frame[~frame.subset.str.match(r"group\d+$|diagnosis")]),
+                      group_table(frame, verdicts), diagnosis_table(frame)])
     (out / "summary.md").write_text(text + "\n")
     print(text)
     print(f"\n{len(frame)} rows -> {out / 'results.csv'}; summary -> {out / 'summary.md'}; "

@@ -4,6 +4,9 @@
   anomalous area: image, ground truth, coarse map, refined (``combined``) map, as in Fig. 7/8–10.
 - :func:`pixel_ap_bars`: per-category pixel AP of the coarse map and the refined map (Table 14's
   message: the refinement raises pixel AP in most categories).
+- :func:`group_diagnostics`: one line per PGT group: a real image of the group and one of the
+  pseudo-anomalies the group's ARD trained on, each with its mask, coarse, ARD and combined maps
+  (issue 26: where the ARD helps and where it fires on normal structure).
 """
 
 from __future__ import annotations
@@ -129,6 +132,58 @@ def qualitative_grid(items: list[QualitativeItem], out_path: str | Path, n_per_i
                 axes[r, c].set_title(titles[c], fontsize=8)
     fig.subplots_adjust(left=0.08, right=0.99, top=1 - 0.35 / (nrows * CELL_INCHES), bottom=0.01,
                         wspace=0.03, hspace=0.08)
+    return _save(fig, out_path)
+
+
+def group_diagnostics(refined, images: list[np.ndarray], masks: np.ndarray, out_path: str | Path,
+                      title: str = "") -> Path:
+    """Per group of ``refined`` (a :class:`~anorefiner.refine.store.Refined` with ``diagnostics``): the group's
+    real image of largest anomalous area (``images``/``masks`` in store order, at any size) and the group's
+    first pseudo-anomaly, each as image, mask, coarse, ARD, combined (maps on a fixed 0-1 colour scale, the
+    scale PGT averages them on; coarse is min-max scaled over the category)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(set(int(g) for g in refined.groups))
+    lo, hi = float(np.min(refined.maps["coarse"])), float(np.max(refined.maps["coarse"]))
+    titles = ["real image", "ground truth", "coarse", "ARD", "combined",
+              "pseudo-anomaly", "its mask", "coarse", "ARD", "combined"]
+    fig, axes = plt.subplots(len(groups), len(titles), figsize=(len(titles) * CELL_INCHES,
+                             len(groups) * CELL_INCHES), dpi=DPI, squeeze=False)
+    for r, g in enumerate(groups):
+        members = np.flatnonzero(np.asarray(refined.groups) == g)
+        k = int(members[np.argmax([masks[i].mean() for i in members])])
+        res = refined.maps["coarse"].shape[-1]
+        image = _resize(np.asarray(images[k]), res, nearest=False)
+        real = [image, _resize(np.asarray(masks[k], bool), res, nearest=True),
+                (refined.maps["coarse"][k] - lo) / (hi - lo if hi > lo else 1.0),
+                refined.maps["ard"][k], refined.maps["combined"][k]]
+        d = refined.diagnostics.get(f"group{g + 1}")
+        pseudo = [d["image"], d["mask"], d["coarse"], d["ard"], d["combined"]] if d is not None else [None] * 5
+        for c, panel in enumerate(real + pseudo):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=8)
+            if panel is None:
+                ax.axis("off")
+                continue
+            panel = np.asarray(panel)
+            if panel.ndim == 3 or panel.dtype == bool:
+                ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", vmin=0, vmax=1 if panel.ndim == 2 else None)
+            else:
+                ax.imshow(real[0] if c < 5 else pseudo[0])
+                ax.imshow(panel.astype(np.float32), cmap="jet", vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA)
+        verdict = {v["group"]: v["refined"] for v in refined.attrs.get("safeguard", [])}.get(g + 1)
+        note = "" if verdict is None else (" refined" if verdict else " kept coarse")
+        axes[r, 0].set_ylabel(f"group {g + 1}{note}\n{refined.ids[k]}", fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.04, right=0.99, top=1 - 0.45 / (len(groups) * CELL_INCHES), bottom=0.01,
+                        wspace=0.03, hspace=0.1)
     return _save(fig, out_path)
 
 

@@ -56,6 +56,10 @@ class PGTConfig:
     n_pseudo_normal: int = 5  # r (Table 6)
     n_anomalies_per_normal: int = 4  # l (Table 6)
     epochs: int = 20  # per group (paper Sec. 4)
+    # Epochs of group 1 alone (None: ``epochs``). Group 1's ARD starts from random weights while later groups
+    # continue from the previous ARD, yet under first_group_ard "self" it refines group 1 too; on transistor its
+    # loss ended at 0.37 against 0.17-0.20 for later groups (issue 26). Measured: docs/refiner_audit.md.
+    first_group_epochs: int | None = None
     lr: float = 1e-3  # SGD (paper Sec. 4)
     momentum: float = 0.9  # not given; plain SGD at lr 1e-3 barely moves in 20 short epochs, 0.9 is the usual value
     weight_decay: float = 0.0  # not given
@@ -148,8 +152,9 @@ class PGTConfig:
                     "safeguard_holdout"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"pgt.{key}={getattr(self, key)!r}: must be >= 1")
-        if int(self.epochs) < 0:
-            raise ValueError(f"pgt.epochs={self.epochs!r}: must be >= 0")
+        for key in ("epochs", "first_group_epochs"):
+            if getattr(self, key) is not None and int(getattr(self, key)) < 0:
+                raise ValueError(f"pgt.{key}={getattr(self, key)!r}: must be >= 0")
 
 
 @dataclass
@@ -333,15 +338,15 @@ class _Trainer:
         qmaps = torch.as_tensor(qmaps).float().cpu().numpy()
         x = fuse_layers({k: v.numpy() for k, v in qlayers.items()}, self.options.ard.feature_fusion)
         return {"x": x, "coarse": qmaps, "masks": torch.as_tensor(masks[:, None].astype(np.float32)),
-                "normals": normals}
+                "normals": normals, "first_image": imgs[0]}
 
     def add_normals(self, data: dict) -> dict:
         """Append the pseudo-normal images (cached features, their coarse maps, empty masks)."""
         normals = data["normals"]
         x, _ = self.real_inputs(normals, CoarseNorm("none"))
         empty = torch.zeros((len(normals),) + tuple(data["masks"].shape[1:]))
-        return {"x": torch.cat([data["x"], x]), "coarse": np.concatenate([data["coarse"], self.coarse.maps[normals]]),
-                "masks": torch.cat([data["masks"], empty]), "normals": normals}
+        return {**data, "x": torch.cat([data["x"], x]), "coarse": np.concatenate([data["coarse"], self.coarse.maps[normals]]),
+                "masks": torch.cat([data["masks"], empty])}
 
     def train(self, data: dict, norm: CoarseNorm, stream: int) -> list[float]:
         p = self.options.pgt
@@ -350,7 +355,8 @@ class _Trainer:
         gen = make_rng(self.seed, "pgt_order", stream)
         self.model.train()
         history = []
-        bar = progress(range(p.epochs), desc=f"pgt group {stream + 1} epochs", unit="epoch", leave=False)
+        epochs = p.first_group_epochs if stream == 0 and p.first_group_epochs is not None else p.epochs
+        bar = progress(range(epochs), desc=f"pgt group {stream + 1} epochs", unit="epoch", leave=False)
         for _ in bar:
             order = gen.permutation(len(x))
             total = 0.0
@@ -367,9 +373,18 @@ class _Trainer:
                 total += float(loss.detach()) * len(b)
             history.append(total / len(x))
             bar.set_postfix(loss=f"{history[-1]:.4f}")
-        self.trained = self.trained or p.epochs > 0
+        self.trained = self.trained or epochs > 0
         self.loss_history.append(history)
         return history
+
+    def diagnostic(self, data: dict, norm: CoarseNorm, align_corners: bool) -> dict:
+        """The first pseudo-anomaly of ``data`` with its coarse, ARD and combined maps (input resolution)."""
+        c = norm(data["coarse"][:1])
+        ard = self.refine(data["x"][:1], torch.as_tensor(c)[:, None].float(), self.resolution)[0]
+        coarse = norm(safeguard.upsample(data["coarse"][:1], self.resolution, align_corners))[0]
+        return {"image": data["first_image"], "mask": data["masks"][0, 0].numpy() > 0.5,
+                "coarse": coarse.astype(np.float16), "ard": ard.astype(np.float16),
+                "combined": (0.5 * (coarse + ard)).astype(np.float16)}
 
     def check_fit(self, data: dict, norm: CoarseNorm) -> dict:
         """After training: the final weights' loss on the training set in train and eval mode, with BN
@@ -379,6 +394,11 @@ class _Trainer:
             fit["eval_mode_stale_bn"] = self.loss_on(data, norm, train_mode=False)
             self.recalibrate_bn(data, norm)
         fit["eval_mode"] = self.loss_on(data, norm, train_mode=False)
+        # how strong the pseudo-anomalies are in the coarse map (issue 26: much stronger than real defects)
+        coarse = norm(safeguard.upsample(data["coarse"], self.resolution, self.options.pgt.coarse_align_corners))
+        inside = data["masks"][:, 0].numpy() > 0.5
+        fit["pseudo_coarse_median_in_mask"] = float(np.median(coarse[inside])) if inside.any() else float("nan")
+        fit["pseudo_coarse_median_outside"] = float(np.median(coarse[~inside]))
         return fit
 
     def _norm_layers(self) -> list[nn.Module]:
@@ -457,6 +477,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     first_set = holdout = None
     fit_log: list[dict] = []  # per trained group: loss of the final weights in train and eval mode
     guard_log: list[dict] = []  # per refined group: the safeguard's check (PGTConfig.safeguard)
+    diagnostics: dict = {}  # per trained group: one pseudo-anomaly and the maps the ARD gives it
     timings = {"train_s": 0.0, "synthesis_s": 0.0, "refine_s": 0.0}
 
     def refine_group(k: int, g: np.ndarray, coarse_n: np.ndarray) -> None:
@@ -522,6 +543,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         if history:
             fit = trainer.check_fit(data, norm)
             fit_log.append({"group": k + 1, **fit})
+            diagnostics[f"group{k + 1}"] = trainer.diagnostic(data, norm, p.coarse_align_corners)
             LOG.info("pgt: group %d trained on %d pseudo-anomalies (normals %s) in %.0f s: %s loss %.4f -> %.4f "
                      "(train mode, during training); final weights on the training set: train mode %.4f, eval mode "
                      "%.4f%s", k + 1, len(data["x"]), [str(feats.ids[int(i)]) for i in data["normals"]],
@@ -542,7 +564,8 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
              "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi},
              "image_score_rule": {"coarse": "backend score", "ard": p.image_score, "combined": p.image_score},
              "labels_used": bool(p.contamination_ratio > 0)}
-    return Refined(ids=list(feats.ids), maps=maps, scores=scores, groups=group_of, attrs=attrs)
+    return Refined(ids=list(feats.ids), maps=maps, scores=scores, groups=group_of, attrs=attrs,
+                   diagnostics=diagnostics)
 
 
 def image_scores(maps: np.ndarray, p: PGTConfig) -> np.ndarray:

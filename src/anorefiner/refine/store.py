@@ -2,7 +2,9 @@
 
 Layout: ``ids`` (utf-8 strings, index order); ``maps/<method>`` [N,E,E] float16 at the evaluation
 resolution; ``scores/<method>`` [N] float32; ``groups`` [N] int (PGT group of each image, 0-based);
-file attributes hold JSON-encoded values (options, seed, timings, ...).
+file attributes hold JSON-encoded values (options, seed, timings, ...). Optional ``diagnostics/group<k>/``:
+one pseudo-anomaly of group k's training set with its ``image`` (uint8), ``mask``, ``coarse``, ``ard`` and
+``combined`` maps at the backbone's input resolution (``benchmarks/refine_gain.py`` draws them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Refined:
     scores: dict[str, np.ndarray]  # method -> [N]
     groups: np.ndarray  # [N] PGT group index
     attrs: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # "group<k>" -> {"image", "mask", "coarse", "ard", "combined"}
 
 
 def write_refined(path: str | Path, refined: Refined) -> Path:
@@ -51,6 +54,9 @@ def write_refined(path: str | Path, refined: Refined) -> Path:
             f.create_dataset("groups", data=np.asarray(refined.groups, dtype=np.int64))
             for key, value in refined.attrs.items():
                 f.attrs[key] = json.dumps(value, default=str)
+            for group, arrays in refined.diagnostics.items():
+                for name, arr in arrays.items():
+                    f.create_dataset(f"diagnostics/{group}/{name}", data=np.asarray(arr), compression="gzip")
     return Path(path)
 
 
@@ -73,7 +79,8 @@ def read_refined(path: str | Path, methods: tuple[str, ...] | None = None) -> Re
         scores = {m: f[f"scores/{m}"][()].astype(np.float32) for m in wanted}
         groups = f["groups"][()]
         attrs = {k: _decode(v) for k, v in f.attrs.items()}
-    return Refined(ids=ids, maps=maps, scores=scores, groups=groups, attrs=attrs)
+        diagnostics = {g: {k: v[()] for k, v in f[f"diagnostics/{g}"].items()} for g in f.get("diagnostics", {})}
+    return Refined(ids=ids, maps=maps, scores=scores, groups=groups, attrs=attrs, diagnostics=diagnostics)
 
 
 def _decode(value):

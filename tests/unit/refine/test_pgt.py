@@ -230,6 +230,11 @@ def test_store_round_trip(tmp_path, category):
         assert np.array_equal(back.scores[m], ref.scores[m].astype(np.float32))
     assert back.attrs["seed"] == 0 and back.attrs["options"]["pgt"]["epochs"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+    # one pseudo-anomaly per trained group, with the maps the ARD gave it (benchmarks/refine_gain.py draws them)
+    assert sorted(back.diagnostics) == ["group1"]
+    d = back.diagnostics["group1"]
+    assert d["image"].dtype == np.uint8 and d["image"].shape == (64, 64, 3) and d["mask"].shape == (64, 64)
+    assert d["mask"].any() and np.allclose(d["combined"], 0.5 * (d["coarse"] + d["ard"]), atol=2e-3)
 
 
 def _trained_group_one(category, **pgt):
