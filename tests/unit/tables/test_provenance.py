@@ -42,7 +42,7 @@ def scored_run(root: Path, backend: str, seed: int, category: str, value: float,
         run["code"] = code(commit)
     write_coarse(store, ["a", "b"], np.zeros((2, 2, 2)), np.zeros(2),
                  {"run": run, "weights": prov.weight_source(weights)})
-    csv = write_run(root / "metrics", "demo", backend, variant, seed, category, {"coarse": flat(value)})
+    csv = write_run(root / "metrics", "demo", backend, variant, seed, category, {"coarse" if variant == "coarse" else "combined": flat(value)})
     sidecar = prov.write_metrics_provenance(csv, store, stored_attrs(store))
     if commit is not None:  # the metrics stage ran at that commit too
         doc = json.loads(sidecar.read_text())
