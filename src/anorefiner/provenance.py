@@ -156,18 +156,19 @@ def is_random(weights) -> bool:
     return str(weights).startswith("random")
 
 
-def weight_source(backbone_weights, checkpoint=None) -> dict:
+def weight_source(backbone_weights, checkpoint=None, backbone_name: str | None = None) -> dict:
     """The weights behind a coarse map: the backbone's (``Backbone.weights``) and, for trained backends, the
     checkpoint's (:func:`checkpoint_source`); ``summary`` is the one line the tables print."""
     ckpt = checkpoint_source(checkpoint) if checkpoint else None
     random = is_random(backbone_weights) or bool(ckpt and is_random(ckpt.get("backbone_weights")))
-    out = {"backbone": str(backbone_weights), "checkpoint": ckpt, "random": random}
+    out = {"backbone": str(backbone_weights), "backbone_name": backbone_name, "checkpoint": ckpt, "random": random}
     out["summary"] = weight_summary(out)
     return out
 
 
 def weight_summary(source: dict) -> str:
-    backbone = f"backbone {source.get('backbone')}"
+    name = source.get("backbone_name")
+    backbone = f"backbone {name} ({source.get('backbone')})" if name else f"backbone {source.get('backbone')}"
     if source.get("random"):
         return f"{RANDOM_WEIGHTS} ({backbone})"
     ckpt = source.get("checkpoint")

@@ -275,7 +275,8 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
                                    for k, v in feats.attrs.items()},
              "seconds": seconds, "provenance": canonical(provenance),
              "run": run_record(options.get("device", getattr(backbone, "device", None)), canonical(provenance)),
-             "weights": weight_source(feature_attrs.get("weights"), checkpoint_of(options))}
+             "weights": weight_source(feature_attrs.get("weights"), checkpoint_of(options),
+                                      feature_attrs.get("backbone"))}
     if backend_type == "paclip":
         attrs["paclip_info"] = json.dumps(backend.last_info)
     elif getattr(backend, "last_info", None) is not None:

@@ -93,7 +93,7 @@ def main(args) -> int:
         "device": str(device),
         "peak_gpu_bytes": int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0,
         "run": run_record(device, {"tta": options, "base": base_options, "seed": args.seed}),
-        "weights": weight_source(backbone.weights, checkpoint_of(base_options)),
+        "weights": weight_source(backbone.weights, checkpoint_of(base_options), backbone.name),
     }
     write_coarse(args.out, ids, maps, scores, attrs)
     kept = [g["kept_fraction"] for g in logs]
