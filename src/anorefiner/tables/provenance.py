@@ -82,22 +82,28 @@ def table_block(name: str, rows: list[dict], config: dict, config_sha256: str | 
     ``rows``: ``{dataset, row, **row_provenance}`` of every row that ran. ``config_sha256``: the hash of the
     workflow's resolved configuration (the table rule passes it); without it, the hash of ``config``."""
     stage_codes = sorted({c for r in rows for c in r["code"].split("; ")})
-    devices: dict[str, set] = {}
-    versions: list[dict] = []
-    for r in rows:
-        for stage, labels in r["devices"].items():
-            devices.setdefault(stage, set()).update(labels)
-        versions += [v for v in r["versions"] if v not in versions]
+    devices, versions = _merge(rows)
     return {
         "format": FORMAT, "table": name,
         "rendered_by": {"code": code_version(), "versions": package_versions()},
         "config_sha256": config_sha256 or settings_sha256(config),
         "config_hash_of": "the workflow's resolved configuration" if config_sha256 else "the table's --config-json",
         "stage_code": stage_codes,
-        "devices": {k: sorted(v) for k, v in devices.items()},
+        "devices": devices,
         "versions": versions,
         "rows": rows,
     }
+
+
+def _merge(items) -> tuple[dict[str, list[str]], list[dict]]:
+    """The devices per stage and the distinct package-version sets of rows or table blocks."""
+    devices: dict[str, set] = {}
+    versions: list[dict] = []
+    for item in items:
+        for stage, labels in item["devices"].items():
+            devices.setdefault(stage, set()).update(labels)
+        versions += [v for v in item["versions"] if v not in versions]
+    return {k: sorted(v) for k, v in devices.items()}, versions
 
 
 def block_path(table_csv) -> Path:
@@ -131,18 +137,13 @@ def markdown_lines(blocks: list[dict], md) -> list[str]:
     version = sorted({str(b["rendered_by"]["code"].get("version")) for b in blocks})
     configs = sorted({f"{b['config_sha256']} ({b['config_hash_of']})" for b in blocks})
     stage_codes = sorted({c for b in blocks for c in b["stage_code"]})
-    devices: dict[str, set] = {}
-    versions: list[dict] = []
-    for b in blocks:
-        for stage, labels in b["devices"].items():
-            devices.setdefault(stage, set()).update(labels)
-        versions += [v for v in b["versions"] if v not in versions]
+    devices, versions = _merge(blocks)
     out = ["## Provenance", "",
            f"- Rendered by anorefiner {', '.join(version)} at commit {', '.join(rendered)}",
            f"- Resolved configuration sha256: {'; '.join(configs)}",
            f"- Code of the stages (coarse, refined, metrics): {'; '.join(stage_codes) or NOT_RECORDED}"
            + (f" — {MIXED}" if len(stage_codes) > 1 else ""),
-           "- Devices: " + ("; ".join(f"{stage}: {', '.join(sorted(v))}" for stage, v in sorted(devices.items()))
+           "- Devices: " + ("; ".join(f"{stage}: {', '.join(v)}" for stage, v in sorted(devices.items()))
                             or NOT_RECORDED),
            f"- Packages: {versions_line(versions)}", ""]
     rows = [(b["table"], r) for b in blocks for r in b["rows"]]
