@@ -167,18 +167,21 @@ def weight_source(backbone_weights, checkpoint=None, backbone_name: str | None =
 
 
 def weight_summary(source: dict) -> str:
+    """One line: random (first, so that it cannot be missed) or the checkpoint's origin, then the backbone."""
     name = source.get("backbone_name")
     backbone = f"backbone {name} ({source.get('backbone')})" if name else f"backbone {source.get('backbone')}"
-    if source.get("random"):
-        return f"{RANDOM_WEIGHTS} ({backbone})"
     ckpt = source.get("checkpoint")
     if not ckpt:
-        return f"pretrained {backbone}"
-    if ckpt.get("kind") == "trained":
-        return (f"trained by the pipeline at {code_label(ckpt.get('code'))} on {ckpt.get('auxiliary_dataset')}, "
-                f"{ckpt.get('epochs')} epochs (git blob {ckpt['git_blob']}); {backbone}")
-    name = ckpt.get("official", "official file")
-    return f"official file ({name}), git blob {ckpt['git_blob']}, sha256 {ckpt['sha256']}; {backbone}"
+        origin = None
+    elif ckpt.get("kind") == "trained":
+        origin = (f"trained by the pipeline at {code_label(ckpt.get('code'))} on {ckpt.get('auxiliary_dataset')}, "
+                  f"{ckpt.get('epochs')} epochs (git blob {ckpt['git_blob']})")
+    else:
+        origin = (f"official file ({ckpt.get('official', 'official file')}), git blob {ckpt['git_blob']}, "
+                  f"sha256 {ckpt['sha256']}")
+    if source.get("random"):
+        return f"{RANDOM_WEIGHTS} ({'; '.join(filter(None, [origin, backbone]))})"
+    return f"{origin}; {backbone}" if origin else f"pretrained {backbone}"
 
 
 # ------------------------------------------------------------------------------------ metrics sidecar

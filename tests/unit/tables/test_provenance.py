@@ -112,7 +112,8 @@ def test_weight_sources_of_random_trained_and_official_checkpoints(tmp_path):
     # adapters trained on a random backbone are random weights too
     meta["backbone"] = json.dumps({"weights": "random(seed=0)"})
     torch.save({"w": torch.zeros(2), "meta": meta}, trained)
-    assert prov.weight_source("openai", trained)["random"]
+    src = prov.weight_source("openai", trained)
+    assert src["random"] and src["summary"].startswith(f"{prov.RANDOM_WEIGHTS} (trained by the pipeline at ")
 
 
 def test_metrics_sidecar_copies_the_store_records(tmp_path):
