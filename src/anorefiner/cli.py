@@ -25,6 +25,7 @@ COMMANDS = {
     "pgt": "pgt",
     "metrics": "metrics",
     "table": "table",
+    "audit": "audit",
     "figures": "figures",
     "run": "run",
     "plan": "plan",

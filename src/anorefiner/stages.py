@@ -24,6 +24,7 @@ import numpy as np
 
 from .io import remove_stale_temps
 from .log import LOG
+from .provenance import run_record, store_records, weight_source
 
 # Recorded but not compared: package versions, and options that change where or how fast a result
 # is computed, not what it is.
@@ -112,6 +113,11 @@ def reusable(path: str | Path, expected: dict, reuse: bool, ids: list[str] | Non
         return True
     LOG.warning("%s was made with other settings (%s): recomputing it", path, why)
     return False
+
+
+def checkpoint_of(options: dict) -> str | None:
+    """The trained weights a backend reads (``checkpoint`` option; PA-CLIP-on-top's base backend's)."""
+    return options.get("checkpoint") or (options.get("base_options") or {}).get("checkpoint")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -267,7 +273,10 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
              "dataset": dataset, "category": category, "features": str(features_path),
              "features_identity": {k: (v if isinstance(v, (int, float, str)) else str(v))
                                    for k, v in feats.attrs.items()},
-             "seconds": seconds, "provenance": canonical(provenance)}
+             "seconds": seconds, "provenance": canonical(provenance),
+             "run": run_record(options.get("device", getattr(backbone, "device", None)), canonical(provenance)),
+             "weights": weight_source(feature_attrs.get("weights"), checkpoint_of(options),
+                                      feature_attrs.get("backbone"))}
     if backend_type == "paclip":
         attrs["paclip_info"] = json.dumps(backend.last_info)
     elif getattr(backend, "last_info", None) is not None:
@@ -301,6 +310,7 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
         return out
     remove_stale_temps(out)
     feature_attrs = read_attrs(features_path)
+    coarse_records = store_records(stored_attrs(coarse_path))["coarse"]
     made_from = (provenance["coarse"] or {}).get("features")
     why = made_from and first_difference(canonical(made_from), feature_provenance(feature_attrs))
     if why:
@@ -325,7 +335,9 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
     refined.attrs.update({"dataset": dataset, "category": category, "features": str(features_path),
                           "coarse": str(coarse_path), "backend": backend_name, "backend_options": backend_opts,
                           "textures": textures, "device": str(device),
-                          "provenance": canonical(provenance)})
+                          "provenance": canonical(provenance),
+                          "run": run_record(device, canonical(provenance)), "inputs": {"coarse": coarse_records},
+                          "weights": coarse_records["weights"]})
     write_refined(out, refined)
     LOG.info("pgt %s/%s: %d images in %d groups (%d refined by the ARD), %.1f s -> %s", dataset, category,
              len(refined.ids), refined.attrs["n_groups"], n_refined, refined.attrs["timings"]["total_s"], out)

@@ -53,6 +53,14 @@ def test_run_recomputes_intermediates_made_with_other_settings(demo_dataset, tmp
     refined = read_refined(out / "refined.h5")
     assert refined.attrs["backend"] == "paclip" and refined.attrs["seed"] == 3
     assert refined.attrs["provenance"]["coarse"]["backend"] == "paclip"
+    # the run records (docs/audit.md): the refined store carries its coarse store's, run.json both
+    from anorefiner.provenance import code_version, settings_sha256
+
+    assert refined.attrs["run"]["code"] == code_version() and refined.attrs["run"]["device"]["cpu"]
+    coarse_run = refined.attrs["inputs"]["coarse"]["run"]
+    assert coarse_run["settings_sha256"] == settings_sha256(refined.attrs["provenance"]["coarse"])
+    assert refined.attrs["weights"] == refined.attrs["inputs"]["coarse"]["weights"]
+    assert set(json.loads((out / "run.json").read_text())["provenance"]) == {"coarse", "refined"}
     np.testing.assert_allclose(refined.scores["coarse"], coarse.scores)
 
     # Same settings again: everything is reused, nothing rewritten.

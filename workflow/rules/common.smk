@@ -1,6 +1,7 @@
 # Input functions and config helpers (the only place with Python logic; rules map wildcards to
 # `anorefiner` arguments).
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ if SRC not in sys.path:
 # --use-conda the rule's environment provides `python` instead.
 _PYTHON = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
 ANOREFINER = f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" {_PYTHON} -m anorefiner'
+
+# The resolved configuration's hash, recorded in every table's provenance block (docs/audit.md); taken before
+# the folder fix-up below so that it does not depend on where the repository is.
+CONFIG_SHA256 = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 # A relative table-declarations folder absent from the working directory (`--directory elsewhere`, e.g.
 # the smoke run of config/smoke_paper.yaml) is the repository's own.

@@ -6,7 +6,9 @@ rule metrics:
         ready=dataset_ready,
         source=metrics_source,
     output:
-        "results/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.csv",
+        csv="results/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.csv",
+        # the scored store's provenance (commit, device, weights), collected by the tables (docs/audit.md)
+        provenance="results/metrics/{dataset}/{backend}/{variant}/seed{seed}/{category}.provenance.json",
     params:
         cli=ANOREFINER,
         root=lambda wc: dataset_root(wc.dataset),
@@ -25,4 +27,4 @@ rule metrics:
         "{params.cli} metrics --root {params.root} --dataset {wildcards.dataset}"
         " --category {wildcards.category} --backend {wildcards.backend} --variant {wildcards.variant}"
         " --seed {wildcards.seed} --source {input.source} --options '{params.options}'"
-        " --out {output} > {log} 2>&1"
+        " --out {output.csv} > {log} 2>&1"

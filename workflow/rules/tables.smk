@@ -17,12 +17,15 @@ rule table:
             category="Tables",
             labels={"table": "{table}", "format": "markdown"},
         ),
+        # commit, configuration hash, packages, devices and weights of every row (docs/audit.md)
+        provenance="tables/{table}.provenance.json",
     params:
         cli=ANOREFINER,
         tables_dir=config["tables"]["dir"],
         config_json=lambda wc: json.dumps(
             {k: config[k] for k in ("datasets", "tables", "backbones", "backends")}, sort_keys=True
         ),
+        config_sha256=CONFIG_SHA256,
     log:
         "logs/tables/{table}.log",
     resources:
@@ -32,12 +35,14 @@ rule table:
         "../envs/anorefiner.yaml"
     shell:
         "{params.cli} table --name {wildcards.table} --tables-dir {params.tables_dir}"
-        " --config-json '{params.config_json}' --out {output.csv} {input.metrics} > {log} 2>&1"
+        " --config-json '{params.config_json}' --config-sha256 {params.config_sha256}"
+        " --out {output.csv} {input.metrics} > {log} 2>&1"
 
 
 rule audit:
     input:
-        lambda wc: [f"tables/{name}.csv" for name in table_names()],
+        csv=lambda wc: [f"tables/{name}.csv" for name in table_names()],
+        provenance=lambda wc: [f"tables/{name}.provenance.json" for name in table_names()],
     output:
         report("tables/audit.md", caption="../report/workflow.rst", category="Tables"),
     params:
@@ -51,4 +56,4 @@ rule audit:
     conda:
         "../envs/anorefiner.yaml"
     shell:
-        "{params.cli} table --audit --config-json '{params.config_json}' --out {output} {input} > {log} 2>&1"
+        "{params.cli} table --audit --config-json '{params.config_json}' --out {output} {input.csv} > {log} 2>&1"

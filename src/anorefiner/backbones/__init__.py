@@ -167,15 +167,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that compute features (recorded next to them)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from ..provenance import versions_of
 
-    out = {}
-    for pkg in ("torch", "torchvision", "open_clip_torch", "timm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
+    return versions_of(("torch", "torchvision", "open_clip_torch", "timm"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

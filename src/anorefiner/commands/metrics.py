@@ -17,20 +17,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--source", required=True, help="coarse store (.h5) or refined store (.h5)")
     p.add_argument("--options", default="", help="JSON of the config's `evaluation` section (EvalConfig)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="tidy CSV; the provenance of the scored store is written beside it "
+                                               "(<stem>.provenance.json, docs/audit.md)")
 
 
 def main(args) -> int:
+    from dataclasses import asdict
+
     from anorefiner import stages
     from anorefiner.config import parse_json_options
     from anorefiner.log import LOG
     from anorefiner.metrics import EvalConfig
     from anorefiner.metrics.tidy import tidy_frame, write_metrics_csv
+    from anorefiner.provenance import write_metrics_provenance
 
     cfg = parse_json_options(args.options, EvalConfig, "evaluation")
     rows = stages.evaluate(args.root, args.dataset, args.category, args.source, cfg)
     frame = tidy_frame(rows, args.dataset, args.category, args.backend, args.variant, args.seed)
     write_metrics_csv(args.out, frame)
+    write_metrics_provenance(args.out, args.source, stages.stored_attrs(args.source), settings=asdict(cfg))
     LOG.info("wrote %d metric rows (%s, %s, seed %d) to %s", len(frame), args.backend, args.variant, args.seed,
              args.out)
     return 0

@@ -69,6 +69,7 @@ def main(args) -> int:
     from ..config import from_dict, json_object
     from ..data.index import index_category
     from ..io import remove_stale_temps, write_csv_atomic, write_json_atomic
+    from ..provenance import store_records
     from ..log import LOG
     from ..metrics import EvalConfig
     from ..refine.pgt import RefinerOptions
@@ -117,9 +118,11 @@ def main(args) -> int:
         remove_stale_temps(out / name)
     write_csv_atomic(out / "metrics.csv", frame)
     timings["metrics_s"] = time.time() - t
+    refined_attrs = stages.stored_attrs(paths["refined"])
     write_json_atomic(out / "run.json", {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                                          "resolution": resolution, "options": opts, "timings": timings,
-                                         "pgt_timings": stages.stored_attrs(paths["refined"]).get("timings")})
+                                         "pgt_timings": refined_attrs.get("timings"),
+                                         "provenance": store_records(refined_attrs)})
     table = frame.pivot(index="metric", columns="method", values="value")
     LOG.info("run %s: metrics -> %s\n%s", args.category, out / "metrics.csv", table.round(4).to_string())
     return 0

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "under --metrics-root)")
     parser.add_argument("--metrics-root", default="results/metrics")
     parser.add_argument("--audit", action="store_true", help="summarise rendered tables instead")
+    parser.add_argument("--config-sha256", default=None,
+                        help="SHA-256 of the workflow's resolved configuration, recorded in the provenance block "
+                             "(default: the hash of --config-json)")
     parser.add_argument("inputs", nargs="*",
                         help="with --audit: rendered tables/<name>.csv files; otherwise tidy metric CSVs "
                              "(same as --metrics)")
@@ -61,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise ValueError("anorefiner table: give --name (or --audit)")
+    from ..tables.provenance import table_block
     from ..tables.render import RANDOM_WEIGHTS, load_metrics, render_table, status_kind, write_table
 
     decl = load_declaration(args.name, args.tables_dir)
@@ -69,9 +73,13 @@ def main(args: argparse.Namespace) -> int:
     else:
         files = list(args.metrics or []) + list(args.inputs)
     frame = render_table(decl, config, load_metrics(files), args.metrics_root)
-    csv_path, md_path = write_table(frame, decl, args.out, tolerance)
+    block = table_block(decl.name, frame.attrs["provenance_rows"], config, args.config_sha256)
+    csv_path, md_path = write_table(frame, decl, args.out, tolerance, block)
     counts = frame["status"].map(status_kind).value_counts().to_dict()
     if frame["note"].str.contains(RANDOM_WEIGHTS, regex=False).any():
         LOG.warning("%s: rows computed from a backbone with RANDOM weights are marked %r", csv_path, RANDOM_WEIGHTS)
+    for row in block["rows"]:
+        if row["flag"]:
+            LOG.warning("%s: %s / %s: %s", csv_path, row["dataset"], row["row"], row["flag"])
     LOG.info("wrote %s and %s from %d metric files: %s", csv_path, md_path, len(files), counts)
     return 0

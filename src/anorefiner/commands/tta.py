@@ -40,7 +40,8 @@ def main(args) -> int:
     from ..seeding import seed_everything
     from ..tta import TTAConfig, adapt_category, build_tta_backend
     from ..zsad.groups import make_groups
-    from ..stages import backend_options
+    from ..provenance import run_record, weight_source
+    from ..stages import backend_options, checkpoint_of
     from ..zsad.store import write_coarse
 
     options = json_object(args.options, "--options")
@@ -91,6 +92,8 @@ def main(args) -> int:
         "seconds": seconds,
         "device": str(device),
         "peak_gpu_bytes": int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0,
+        "run": run_record(device, {"tta": options, "base": base_options, "seed": args.seed}),
+        "weights": weight_source(backbone.weights, checkpoint_of(base_options), backbone.name),
     }
     write_coarse(args.out, ids, maps, scores, attrs)
     kept = [g["kept_fraction"] for g in logs]

@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_path, write_text_atomic
+from ..io import atomic_path, write_json_atomic, write_text_atomic
+from . import provenance as prov
 from .declare import (
     RowDecl, TableDecl, dataset_key, metric_file, row_categories, row_ready, table_settings,
 )
+from .gains import base_rows, format_seed_values
 from .published import published_lookup
 
 TIDY_COLUMNS = ["dataset", "category", "backend", "method", "variant", "seed", "metric", "value"]
@@ -36,6 +38,9 @@ STATUS_ORDER = ["reproduced", "within tolerance", "outside tolerance", "no publi
 OUT_COLUMNS = [
     "table", "dataset", "row", "column", "metric", "backend", "variant", "method",
     "reproduced_mean", "reproduced_std", "n_seeds", "published", "difference", "status", "note",
+    # per-seed values (the audit's gains), the gain row's base (tables/gains.py), and the row's provenance
+    # collected from its metric files' sidecars (tables/provenance.py, docs/audit.md)
+    "seed_values", "base_row", "gain_kind", "weights", "code", "provenance_flag",
 ]
 # Note on every value computed from a backbone with random weights (the workflow builds one when a backbone's
 # `pretrained` is null/"none", e.g. the smoke run of config/smoke_paper.yaml, where no model hub is reachable).
@@ -93,6 +98,12 @@ def _index(metrics: pd.DataFrame) -> dict[tuple, float]:
     return {tuple(k): float(v) for k, v in zip(metrics[key].itertuples(index=False, name=None), metrics["value"])}
 
 
+def _files(metrics: pd.DataFrame) -> dict[tuple, str]:
+    """(dataset, backend, variant, seed, category) -> the metric file holding that run's values."""
+    key = ["dataset", "backend", "variant", "seed", "category"]
+    return {tuple(k): f for k, f in zip(metrics[key].itertuples(index=False, name=None), metrics["_file"])}
+
+
 def _status(mean: float, published: float | None, tolerance: float) -> tuple[str, float | None]:
     if published is None:
         return "no published value", None
@@ -106,22 +117,33 @@ def _status(mean: float, published: float | None, tolerance: float) -> tuple[str
 
 def render_table(decl: TableDecl, config: dict, metrics: pd.DataFrame,
                  metrics_root: str = "results/metrics") -> pd.DataFrame:
-    """One output line per (dataset, row, column) of the declaration, in the paper's order."""
+    """One output line per (dataset, row, column) of the declaration, in the paper's order.
+
+    ``frame.attrs["provenance_rows"]``: the provenance of every row that ran (:func:`.provenance.row_provenance`).
+    """
     settings = table_settings(config)
     tolerance = float(settings["tolerance"])
     published = published_lookup(decl.published)
-    values = _index(metrics)
+    values, files = _index(metrics), _files(metrics)
     random_backends = random_weight_backends(config)
-    lines = []
+    bases = base_rows(decl, config)
+    lines, prov_rows = [], []
     for paper_ds in decl.datasets:
         for row in decl.rows:
             ready, why = row_ready(row, paper_ds, config)
+            base, kind = bases.get(row.label, ("", ""))
+            row_prov = _row_provenance(row, paper_ds, config, files) if ready else None
+            if row_prov is not None:
+                prov_rows.append({"dataset": paper_ds, "row": row.label, **row_prov})
             for column, metric in decl.columns.items():
                 pub = published.get((paper_ds, row.label, column))
                 line = dict(table=decl.name, dataset=paper_ds, row=row.label, column=column, metric=metric,
                             backend=row.backend, variant=row.variant, method=row.method,
                             reproduced_mean=math.nan, reproduced_std=math.nan, n_seeds=0,
-                            published=math.nan if pub is None else pub, difference=math.nan, note="")
+                            published=math.nan if pub is None else pub, difference=math.nan, note="",
+                            seed_values="", base_row=base, gain_kind=kind, weights="", code="", provenance_flag="")
+                if row_prov is not None:
+                    line.update(weights=row_prov["weights"], code=row_prov["code"], provenance_flag=row_prov["flag"])
                 if not row.implemented:
                     line.update(status=why, note="")
                 elif not ready:
@@ -133,14 +155,24 @@ def render_table(decl: TableDecl, config: dict, metrics: pd.DataFrame,
                             f"{RANDOM_WEIGHTS} (backbones.{random_backends[row.backend]}.pretrained is null)",
                             line["note"]]))
                 lines.append(line)
-    return pd.DataFrame(lines, columns=OUT_COLUMNS)
+    frame = pd.DataFrame(lines, columns=OUT_COLUMNS)
+    frame.attrs["provenance_rows"] = prov_rows
+    return frame
+
+
+def _row_provenance(row: RowDecl, paper_ds: str, config: dict, files: dict) -> dict | None:
+    """Provenance of the metric files a row read (None when none of them exists)."""
+    ds = dataset_key(paper_ds, config)
+    used = [files[k] for seed in row.seed_list(config) for cat in row_categories(row, ds, config)
+            if (k := (ds, row.backend, row.variant, seed, cat)) in files]
+    return prov.row_provenance(used) if used else None
 
 
 def _cell(row: RowDecl, paper_ds: str, metric: str, pub, config, values, tolerance, metrics_root) -> dict:
     ds = dataset_key(paper_ds, config)
     cats = row_categories(row, ds, config)
     seeds = row.seed_list(config)
-    per_seed, missing, undefined = [], [], []
+    per_seed, missing, undefined = {}, [], []
     for seed in seeds:
         vals = []
         for cat in cats:
@@ -153,7 +185,7 @@ def _cell(row: RowDecl, paper_ds: str, metric: str, pub, config, values, toleran
             else:
                 vals.append(v)
         if len(vals) == len(cats):
-            per_seed.append(100.0 * float(np.mean(vals)))
+            per_seed[seed] = 100.0 * float(np.mean(vals))
     n = len(seeds) * len(cats)
     if missing:
         note = (f"missing {metric} ({row.method}) for {len(missing)} of {n} (seed, category) pairs, "
@@ -162,8 +194,8 @@ def _cell(row: RowDecl, paper_ds: str, metric: str, pub, config, values, toleran
     if undefined:
         note = f"{metric} ({row.method}) is undefined (NaN) for {len(undefined)} of {n}, e.g. {undefined[0]}"
         return dict(status="not run", note=note)
-    mean = float(np.mean(per_seed))
-    std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan
+    mean = float(np.mean(list(per_seed.values())))
+    std = float(np.std(list(per_seed.values()), ddof=1)) if len(per_seed) > 1 else math.nan
     status, diff = _status(mean, pub, tolerance)
     note = ""
     full = PAPER_CATEGORY_COUNTS.get(paper_ds)
@@ -171,7 +203,7 @@ def _cell(row: RowDecl, paper_ds: str, metric: str, pub, config, values, toleran
         note = f"mean over the {len(cats)} categories of dataset {ds!r}, not the paper's {paper_ds}"
     elif row.category is None and full and len(cats) < full:
         note = f"mean over {len(cats)} of the paper's {full} categories"
-    return dict(reproduced_mean=mean, reproduced_std=std, n_seeds=len(per_seed),
+    return dict(reproduced_mean=mean, reproduced_std=std, n_seeds=len(per_seed), seed_values=format_seed_values(per_seed),
                 difference=math.nan if diff is None else diff, status=status, note=note)
 
 
@@ -197,8 +229,18 @@ def _fmt_cell(r) -> str:
     return f"{ours} ({pub}, {r.difference:+.1f}) {_MARK[kind]}"
 
 
-def to_markdown(frame: pd.DataFrame, decl: TableDecl, tolerance: float) -> str:
-    """Paper layout per dataset: one line per paper row, cells ``ours ± std (published, diff) mark``."""
+def _row_label(label: str, rows: pd.DataFrame) -> str:
+    """The row label cell, marked when the row ran on random weights or its inputs mix provenances."""
+    first = rows.iloc[0]
+    marks = [f"⚠ {prov.RANDOM_WEIGHTS}"] if prov.is_random(first["weights"]) else []
+    if prov.MIXED in str(first["provenance_flag"]):
+        marks.append(f"⚠ {prov.MIXED}")
+    return " ".join([label, *marks])
+
+
+def to_markdown(frame: pd.DataFrame, decl: TableDecl, tolerance: float, block: dict | None = None) -> str:
+    """Paper layout per dataset: one line per paper row, cells ``ours ± std (published, diff) mark``; then the
+    notes and, with ``block`` (:func:`.provenance.table_block`), the provenance section."""
     out = [f"# {decl.title}", "",
            f"Cells: reproduced mean ± std over seeds (published, difference) in %. "
            f"✓ reproduced (|diff| ≤ {min(REPRODUCED_PP, tolerance):g}), ≈ within tolerance (≤ {tolerance:g}), "
@@ -216,8 +258,10 @@ def to_markdown(frame: pd.DataFrame, decl: TableDecl, tolerance: float) -> str:
         out += [f"## {ds}", "", "| row | " + " | ".join(columns) + " |",
                 "|---|" + "---|" * len(columns)]
         for label in dict.fromkeys(sub["row"]):
-            cells = {r.column: _fmt_cell(r) for r in sub[sub["row"] == label].itertuples(index=False)}
-            out.append(f"| {_md(label)} | " + " | ".join(_md(cells.get(c, "")) for c in columns) + " |")
+            rows = sub[sub["row"] == label]
+            cells = {r.column: _fmt_cell(r) for r in rows.itertuples(index=False)}
+            out.append(f"| {_md(_row_label(label, rows))} | " + " | ".join(_md(cells.get(c, "")) for c in columns)
+                       + " |")
         out.append("")
     notes = frame[frame["status"].str.startswith("not implemented") | (frame["note"] != "")]
     notes = notes.drop_duplicates(["dataset", "row", "status", "note"])
@@ -227,6 +271,8 @@ def to_markdown(frame: pd.DataFrame, decl: TableDecl, tolerance: float) -> str:
             text = r.note if r.note else r.status
             out.append(f"- {r.dataset} / {_md(r.row)}: {_md(text)}")
         out.append("")
+    if block is not None:
+        out += prov.markdown_lines([block], _md)
     return "\n".join(out)
 
 
@@ -234,11 +280,14 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("*", "\\*")
 
 
-def write_table(frame: pd.DataFrame, decl: TableDecl, out_csv: str | Path, tolerance: float) -> tuple[Path, Path]:
-    """Write ``<out>.csv`` and ``<out>.md`` atomically."""
+def write_table(frame: pd.DataFrame, decl: TableDecl, out_csv: str | Path, tolerance: float,
+                block: dict | None = None) -> tuple[Path, Path]:
+    """Write ``<out>.csv`` and ``<out>.md`` atomically, and with ``block`` ``<out>.provenance.json``."""
     out_csv = Path(out_csv)
+    if block is not None:
+        write_json_atomic(prov.block_path(out_csv), block)
     with atomic_path(out_csv, suffix=".csv") as tmp:
         frame.to_csv(tmp, index=False, float_format="%.4f")
     out_md = out_csv.with_suffix(".md")
-    write_text_atomic(out_md, to_markdown(frame, decl, tolerance))
+    write_text_atomic(out_md, to_markdown(frame, decl, tolerance, block))
     return out_csv, out_md

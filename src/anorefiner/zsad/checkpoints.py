@@ -134,14 +134,18 @@ def load_weights_only(path: str | Path, what: str):
 
 def training_info(config, losses, rows, backbone, start: float, meta: dict | None = None, **extra) -> dict:
     """The ``meta`` dict of a trained backend's checkpoint (plain values only, so it loads weights-only):
-    the options, per-epoch mean losses, the classes and number of training images, the backbone, the time."""
+    the options, per-epoch mean losses, the classes and number of training images, the backbone, the time, and
+    the run record (commit, packages, device: :func:`anorefiner.provenance.run_record`)."""
     import json
     import time
     from dataclasses import asdict
 
+    from ..provenance import run_record
+
     info = {"train_config": json.dumps(asdict(config), default=str), "epoch_losses": [float(v) for v in losses],
             "classes": sorted({r["category"] for r in rows}), "n_images": len(rows),
-            "backbone": json.dumps(backbone.identity, default=str), "seconds": float(time.time() - start), **extra}
+            "backbone": json.dumps(backbone.identity, default=str), "seconds": float(time.time() - start),
+            "run": json.dumps(run_record(getattr(backbone, "device", None), asdict(config)), default=str), **extra}
     info.update({k: (v if isinstance(v, (str, int, float)) else json.dumps(v, default=str))
                  for k, v in (meta or {}).items()})
     return info

@@ -12,6 +12,7 @@ from anorefiner.cli import main as cli_main
 from anorefiner.metrics.tidy import write_metrics_csv
 from anorefiner.tables.audit import audit_markdown, read_rendered, write_audit
 from anorefiner.tables.declare import load_declaration, metric_file, required_metric_files
+from anorefiner.tables.provenance import table_block
 from anorefiner.tables.render import load_metrics, render_table, write_table
 
 TABLES_DIR = Path(__file__).resolve().parents[3] / "config" / "tables"
@@ -155,7 +156,8 @@ def test_write_table_and_audit(tmp_path, table1_metrics):
     decl = load_declaration("table1", TABLES_DIR)
     files = sorted(table1_metrics.rglob("*.csv"))
     frame = render_table(decl, CONFIG, load_metrics(files), str(table1_metrics))
-    csv_path, md_path = write_table(frame, decl, tmp_path / "tables" / "table1.csv", 1.0)
+    block = table_block("table1", frame.attrs["provenance_rows"], CONFIG)
+    csv_path, md_path = write_table(frame, decl, tmp_path / "tables" / "table1.csv", 1.0, block)
     back = pd.read_csv(csv_path)
     assert len(back) == len(frame) and list(back.columns)[:4] == ["table", "dataset", "row", "column"]
     md = md_path.read_text()
