@@ -318,3 +318,16 @@ def test_coarse_half_of_combined_can_be_pixel_centred(category):
     assert np.allclose(ref.maps["coarse"], corner, atol=1e-6)  # the "coarse" output: always the backend's
     lo, hi = ref.attrs["coarse_norm"]["lo"], ref.attrs["coarse_norm"]["hi"]
     assert np.allclose(ref.maps["combined"], 0.5 * ((centred - lo) / (hi - lo) + ref.maps["ard"]), atol=1e-5)
+
+
+def test_pseudo_anomalies_are_scored_against_the_backends_own_references(category):
+    from anorefiner.refine.pgt import _references
+
+    n = len(category["feats"].ids)
+    groups = make_groups(n, 6, seed=0)
+    # MuSc scored every real image against all others: so are the pseudo-anomalies (default "backend")
+    assert RefinerOptions().pgt.query_references == "backend"
+    assert np.array_equal(_references(groups, 1, "backend", n, category["backend"], groups[1][:2]), np.arange(n))
+    # a backend that names no references: the current group, as before
+    assert np.array_equal(_references(groups, 1, "backend", n, object(), groups[1][:2]), groups[1])
+    assert np.array_equal(_references(groups, 1, "group", n, category["backend"], groups[1][:2]), groups[1])

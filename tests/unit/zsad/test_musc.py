@@ -182,3 +182,19 @@ def test_unknown_option_is_named():
         get_backend("musc", {"topmn": 0.2})
     with pytest.raises(ValueError, match="april_gan"):
         get_backend("april_gan", {})
+
+
+def test_reference_indices_are_the_groups_the_backend_scored_against():
+    """PGT scores a pseudo-anomaly against the images its source image was scored against (issue 26)."""
+    from anorefiner.zsad import get_backend
+
+    whole = get_backend("musc", {"device": "cpu"}, seed=3)
+    assert np.array_equal(whole.reference_indices(100, [7, 42]), np.arange(100))
+    star = get_backend("musc_star", {"device": "cpu"}, seed=3)
+    groups = star.groups(100)
+    g7 = next(g for g in groups if 7 in g)
+    assert np.array_equal(star.reference_indices(100, [7]), np.sort(g7))
+    g42 = next(g for g in groups if 42 in g)
+    both = star.reference_indices(100, [7, 42])
+    assert set(both.tolist()) == set(g7.tolist()) | set(g42.tolist())
+    assert np.array_equal(get_backend("paclip", {}).reference_indices(5, [1]), np.arange(5))
