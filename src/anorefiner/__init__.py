@@ -4,4 +4,4 @@ The package is plain Python (no Snakemake needed); the workflow under ``workflow
 ``anorefiner`` command-line entry points defined in :mod:`anorefiner.cli`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -256,6 +256,7 @@ def prepare_dataset(name: str, dest: str | Path, downloads: str | Path, *, url: 
     else:
         target = downloads / source.filename
         LOG.info("%s: fetching %s (about %s) to %s", name, url or source.url, source.approx_size, target)
+        LOG.info("%s is licensed %s; its terms apply to the data and to what is computed from it", name, source.licence)
         archive = fetch(url or source.url, target, expected, options, dataset=name)
     if source.layout == "visa":
         raw = dest.with_name(dest.name + ".raw")

@@ -34,6 +34,7 @@ class DatasetSource:
     categories: tuple[str, ...]  # categories in MVTec layout after preparation (empty for DTD)
     approx_size: str  # shown in log messages so a user knows what to expect
     md5: str | None = None  # published by the host; informational only (SHA-256 is what is checked)
+    licence: str = ""  # the data's own terms (docs/datasets.md), logged before a download; not the code's MIT licence
 
 
 SOURCES: dict[str, DatasetSource] = {
@@ -48,6 +49,7 @@ SOURCES: dict[str, DatasetSource] = {
         layout="mvtec",
         categories=MVTEC_AD_CATEGORIES,
         approx_size="4.9 GB",
+        licence="CC BY-NC-SA 4.0 (non-commercial; cite Bergmann et al., CVPR 2019)",
     ),
     "visa": DatasetSource(
         name="visa",
@@ -57,6 +59,7 @@ SOURCES: dict[str, DatasetSource] = {
         layout="visa",
         categories=VISA_CATEGORIES,
         approx_size="1.8 GB",
+        licence="CC BY 4.0 (cite Zou et al., ECCV 2022)",
     ),
     "dtd": DatasetSource(
         name="dtd",
@@ -66,6 +69,7 @@ SOURCES: dict[str, DatasetSource] = {
         layout="textures",
         categories=(),
         approx_size="600 MB",
+        licence="research use only (cite Cimpoi et al., CVPR 2014)",
         md5="fff73e5086ae6bdbea199a49dfb8a4c1",
     ),
 }

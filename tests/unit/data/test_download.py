@@ -117,16 +117,20 @@ def _sha(data: bytes) -> str:
 def test_sources_table():
     assert len(get_source("mvtec_ad").categories) == 15 and len(get_source("visa").categories) == 12
     assert SOURCES["dtd"].sha256.startswith("e42855a5") and "38536" not in SOURCES["mvtec_ad"].url
+    assert [SOURCES[n].licence.split(" (")[0] for n in ("mvtec_ad", "visa", "dtd")] == [
+        "CC BY-NC-SA 4.0", "CC BY 4.0", "research use only"]
     with pytest.raises(ValueError, match="unknown dataset 'mvtec'"):
         get_source("mvtec")
 
 
-def test_full_download_verify_extract(server, tmp_path):
+def test_full_download_verify_extract(server, tmp_path, caplog):
     data = mvtec_archive()
     server.files["/m.tar.xz"] = data
     dest = tmp_path / "datasets" / "mvtec_ad"
-    out = prepare_dataset("mvtec_ad", dest, tmp_path / "downloads", url=server.base + "/m.tar.xz",
-                          sha256=_sha(data), options=FAST)
+    with caplog.at_level("INFO", logger="anorefiner"):
+        out = prepare_dataset("mvtec_ad", dest, tmp_path / "downloads", url=server.base + "/m.tar.xz",
+                              sha256=_sha(data), options=FAST)
+    assert "mvtec_ad is licensed CC BY-NC-SA 4.0" in caplog.text
     assert out == dest and validate_mvtec_root(dest) == ["widget"]
     assert (dest / "widget" / "ground_truth" / "crack" / "000_mask.png").read_bytes() == _png(255)
     assert read_marker(dest)["archive_sha256"] == _sha(data)
