@@ -275,7 +275,9 @@ def test_bn_recalibration_can_be_switched_off(category):
     assert "eval_mode_stale_bn" not in fit
     ref = _run(category, pgt={"epochs": 1})
     assert [f["group"] for f in ref.attrs["fit"]] == [1]  # group 1 (self) trains; the last group does not
-    assert set(ref.attrs["fit"][0]) == {"group", "train_mode", "eval_mode", "eval_mode_stale_bn"}
+    assert set(ref.attrs["fit"][0]) == {"group", "train_mode", "eval_mode", "eval_mode_stale_bn",
+                                        "pseudo_coarse_median_in_mask", "pseudo_coarse_median_outside"}
+    assert ref.attrs["fit"][0]["pseudo_coarse_median_in_mask"] > ref.attrs["fit"][0]["pseudo_coarse_median_outside"]
 
 
 def test_safeguard_keeps_the_coarse_map_of_groups_the_ard_does_not_improve(category):

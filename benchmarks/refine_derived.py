@@ -1,0 +1,63 @@
+"""Pooled metrics of ``combined`` maps rebuilt from stored PGT outputs under other combination rules.
+
+Training is unchanged by these rules (they act after the ARD), so a stored run answers them without a rerun:
+
+* ``stored``: the run's own ``combined``;
+* ``unguarded``: every group averaged with its ARD (the safeguard off);
+* ``centred``: the coarse half upsampled pixel-centred (``pgt.coarse_align_corners: false``), same safeguard
+  decisions;
+* ``coarse``: the backend map (the baseline).
+
+    python benchmarks/refine_derived.py OUT/transistor/offline/default/seed0/refined.h5 ... \
+        --coarse OUT/transistor/coarse.h5 --data-root ../shared/data/mvtec_ad --category transistor
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stores", nargs="+")
+    p.add_argument("--coarse", required=True, help="the coarse store the runs refined")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--dataset", default="mvtec_ad")
+    args = p.parse_args(argv)
+    from anorefiner import stages
+    from anorefiner.metrics import image_metrics, pixel_metrics
+    from anorefiner.refine.safeguard import upsample
+    from anorefiner.refine.store import read_refined
+    from anorefiner.zsad.store import read_coarse
+
+    coarse = read_coarse(args.coarse)
+    print("| store | rule | pixel AP | pixel F1-max | image AUROC | groups kept coarse |")
+    print("|---|---|---|---|---|---|")
+    for path in args.stores:
+        r = read_refined(path)
+        e = r.maps["coarse"].shape[-1]
+        masks, labels = stages.ground_truth(args.data_root, args.dataset, args.category, r.ids, resolution=e)
+        norm = r.attrs["coarse_norm"]
+        scale = max(norm["hi"] - norm["lo"], 1e-12)
+        kept = np.zeros(len(r.ids), bool)
+        for v in r.attrs.get("safeguard", []):
+            if not v["refined"]:
+                kept |= np.asarray(r.groups) == v["group"] - 1
+        ard = r.maps["ard"]
+        corner = (r.maps["coarse"] - norm["lo"]) / scale
+        centred = (upsample(coarse.maps, e, align_corners=False) - norm["lo"]) / scale
+        rules = {"coarse": r.maps["coarse"], "stored": r.maps["combined"], "unguarded": 0.5 * (corner + ard),
+                 "centred": 0.5 * (centred + np.where(kept[:, None, None], 0.0, ard))}
+        for name, maps in rules.items():
+            px = pixel_metrics(maps, masks)
+            img = image_metrics(maps.reshape(len(maps), -1).max(1) if name != "coarse" else r.scores["coarse"], labels)
+            print(f"| {path} | {name} | {100 * px['ap']:.1f} | {100 * px['f1_max']:.1f} | "
+                  f"{100 * img['auroc']:.1f} | {int(kept.sum())} images |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
