@@ -1,7 +1,7 @@
 """``anorefiner train-backend``: a trained CLIP backend's weights, trained here or the official file.
 
 The backend types with a trainer (:data:`anorefiner.zsad.registry.TRAINED_TYPES`, e.g. APRIL-GAN's
-linear adapters, :mod:`anorefiner.zsad.april_gan_train`) are trained on the auxiliary dataset's test
+linear adapters, :mod:`anorefiner.zsad.april_gan.train`) are trained on the auxiliary dataset's test
 split with masks; with ``--official`` the official checkpoint is downloaded and verified (git blob id or
 SHA-256, :mod:`anorefiner.zsad.checkpoints`) instead. Either way the output is checked by the trainer's
 ``check_checkpoint`` (keys and shapes) and written atomically.

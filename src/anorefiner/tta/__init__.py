@@ -29,7 +29,7 @@ def build_tta_backend(base_type: str, base_name: str, base_options: dict, backbo
 
     dtype = config.autocast_dtype(device)
     if base_type == "musc":
-        from ..zsad.musc import MuscConfig
+        from ..zsad.musc.backend import MuscConfig
         from .musc import MuscTTA
 
         musc = from_dict(MuscConfig, base_options, f"backends.{base_name}.options")

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
-from .adaclip_prompts import (AdaClipModel, SentenceBank, frozen_pooled, load_model, prompted_text,
+from ...log import LOG
+from .prompts import (AdaClipModel, SentenceBank, frozen_pooled, load_model, prompted_text,
                               prompted_visual)
-from .april_gan import layer_logits, patch_map
-from .maps import gaussian_smooth
-from .musc import _resolve_device
-from .prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
+from ..april_gan.backend import layer_logits, patch_map
+from ..maps import gaussian_smooth
+from ..musc.backend import _resolve_device
+from ..prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
 
 #: ``TextEmbebddingLayer``: APRIL-GAN's states with the first 4 of its templates (the same 4 sentences)
 ADACLIP_PROMPTS = PromptSet("adaclip", APRIL_NORMAL, APRIL_ABNORMAL, APRIL_TEMPLATES[:4], "normalized_mean")
@@ -217,7 +217,7 @@ class AdaClipBackend:
         h, w = self.backbone.grid
         feats: dict = {k: [] for k in self.backbone.layers}
         maps, scores = [], []
-        from ..log import progress
+        from ...log import progress
 
         for a in progress(range(0, len(indices), self.config.batch_size), desc="adaclip", unit="batch"):
             idx = indices[a : a + self.config.batch_size]
@@ -231,7 +231,7 @@ class AdaClipBackend:
         return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(maps), torch.cat(scores)
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         n = len(feats.ids)
         _, maps, scores = self.features_and_scores(range(n))

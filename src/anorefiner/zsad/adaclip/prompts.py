@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backbones.clip_prompting import encode_text_embeddings, eot_index, token_embeddings, tokenize, visual_forward
+from ...backbones.clip_prompting import encode_text_embeddings, eot_index, token_embeddings, tokenize, visual_forward
 
 #: the official checkpoint's key prefix (``AdaCLIP_Trainer.clip_model``)
 KEY_PREFIX = "clip_model."
@@ -199,7 +199,7 @@ def _infer(state: dict, path: Path) -> AdaClipModel:
 def load_model(path: str | Path, backbone=None) -> AdaClipModel:
     """Learnable parts of a checkpoint (ours or the official ``pretrained_*.pth``), keys and shapes checked
     against the shapes the file implies and, with ``backbone``, against the backbone's widths and layers."""
-    from .checkpoints import load_weights_only
+    from ..checkpoints import load_weights_only
 
     path = Path(path)
     obj = load_weights_only(path, "adaclip checkpoint")

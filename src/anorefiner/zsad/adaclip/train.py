@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ..log import LOG, progress
-from .adaclip import AdaClipConfig, adaclip_forward, class_bank
-from .adaclip_prompts import AdaClipModel, load_model, state_for_checkpoint
-from .april_gan import layer_probs
-from .april_gan_train import _load_sample, focal_loss, optimizer_step, segmentation_loss, training_samples
-from .checkpoints import check_finite_loss, save_checkpoint, training_info
+from ...log import LOG, progress
+from .backend import AdaClipConfig, adaclip_forward, class_bank
+from .prompts import AdaClipModel, load_model, state_for_checkpoint
+from ..april_gan.backend import layer_probs
+from ..april_gan.train import _load_sample, focal_loss, optimizer_step, segmentation_loss, training_samples
+from ..checkpoints import check_finite_loss, save_checkpoint, training_info
 
 
 @dataclass

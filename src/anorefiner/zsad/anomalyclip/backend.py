@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
-from .anomalyclip_dpam import (default_dpam_layer, dual_path_forward, global_feature, project_tokens,
+from ...log import LOG
+from .dpam import (default_dpam_layer, dual_path_forward, global_feature, project_tokens,
                                with_position_embedding)
-from .april_gan import patch_map
-from .maps import gaussian_smooth as smooth  # test.py: scipy gaussian_filter, sigma 4
-from .musc import _resolve_device
+from ..april_gan.backend import patch_map
+from ..maps import gaussian_smooth as smooth  # test.py: scipy gaussian_filter, sigma 4
+from ..musc.backend import _resolve_device
 
 CHECKPOINT_KEY = "prompt_learner"  # train.py saves {"prompt_learner": state_dict}
 MAP_LEVEL = "token grid: area mean of the official map (bilinear probabilities -> p_abn -> sum -> Gaussian) per patch"
@@ -82,7 +82,7 @@ class PromptLearner(torch.nn.Module):
 
     def __init__(self, backbone, n_ctx: int = 12, depth: int = 9, t_n_ctx: int = 4, seed: int = 111):
         super().__init__()
-        from ..backbones.clip_prompting import token_embeddings, tokenize
+        from ...backbones.clip_prompting import token_embeddings, tokenize
 
         if n_ctx < 1 or depth < 1 or t_n_ctx < 1:
             raise ValueError(f"anomalyclip: n_ctx={n_ctx}, depth={depth}, t_n_ctx={t_n_ctx} must be >= 1")
@@ -125,7 +125,7 @@ def encode_text(backbone, learner: PromptLearner, compound_fp16: bool = True) ->
     Before text block ``b`` (1-based) in ``2 .. depth`` positions ``1 .. t_n_ctx`` are overwritten by compound
     prompt ``b - 2`` (while prompts remain; blocks past the tower's depth are simply absent).
     """
-    from ..backbones.clip_prompting import encode_text_embeddings, eot_index
+    from ...backbones.clip_prompting import encode_text_embeddings, eot_index
 
     prompts, tokens, compound = learner()
     device = backbone.device
@@ -192,7 +192,7 @@ def expected_shapes(backbone, n_ctx: int, depth: int, t_n_ctx: int) -> dict[str,
 def load_prompt_learner(path: str | Path, backbone, n_ctx: int = 12, depth: int = 9, t_n_ctx: int = 4
                         ) -> PromptLearner:
     """A prompt learner from a checkpoint (ours or the official ``epoch_15.pth``), keys and shapes checked."""
-    from .checkpoints import load_weights_only
+    from ..checkpoints import load_weights_only
 
     path = Path(path)
     obj = load_weights_only(path, "anomalyclip checkpoint")
@@ -231,7 +231,7 @@ class AnomalyCLIPBackend:
 
     def __init__(self, config: AnomalyCLIPConfig | None = None, backbone=None, name: str = "anomalyclip",
                  seed: int = 0, images=None):
-        from .anomalyclip_dpam import dpam_start
+        from .dpam import dpam_start
 
         self.config = c = config or AnomalyCLIPConfig()
         self.backbone, self.name, self.seed, self.images = backbone, name, int(seed), images
@@ -277,7 +277,7 @@ class AnomalyCLIPBackend:
                 "maps": patch_map(full, (gh, gw)), "scores": scores}
 
     def _run(self, indices: list[int]) -> list[dict]:
-        from ..log import progress
+        from ...log import progress
 
         if self.images is None:
             raise ValueError("anomalyclip scores images: the coarse stage needs --data-root (the dataset folder)")
@@ -296,7 +296,7 @@ class AnomalyCLIPBackend:
         return feats, maps, torch.cat([o["scores"] for o in out]).numpy().astype(np.float32)
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         _, maps, scores = self.features_and_scores(list(range(len(feats.ids))))
         LOG.info("anomalyclip: %d images, map layers %s, DPAM layer %d (%s)", len(maps), self.map_layers,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backbones.clip_prompting import visual_forward
+from ...backbones.clip_prompting import visual_forward
 
 #: ``train.py``/``test.py`` call ``encode_image(..., DPAM_layer=20)``: the last 19 blocks get the dual path.
 DEFAULT_DPAM_LAYER = 20
@@ -139,7 +139,7 @@ def with_position_embedding(backbone, mode: str = "bilinear"):
         raise ValueError(f"anomalyclip option pos_embed must be one of {POS_EMBED_MODES}, got {mode!r}")
     if mode == "backbone":
         return backbone
-    from ..backbones.clip_vit import interpolate_pos_embed
+    from ...backbones.clip_vit import interpolate_pos_embed
 
     out = copy.copy(backbone)
     pos = interpolate_pos_embed(backbone.visual.positional_embedding.detach(), tuple(backbone.native_grid),

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG, progress
-from .anomalyclip import CHECKPOINT_KEY, PromptLearner, encode_text, load_prompt_learner, patch_probs, upsample_probs
-from .anomalyclip_dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens,
+from ...log import LOG, progress
+from .backend import CHECKPOINT_KEY, PromptLearner, encode_text, load_prompt_learner, patch_probs, upsample_probs
+from .dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature, project_tokens,
                                with_position_embedding)
-from .april_gan_train import _load_sample, prefetched, segmentation_loss, training_samples
-from .checkpoints import check_finite_loss, load_weights_only, save_checkpoint, training_info
+from ..april_gan.train import _load_sample, prefetched, segmentation_loss, training_samples
+from ..checkpoints import check_finite_loss, load_weights_only, save_checkpoint, training_info
 
 
 @dataclass

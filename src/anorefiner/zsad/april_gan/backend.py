@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
-from .maps import float_tensor
-from .musc import _resolve_device
+from ...log import LOG
+from ..maps import float_tensor
+from ..musc.backend import _resolve_device
 
 CHECKPOINT_KEY = "trainable_linearlayer"  # train.py's key, kept so the official files load as ours
 MAP_LEVEL = "token grid: area mean of the official 518-px map (bilinear logits -> softmax -> sum) per patch"
@@ -100,7 +100,7 @@ def load_adapters(path: str | Path, n_layers: int | None = None, dim_in: int | N
                   what: str = "april_gan") -> LinearAdapters:
     """Adapters of a checkpoint (ours or the official ``exps/pretrained/*.pth``), keys and shapes checked;
     ``what`` names the backend in the errors (RareCLIP's text adapters share the format)."""
-    from .checkpoints import load_weights_only
+    from ..checkpoints import load_weights_only
 
     path = Path(path)
     obj = load_weights_only(path, f"{what} checkpoint")
@@ -143,7 +143,7 @@ class AprilGanBackend:
         self.device = _resolve_device(c.device)
         self.adapters = load_adapters(c.checkpoint, len(backbone.layers), getattr(backbone, "width", None))
         self.adapters.to(self.device)
-        from .prompts import text_embeddings
+        from ..prompts import text_embeddings
 
         self.text = text_embeddings(backbone, c.class_name, c.prompt_set, c.text_cache or None).to(self.device)
         self.map_size = int(c.map_size or backbone.resolution)
@@ -167,7 +167,7 @@ class AprilGanBackend:
         return torch.cat(out, 0)
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         if feats.cls is None:
             raise ValueError("april_gan: the feature cache has no class token (a CLIP ViT cache is needed)")

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..log import LOG, progress
-from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs
-from .checkpoints import check_finite_loss, save_checkpoint, training_info
+from ...log import LOG, progress
+from .backend import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs
+from ..checkpoints import check_finite_loss, save_checkpoint, training_info
 
 
 @dataclass
@@ -115,7 +115,7 @@ def prefetched(keys, submit):
 
 def training_samples(root: str | Path, dataset: str, max_images: int | None = None) -> list[dict]:
     """Test-split rows (class, image, mask or None) of every category of the auxiliary dataset."""
-    from ..data.index import index_category, list_categories
+    from ...data.index import index_category, list_categories
 
     root = Path(root)
     if not root.is_dir():
@@ -134,7 +134,7 @@ def training_samples(root: str | Path, dataset: str, max_images: int | None = No
 
 
 def _load_pair(row: dict) -> tuple[Image.Image, Image.Image]:
-    from ..data.index import load_image, load_mask
+    from ...data.index import load_image, load_mask
 
     img = load_image(row["image"])
     mask = np.zeros(img.shape[:2], bool) if row["mask"] is None else load_mask(row["mask"], img.shape[:2])
@@ -184,7 +184,7 @@ def resize_mask(mask: Image.Image, size: int) -> torch.Tensor:
 def train_adapters(backbone, rows: list[dict], config: TrainConfig, out: str | Path,
                    text_cache: str | None = None, meta: dict | None = None) -> Path:
     """Train the adapters on ``rows`` (:func:`training_samples`) and write the checkpoint to ``out``."""
-    from .prompts import text_embeddings
+    from ..prompts import text_embeddings
 
     c = config
     if not rows:
@@ -251,7 +251,7 @@ def train_backend(backbone, root: str | Path, dataset: str, config: TrainConfig,
 
 def check_checkpoint(path: str | Path, backbone=None) -> None:
     """Trainer interface: the adapters load weights-only with the backbone's layer count and width."""
-    from .april_gan import load_adapters
+    from .backend import load_adapters
 
     if backbone is None:
         load_adapters(path)

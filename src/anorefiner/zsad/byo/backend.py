@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import from_dict
-from .store import Coarse
+from ...config import from_dict
+from ..store import Coarse
 
 
 def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
@@ -111,7 +111,7 @@ class ByoBackend:
     """Backend whose ``coarse`` reads the user's maps and whose ``score_queries`` delegates to MuSc."""
 
     def __init__(self, config: ByoConfig | None = None, name: str = "byo", seed: int = 0, backbone=None):
-        from .musc import MuscBackend, MuscConfig
+        from ..musc.backend import MuscBackend, MuscConfig
 
         del backbone  # the user's maps need none; the MuSc proxy scores cached features as before
 
@@ -122,7 +122,7 @@ class ByoBackend:
         self.proxy = MuscBackend(from_dict(MuscConfig, self.config.musc, "byo.musc"), name="musc", seed=seed)
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         if not self.config.maps_path:
             raise ValueError("byo backend: no maps file given (option maps_path / --byo-maps)")

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG, progress
-from .groups import make_groups
+from ...log import LOG, progress
+from ..groups import make_groups
 from .rscin import rscin
 
 # 2**25 float32 = 128 MiB per distance block: small enough for 8 GiB hosts, large enough that
@@ -299,7 +299,7 @@ class MuscBackend:
         return make_groups(n, self.config.group_size, seed=seed)
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         c = self.config
         layers = self._layers(feats)

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG, progress
+from ...log import LOG, progress
 from .coreset import greedy_coreset
-from .musc import DEFAULT_CHUNK, _resolve_device
+from ..musc.backend import DEFAULT_CHUNK, _resolve_device
 
 
 @dataclass
@@ -200,7 +200,7 @@ class PACLIPBackend:
             img = img / img.norm(dim=-1, keepdim=True)
             logits = img @ text.T / c.tau_text  # Eq. 3 for both prompts
             return torch.softmax(logits, 1)[:, 0].numpy()
-        from .musc import msm
+        from ..musc.backend import msm
 
         total = np.zeros(len(idx))
         for name in self._names(feats):
@@ -346,7 +346,7 @@ class PACLIPBackend:
         return total.reshape(m, h, w).astype(np.float32)
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         n = len(feats.ids)
         idx = np.arange(n)

@@ -27,9 +27,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..log import LOG
-from .maps import minmax
-from .paclip import PACLIPBackend, PACLIPConfig
+from ...log import LOG
+from ..maps import minmax
+from ..paclip.backend import PACLIPBackend, PACLIPConfig
 
 #: base backend types that expose ``features_and_scores(indices) -> (layers, maps, scores)``
 BASE_TYPES = ("anomalyclip", "adaclip")
@@ -85,8 +85,8 @@ class PadPamBackend:
     """``<base> +PAD+PAM`` as a :class:`~anorefiner.zsad.Backend` (scores images through its base)."""
 
     def __init__(self, config: PadPamConfig | None = None, backbone=None, name: str = "pad_pam", seed: int = 0):
-        from ..config import from_dict
-        from .registry import backend_type
+        from ...config import from_dict
+        from ..registry import backend_type
 
         self.config = c = config or PadPamConfig()
         self.backbone, self.name, self.seed = backbone, name, int(seed)
@@ -108,7 +108,7 @@ class PadPamBackend:
         self.last_info: dict = {}
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         if self.images is None:
             raise ValueError(f"{self.name}: its base {self.config.base_type} scores images: the coarse stage "

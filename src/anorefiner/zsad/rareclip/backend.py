@@ -37,12 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG, progress
-from .april_gan import load_adapters, patch_map
-from .maps import float_tensor, minmax
-from .musc import _resolve_device
-from .prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
-from .rareclip_memory import RarityBank, aggregate, gaussian_blur, rescore, stream_weights
+from ...log import LOG, progress
+from ..april_gan.backend import load_adapters, patch_map
+from ..maps import float_tensor, minmax
+from ..musc.backend import _resolve_device
+from ..prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
+from .memory import RarityBank, aggregate, gaussian_blur, rescore, stream_weights
 
 MAP_LEVEL = "token grid: area mean of the official full-resolution map (upsampled, blurred) per patch"
 CLASS_WORDS = ("object", "texture")  # rareclip.py: every state filled with both words (class-agnostic)
@@ -84,7 +84,7 @@ class RareClipConfig:
 
 def text_embeddings(backbone, cache_dir: str | None = None) -> torch.Tensor:
     """``[2, D]`` class-agnostic (normal, abnormal) text embeddings (cached like the other backends)."""
-    from .prompts import text_embeddings as _text
+    from ..prompts import text_embeddings as _text
 
     return _text(backbone, PROMPT_NAME, PROMPTS, cache_dir or None)
 
@@ -250,7 +250,7 @@ class RareClipBackend:
         return out
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         n = len(feats.ids)
         if n == 0:

@@ -213,7 +213,7 @@ def stream_weights(position: int, early: int = 3) -> tuple[float, float]:
 def gaussian_blur(maps: torch.Tensor, kernel_size: int = 25, sigma: float = 4.0) -> torch.Tensor:
     """torchvision's ``gaussian_blur`` (what RareCLIP's ``GaussianBlur`` runs) on ``[N, H, W]`` maps, with the
     sizes checked first (torchvision's reflect padding needs the kernel's half-width below the map size)."""
-    from .._compat import import_torchvision
+    from ..._compat import import_torchvision
 
     if kernel_size % 2 != 1 or kernel_size < 1:
         raise ValueError(f"rareclip: blur kernel size must be odd and positive, got {kernel_size}")

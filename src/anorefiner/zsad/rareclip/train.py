@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG, progress
-from .april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs, load_adapters
-from .april_gan_train import (_load_sample, mosaic_pick, optimizer_step, prefetched, segmentation_loss,
+from ...log import LOG, progress
+from ..april_gan.backend import CHECKPOINT_KEY, LinearAdapters, layer_logits, layer_probs, load_adapters
+from ..april_gan.train import (_load_sample, mosaic_pick, optimizer_step, prefetched, segmentation_loss,
                               training_samples)
-from .checkpoints import check_finite_loss, save_checkpoint, training_info
+from ..checkpoints import check_finite_loss, save_checkpoint, training_info
 
 #: MVTec AD defect types train.py leaves out (the integrator sets them for mvtec_ad)
 MVTEC_EXCLUDED = ("transistor/misplaced", "cable/missing_cable")
@@ -79,7 +79,7 @@ def align_loss(projected: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
 def train_text_branch(backbone, rows: list[dict], config: TrainConfig, out: str | Path,
                       text_cache: str | None = None, meta: dict | None = None) -> Path:
     """Train the 4 text adapters on ``rows`` and write the checkpoint (official format + ``meta``)."""
-    from .rareclip import text_embeddings
+    from .backend import text_embeddings
 
     c = config
     rows = filter_rows(rows, tuple(c.exclude_defects))

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
-from .april_gan import LinearAdapters, layer_logits, layer_probs, patch_map
-from .maps import float_tensor, gaussian_smooth
-from .musc import _resolve_device
-from .vcp_clip_prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, TEMPERATURE_INIT, PreVcp, TextPrompts,
+from ...log import LOG
+from ..april_gan.backend import LinearAdapters, layer_logits, layer_probs, patch_map
+from ..maps import float_tensor, gaussian_smooth
+from ..musc.backend import _resolve_device
+from .prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, TEMPERATURE_INIT, PreVcp, TextPrompts,
                                slot_tokens, vcp_text)
 
 GROUPS = ("trainable_linearlayer", "New_Lan_Embed", "Zero_try")
@@ -201,7 +201,7 @@ def _dims_of(path: Path, obj: dict) -> VcpDims:
 def load_vcp_checkpoint(path: str | Path, backbone=None, heads: int = 8) -> VcpModel:
     """A :class:`VcpModel` from a checkpoint (ours or the official file): every key and shape checked against
     the backbone (or, without one, against the file's own dimensions); errors name the file and key."""
-    from .checkpoints import load_weights_only
+    from ..checkpoints import load_weights_only
 
     path = Path(path)
     obj = load_weights_only(path, "vcp_clip checkpoint")
@@ -295,7 +295,7 @@ class VcpClipBackend:
         return np.concatenate(maps), np.concatenate(scores), lo, hi
 
     def coarse(self, feats):
-        from . import CoarseResult
+        from .. import CoarseResult
 
         if feats.cls is None:
             raise ValueError("vcp_clip: the feature cache has no class token (a CLIP ViT cache is needed)")

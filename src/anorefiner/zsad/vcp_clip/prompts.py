@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.clip_prompting import encode_text_embeddings, eot_index, token_embeddings, tokenize
+from ...backbones.clip_prompting import encode_text_embeddings, eot_index, token_embeddings, tokenize
 
 CLASS_SLOT = "<|class|>"
 NORMAL_PROMPT = "a photo of a good <|class|>"  # models/prompt_ensemble.py prompt_templates_normal

@@ -36,13 +36,13 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 from scipy.ndimage import rotate as nd_rotate
 
-from ..log import LOG, progress
-from .april_gan import layer_probs
-from .april_gan_train import (_load_pair, mosaic_from, optimizer_step, prefetched, resize_mask,
+from ...log import LOG, progress
+from ..april_gan.backend import layer_probs
+from ..april_gan.train import (_load_pair, mosaic_from, optimizer_step, prefetched, resize_mask,
                               segmentation_loss, training_samples)
-from .checkpoints import check_finite_loss, save_checkpoint, training_info
-from .vcp_clip import VcpDims, VcpModel, load_vcp_checkpoint
-from .vcp_clip_prompts import ABNORMAL_PROMPT, NORMAL_PROMPT, slot_tokens
+from ..checkpoints import check_finite_loss, save_checkpoint, training_info
+from .backend import VcpDims, VcpModel, load_vcp_checkpoint
+from .prompts import ABNORMAL_PROMPT, NORMAL_PROMPT, slot_tokens
 
 
 @dataclass

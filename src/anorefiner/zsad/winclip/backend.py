@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..log import LOG
-from .musc import _resolve_device
+from ...log import LOG
+from ..musc.backend import _resolve_device
 
 
 @dataclass
@@ -96,7 +96,7 @@ def visual_association(emb: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 
 def train_good_source(root, dataset: str, category: str):
     """``(k, seed) -> k`` uint8 train/good images of the category, drawn without replacement by ``seed``."""
-    from ..data.index import index_category, load_image
+    from ...data.index import index_category, load_image
 
     paths = list(index_category(root, category, dataset=dataset, split="train")["image_path"])
 
@@ -131,7 +131,7 @@ class WinClipBackend:
         if not c.scales or any(int(k) < 1 for k in c.scales):
             raise ValueError(f"winclip option scales must be positive window sizes, got {c.scales}")
         self.device = _resolve_device(c.device)
-        from .prompts import text_embeddings
+        from ..prompts import text_embeddings
 
         self.text = text_embeddings(backbone, c.class_name, c.prompt_set, c.text_cache or None)
         self.grid = tuple(backbone.grid)
@@ -181,8 +181,8 @@ class WinClipBackend:
         return (zero + few_map) / 2, (img_score + few_map.amax(dim=(-2, -1))) / 2
 
     def coarse(self, feats):
-        from ..log import progress
-        from . import CoarseResult
+        from ...log import progress
+        from .. import CoarseResult
 
         if self.images is None:
             raise ValueError("winclip scores images: the coarse stage needs --data-root (the dataset folder)")

@@ -12,14 +12,14 @@ import torch
 from anorefiner.backbones import build_backbone
 from anorefiner.config import ConfigError, from_dict
 from anorefiner.data.index import load_image
-from anorefiner.zsad.adaclip import (ADACLIP_PROMPTS, AdaClipBackend, AdaClipConfig, class_bank, hsf, hsf_counts,
+from anorefiner.zsad.adaclip.backend import (ADACLIP_PROMPTS, AdaClipBackend, AdaClipConfig, class_bank, hsf, hsf_counts,
                                      hsf_feature, image_probs, official_map)
-from anorefiner.zsad.adaclip_prompts import (KEY_PREFIX, AdaClipModel, load_model, prompted_text, prompted_visual,
+from anorefiner.zsad.adaclip.prompts import (KEY_PREFIX, AdaClipModel, load_model, prompted_text, prompted_visual,
                                              state_for_checkpoint)
-from anorefiner.zsad.adaclip_train import TrainConfig, check_checkpoint, train_backend, train_prompts
-from anorefiner.zsad.april_gan_train import training_samples
+from anorefiner.zsad.adaclip.train import TrainConfig, check_checkpoint, train_backend, train_prompts
+from anorefiner.zsad.april_gan.train import training_samples
 
-from .reference import bilinear_align_corners
+from ..reference import bilinear_align_corners
 
 
 @pytest.fixture(scope="module")

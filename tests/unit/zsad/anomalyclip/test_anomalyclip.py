@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from anorefiner.backbones import build_backbone
-from anorefiner.zsad.anomalyclip import (CHECKPOINT_KEY, AnomalyCLIPBackend, AnomalyCLIPConfig, PromptLearner,
+from anorefiner.zsad.anomalyclip.backend import (CHECKPOINT_KEY, AnomalyCLIPBackend, AnomalyCLIPConfig, PromptLearner,
                                          encode_text, full_map, image_scores, load_prompt_learner, patch_probs, smooth)
-from anorefiner.zsad.anomalyclip_dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature,
+from anorefiner.zsad.anomalyclip.dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature,
                                               project_tokens, vv_attention)
-from anorefiner.zsad.anomalyclip_train import TrainConfig, check_checkpoint, train_backend, train_prompts
-from anorefiner.zsad.april_gan import patch_map
-from anorefiner.zsad.april_gan_train import training_samples
+from anorefiner.zsad.anomalyclip.train import TrainConfig, check_checkpoint, train_backend, train_prompts
+from anorefiner.zsad.april_gan.backend import patch_map
+from anorefiner.zsad.april_gan.train import training_samples
 
 SMALL = {"n_ctx": 3, "depth": 3, "t_n_ctx": 2}
 
@@ -303,7 +303,7 @@ def test_backend_end_to_end_from_images(tiny56, demo_dataset, tmp_path):
 
 
 def test_position_embedding_is_the_official_bilinear_resize(tiny64):
-    from anorefiner.zsad.anomalyclip_dpam import with_position_embedding
+    from anorefiner.zsad.anomalyclip.dpam import with_position_embedding
 
     native = tiny64.visual.positional_embedding.detach()
     (gh, gw), (nh, nw) = tiny64.native_grid, tiny64.grid

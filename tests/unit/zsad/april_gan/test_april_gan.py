@@ -12,12 +12,12 @@ from anorefiner.backbones import build_backbone
 from anorefiner.cache import extract_features, read_features
 from anorefiner.data.index import index_category
 from anorefiner.zsad import get_backend
-from anorefiner.zsad.april_gan import (CHECKPOINT_KEY, LinearAdapters, full_map, image_scores, layer_logits,
+from anorefiner.zsad.april_gan.backend import (CHECKPOINT_KEY, LinearAdapters, full_map, image_scores, layer_logits,
                                        load_adapters, patch_map)
-from anorefiner.zsad.april_gan_train import (TrainConfig, dice_loss, focal_loss, mosaic, train_adapters,
+from anorefiner.zsad.april_gan.train import (TrainConfig, dice_loss, focal_loss, mosaic, train_adapters,
                                              training_samples)
 
-from .reference import bilinear_align_corners
+from ..reference import bilinear_align_corners
 
 
 

@@ -7,7 +7,7 @@ import torch
 
 from anorefiner.cache import Features
 from anorefiner.zsad import get_backend
-from anorefiner.zsad.byo import load_byo
+from anorefiner.zsad.byo.backend import load_byo
 
 IDS = ["test/crack/000", "test/good/000", "test/good/001", "test/good/002"]
 
@@ -68,7 +68,7 @@ def test_byo_backend_coarse_and_musc_proxy(tmp_path):
     b = get_backend("byo", {"maps_path": str(path), "musc": {"r_list": [1]}})
     res = b.coarse(feats)
     assert res.maps.shape == (4, 4, 4)
-    from anorefiner.zsad import musc
+    from anorefiner.zsad.musc import backend as musc
 
     q = {"a": feats.layers["a"][:2]}
     got = b.score_queries(q, None, feats, [0, 1, 2, 3], [0, 1])

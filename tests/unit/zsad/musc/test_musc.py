@@ -1,4 +1,4 @@
-"""MuSc against a slow, loop-by-loop reading of methods.md (written independently of zsad.musc)."""
+"""MuSc against a slow, loop-by-loop reading of methods.md (written independently of zsad.musc.backend)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from anorefiner.cache import Features
 from anorefiner.zsad import get_backend
-from anorefiner.zsad import musc
+from anorefiner.zsad.musc import backend as musc
 from anorefiner.zsad.groups import make_groups
 
 
@@ -141,7 +141,7 @@ def test_score_queries_consistent_with_mutual_scoring():
 
 
 def test_rscin_tiny_case():
-    from anorefiner.zsad.rscin import rscin
+    from anorefiner.zsad.musc.rscin import rscin
 
     scores = np.array([0.0, 1.0, 0.5, 0.9])
     cls = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)  # pairs {0,1}, {2,3}
@@ -165,7 +165,7 @@ def test_backend_applies_rscin_with_dataset_k_list():
     tokens = _tokens(n=8, g=4)
     cls = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
     feats = Features(ids=[str(i) for i in range(8)], layers=tokens, cls=cls)
-    from anorefiner.zsad.rscin import rscin
+    from anorefiner.zsad.musc.rscin import rscin
 
     b = get_backend("musc", {"dataset": "visa", "r_list": [1]})
     assert b.k_list() == (1, 8, 9)

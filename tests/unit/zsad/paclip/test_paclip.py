@@ -9,8 +9,8 @@ import torch
 
 from anorefiner.cache import Features
 from anorefiner.zsad import get_backend
-from anorefiner.zsad.coreset import greedy_coreset
-from anorefiner.zsad.paclip import PACLIPBackend, PACLIPConfig, cada_sigma, object_positions
+from anorefiner.zsad.paclip.coreset import greedy_coreset
+from anorefiner.zsad.paclip.backend import PACLIPBackend, PACLIPConfig, cada_sigma, object_positions
 
 SMALL = {"r_list": [1, 3], "coreset_ratio_full": 0.5, "coreset_ratio_normal": 0.5}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from anorefiner.config import ConfigError
-from anorefiner.zsad.pad_pam import PadPamBackend, PadPamConfig, fuse, minmax
+from anorefiner.zsad.pad_pam.backend import PadPamBackend, PadPamConfig, fuse, minmax
 
 
 def _fuse_loops(base, pad, w):
@@ -55,7 +55,7 @@ def test_pad_pam_on_anomalyclip_end_to_end(tiny_clip, demo_dataset, tmp_path):
     from anorefiner.backbones import build_backbone
     from anorefiner.data.index import index_category, load_image
     from anorefiner.zsad import get_backend
-    from anorefiner.zsad.anomalyclip import CHECKPOINT_KEY, PromptLearner
+    from anorefiner.zsad.anomalyclip.backend import CHECKPOINT_KEY, PromptLearner
 
     tiny = build_backbone(tiny_clip, 56, pretrained=None, seed=0)
     small = {"n_ctx": 3, "depth": 3, "t_n_ctx": 2}

@@ -11,16 +11,16 @@ import torch
 from anorefiner.backbones import build_backbone
 from anorefiner.cache import extract_features, read_features
 from anorefiner.data.index import index_category
-from anorefiner.zsad.april_gan import CHECKPOINT_KEY, LinearAdapters
-from anorefiner.zsad.rareclip import (PROMPTS, RareClipBackend, RareClipConfig, RareStream, stream_order,
+from anorefiner.zsad.april_gan.backend import CHECKPOINT_KEY, LinearAdapters
+from anorefiner.zsad.rareclip.backend import (PROMPTS, RareClipBackend, RareClipConfig, RareStream, stream_order,
                                       text_maps)
-from anorefiner.zsad.rareclip_memory import (RarityBank, aggregate, gaussian_blur, loose_similarity, rarity,
+from anorefiner.zsad.rareclip.memory import (RarityBank, aggregate, gaussian_blur, loose_similarity, rarity,
                                              rescore, scs_keep, stream_weights)
-from anorefiner.zsad.rareclip_train import (MVTEC_EXCLUDED, TrainConfig, align_loss, check_checkpoint,
+from anorefiner.zsad.rareclip.train import (MVTEC_EXCLUDED, TrainConfig, align_loss, check_checkpoint,
                                             filter_rows, train_text_branch)
-from anorefiner.zsad.april_gan_train import training_samples
+from anorefiner.zsad.april_gan.train import training_samples
 
-from .reference import bilinear_align_corners
+from ..reference import bilinear_align_corners
 
 LAYERS = ("1", "2", "3", "4")
 
@@ -268,7 +268,7 @@ def test_training_one_epoch_is_finite_and_deterministic(tiny56, demo_dataset, tm
     check_checkpoint(a, tiny56)
     with pytest.raises(ValueError, match=r"text_layers \['12'\]"):
         train_text_branch(tiny56, rows, TrainConfig(text_layers=("12",)), tmp_path / "c.pt")
-    from anorefiner.zsad.rareclip_train import train_backend
+    from anorefiner.zsad.rareclip.train import train_backend
 
     with pytest.raises(FileNotFoundError, match="auxiliary dataset 'visa': folder .*nowhere does not exist"):
         train_backend(tiny56, tmp_path / "nowhere", "visa", cfg, tmp_path / "d.pt")

@@ -13,14 +13,14 @@ import torch
 from anorefiner.backbones import build_backbone
 from anorefiner.cache import extract_features, read_features
 from anorefiner.data.index import index_category
-from anorefiner.zsad.april_gan_train import training_samples
+from anorefiner.zsad.april_gan.train import training_samples
 from anorefiner.zsad.checkpoints import OFFICIAL
-from anorefiner.zsad.vcp_clip import (PostVcp, VcpClipBackend, VcpClipConfig, VcpDims,
+from anorefiner.zsad.vcp_clip.backend import (PostVcp, VcpClipBackend, VcpClipConfig, VcpDims,
                                       VcpModel, branch_maps, class_minmax, effective_topk, image_scores,
                                       load_vcp_checkpoint, smooth)
-from anorefiner.zsad.vcp_clip_prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, PreVcp, slot_tokens, token_embeddings,
+from anorefiner.zsad.vcp_clip.prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, PreVcp, slot_tokens, token_embeddings,
                                               vcp_text)
-from anorefiner.zsad.vcp_clip_train import (TrainConfig, augment, check_checkpoint, draw_augmentation,
+from anorefiner.zsad.vcp_clip.train import (TrainConfig, augment, check_checkpoint, draw_augmentation,
                                             mosaic_pick_anomalous, train_backend, train_vcp)
 
 

@@ -10,7 +10,7 @@ from anorefiner.backbones import build_backbone
 from anorefiner.cache import extract_features, read_features
 from anorefiner.data.index import index_category, load_image
 from anorefiner.zsad import get_backend
-from anorefiner.zsad.winclip import (class_scores, harmonic_aggregation, train_good_source, visual_association,
+from anorefiner.zsad.winclip.backend import (class_scores, harmonic_aggregation, train_good_source, visual_association,
                                      window_embeddings, window_indices)
 
 
