@@ -90,7 +90,7 @@ def _unverifiable_local(args, url: str):
     from pathlib import Path
 
     from ..config import ConfigError
-    from ..data.download import sha256_file
+    from ..io import sha256_file
     from ..log import LOG
 
     if "://" in str(url):
