@@ -66,6 +66,11 @@ PRESETS = {
 }
 
 
+def preset_names(types=None) -> list[str]:
+    """The preset names (``--backend`` values) of the given backend types (default: all), in preset order."""
+    return [name for name, (kind, _) in PRESETS.items() if types is None or kind in types]
+
+
 @dataclass
 class CoarseResult:
     """Output of :meth:`Backend.coarse`: patch-level maps ``[N,h,w]`` and image scores ``[N]``."""

@@ -19,6 +19,8 @@ else:
   - ``check_checkpoint(path, backbone=None) -> None``: raise ``ValueError`` naming the file and the key
     when the keys or shapes are not the backend's (official files are checked before they are used).
 * ``refinable``: PGT can refine its maps (it scores pseudo-anomaly features in ``score_queries``).
+* ``tta``: :func:`anorefiner.tta.build_tta_backend` adapts its CLIP tower at test time (rule ``tta``,
+  AnoRefiner Table 1 "+ TIPI/SAR/DeYO").
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class BackendType:
     images: bool = False
     trainer: str | None = None  # module anorefiner.zsad.<trainer>
     refinable: bool = True
+    tta: bool = False
 
     def classes(self):
         """``(backend class, options dataclass)``."""
@@ -52,14 +55,14 @@ class BackendType:
 
 
 BACKEND_TYPES: dict[str, BackendType] = {
-    "musc": BackendType("musc", "MuscBackend", "MuscConfig", paper="MuSc (Li et al., ICLR 2024)"),
+    "musc": BackendType("musc", "MuscBackend", "MuscConfig", paper="MuSc (Li et al., ICLR 2024)", tta=True),
     "paclip": BackendType("paclip", "PACLIPBackend", "PACLIPConfig", paper="PA-CLIP (pseudo-anomaly-aware CLIP)",
                           clip=True),
-    "byo": BackendType("byo", "ByoBackend", "ByoConfig", paper="bring your own maps (any method's maps from a file)"),
+    "byo": BackendType("byo", "ByoBackend", "ByoConfig", paper="bring your own maps (from a file)"),
     "april_gan": BackendType("april_gan", "AprilGanBackend", "AprilGanConfig", paper="APRIL-GAN (VAND 2023)",
-                             clip=True, class_name=True, text_cache=True, trainer="april_gan.train"),
+                             clip=True, class_name=True, text_cache=True, trainer="april_gan.train", tta=True),
     "vcp_clip": BackendType("vcp_clip", "VcpClipBackend", "VcpClipConfig", paper="VCP-CLIP (ECCV 2024)", clip=True,
-                            trainer="vcp_clip.train"),
+                            trainer="vcp_clip.train", tta=True),
     "rareclip": BackendType("rareclip", "RareClipBackend", "RareClipConfig", paper="RareCLIP (ICCV 2025)", clip=True,
                             text_cache=True, trainer="rareclip.train"),
     "anomalyclip": BackendType("anomalyclip", "AnomalyCLIPBackend", "AnomalyCLIPConfig",
@@ -68,7 +71,7 @@ BACKEND_TYPES: dict[str, BackendType] = {
     "adaclip": BackendType("adaclip", "AdaClipBackend", "AdaClipConfig", paper="AdaCLIP (ECCV 2024)", clip=True,
                            class_name=True, images=True, trainer="adaclip.train", refinable=False),
     "pad_pam": BackendType("pad_pam", "PadPamBackend", "PadPamConfig",
-                           paper="PA-CLIP's PAD+PAM on an AnomalyCLIP/AdaCLIP base (PA-CLIP Tables 5-6)", clip=True,
+                           paper="PA-CLIP's PAD+PAM on another CLIP method (PA-CLIP Tab. 5-6)", clip=True,
                            class_name=True, images=True, refinable=False),
     "winclip": BackendType("winclip", "WinClipBackend", "WinClipConfig", paper="WinCLIP (Jeong et al., CVPR 2023)",
                            clip=True, class_name=True, text_cache=True, images=True, refinable=False),
@@ -78,6 +81,8 @@ BACKEND_TYPES: dict[str, BackendType] = {
 TRAINED_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.trainer)
 #: backend types PGT can refine
 REFINABLE_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.refinable)
+#: backend types rule ``tta`` can adapt
+TTA_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.tta)
 
 
 def backend_type(kind: str) -> BackendType:
