@@ -12,7 +12,7 @@ modules at this top level are the machinery every method shares, never one metho
 * :mod:`.checkpoints`: official checkpoints, their download and checks, training provenance;
 * :mod:`.prompts`: CLIP prompt ensembles and cached text embeddings;
 * :mod:`.groups`: the groups of test images scored (and refined) together;
-* :mod:`.maps`: small map helpers (tensors from cached arrays, Gaussian smoothing, min-max).
+* :mod:`.maps`: small helpers (a backend's device, tensors from cached arrays, Gaussian smoothing, min-max).
 
 A method package may import another method's package (VCP-CLIP, RareCLIP and AdaCLIP build on APRIL-GAN's
 adapters and trainer), and the shared modules, never this package's ``__init__`` at import time.

@@ -42,7 +42,7 @@ from .prompts import (AdaClipModel, SentenceBank, frozen_pooled, load_model, pro
                               prompted_visual)
 from ..april_gan.backend import layer_logits, patch_map
 from ..maps import gaussian_smooth
-from ..musc.backend import _resolve_device
+from ..maps import resolve_device as _resolve_device
 from ..prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
 
 #: ``TextEmbebddingLayer``: APRIL-GAN's states with the first 4 of its templates (the same 4 sentences)

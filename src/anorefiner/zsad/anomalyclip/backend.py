@@ -41,7 +41,7 @@ from .dpam import (default_dpam_layer, dual_path_forward, global_feature, projec
                                with_position_embedding)
 from ..april_gan.backend import patch_map
 from ..maps import gaussian_smooth as smooth  # test.py: scipy gaussian_filter, sigma 4
-from ..musc.backend import _resolve_device
+from ..maps import resolve_device as _resolve_device
 
 CHECKPOINT_KEY = "prompt_learner"  # train.py saves {"prompt_learner": state_dict}
 MAP_LEVEL = "token grid: area mean of the official map (bilinear probabilities -> p_abn -> sum -> Gaussian) per patch"

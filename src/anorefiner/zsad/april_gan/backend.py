@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ...log import LOG
 from ..maps import float_tensor
-from ..musc.backend import _resolve_device
+from ..maps import resolve_device as _resolve_device
 
 CHECKPOINT_KEY = "trainable_linearlayer"  # train.py's key, kept so the official files load as ours
 MAP_LEVEL = "token grid: area mean of the official 518-px map (bilinear logits -> softmax -> sum) per patch"

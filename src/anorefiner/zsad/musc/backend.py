@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ...log import LOG, progress
 from ..groups import make_groups
+from ..maps import resolve_device as _resolve_device
 from .rscin import rscin
 
 # 2**25 float32 = 128 MiB per distance block: small enough for 8 GiB hosts, large enough that
@@ -259,12 +260,6 @@ class MuscConfig:
     dataset: str = "mvtec_ad"  # picks the default k_list; the coarse command passes --dataset
     chunk: int = DEFAULT_CHUNK  # elements per distance block: bounds memory
     device: str = "auto"  # "auto" = cuda when available
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class MuscBackend:

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from ...log import LOG, progress
 from .coreset import greedy_coreset
-from ..musc.backend import DEFAULT_CHUNK, _resolve_device
+from ..maps import resolve_device as _resolve_device
+from ..musc.backend import DEFAULT_CHUNK
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ...log import LOG, progress
 from ..april_gan.backend import load_adapters, patch_map
 from ..maps import float_tensor, minmax
-from ..musc.backend import _resolve_device
+from ..maps import resolve_device as _resolve_device
 from ..prompts import APRIL_ABNORMAL, APRIL_NORMAL, APRIL_TEMPLATES, PromptSet
 from .memory import RarityBank, aggregate, gaussian_blur, rescore, stream_weights
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ...log import LOG
 from ..april_gan.backend import LinearAdapters, layer_logits, layer_probs, patch_map
 from ..maps import float_tensor, gaussian_smooth
-from ..musc.backend import _resolve_device
+from ..maps import resolve_device as _resolve_device
 from .prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, TEMPERATURE_INIT, PreVcp, TextPrompts,
                                slot_tokens, vcp_text)
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ...log import LOG
-from ..musc.backend import _resolve_device
+from ..maps import resolve_device as _resolve_device
 
 
 @dataclass
