@@ -1,4 +1,4 @@
-"""MuSc speed and memory: chunked ``zsad.musc.score`` vs a direct unchunked implementation.
+"""MuSc speed and memory: chunked ``zsad.musc.backend.score`` vs a direct unchunked implementation.
 
 Workload (default): one category of ``--n`` 200 images, 37x37 tokens of 1024 channels, 4 layers,
 r in {1,3,5} (random float tokens). Prints wall time and peak RSS of the chunked implementation
@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from anorefiner.zsad import musc
+from anorefiner.zsad.musc import backend as musc
 
 
 def direct(tokens: dict, r_list=(1, 3, 5), topmin=0.3) -> torch.Tensor:

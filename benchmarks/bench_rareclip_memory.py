@@ -1,4 +1,4 @@
-"""RareCLIP rarity memory speed and memory: vectorised ``zsad.rareclip_memory`` vs a per-patch loop.
+"""RareCLIP rarity memory speed and memory: vectorised ``zsad.rareclip.memory`` vs a per-patch loop.
 
 Workload (default): one category stream of ``--images`` 200 images of 37x37 random tokens of 1024
 channels, ``--layers`` 4 rarity layers x r in {1, 3} = 8 memory banks (RareCLIP's defaults: 3 x 1369
@@ -29,7 +29,7 @@ import tracemalloc
 
 import torch
 
-from anorefiner.zsad.rareclip_memory import RarityBank, aggregate, loose_similarity
+from anorefiner.zsad.rareclip.memory import RarityBank, aggregate, loose_similarity
 
 
 class LoopBank(RarityBank):

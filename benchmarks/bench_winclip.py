@@ -4,7 +4,7 @@ Workload (default): ``--n`` 2 images at 240 px through ``ViT-B-16-plus-240`` wit
 (15x15 grid; 196 windows of 2x2 and 169 of 3x3). Baselines, in the same run:
 
 * windows: one transformer call per window (all images of the batch in it), as a direct reading
-  of WinCLIP's definition; ours: all windows of all images in one call (``zsad.winclip``);
+  of WinCLIP's definition; ours: all windows of all images in one call (``zsad.winclip.backend``);
 * harmonic aggregation: a Python loop over patches (anomalib ``utils.harmonic_aggregation``'s
   structure); ours: ``index_add``.
 
@@ -22,7 +22,7 @@ import time
 import torch
 
 from anorefiner.backbones import build_backbone
-from anorefiner.zsad.winclip import harmonic_aggregation, window_embeddings, window_indices
+from anorefiner.zsad.winclip.backend import harmonic_aggregation, window_embeddings, window_indices
 
 
 def loop_windows(bb, seq, windows):

@@ -6,7 +6,7 @@ others still run):
 - ``features``: ViT-L-14-336 at 518 px with random weights (``backbones.build_backbone``): images per
   second of ``Backbone.forward`` in float32 (what the features rule runs) and under bf16 (CUDA with bf16
   support, and CPU) or fp16 autocast, plus the CPU cost of ``Backbone.preprocess`` per image;
-- ``musc``: ``zsad.musc.MuscBackend.coarse`` (MuSc with RsCIN) on 200 images x 37^2 tokens x 1024 channels x 4
+- ``musc``: ``zsad.musc.backend.MuscBackend.coarse`` (MuSc with RsCIN) on 200 images x 37^2 tokens x 1024 channels x 4
   layers of random tokens: seconds and peak memory;
 - ``pgt``: ``refine.pgt.run_pgt`` on one category of 90 images (3 groups of u = 30; two are trained) with
   the paper-width ARD (64/256/192), r=5, l=4, 20 epochs and AMP, the real ViT for the pseudo-anomalies and
@@ -146,7 +146,7 @@ def section_features(device: torch.device, w: dict, state: dict) -> dict:
 
 
 def section_musc(device: torch.device, w: dict, state: dict) -> dict:
-    from anorefiner.zsad.musc import MuscBackend, MuscConfig
+    from anorefiner.zsad.musc.backend import MuscBackend, MuscConfig
 
     grid = w["resolution"] // 14
     feats = random_features(w["musc_n"], grid, seed=1)
@@ -166,7 +166,7 @@ def section_musc(device: torch.device, w: dict, state: dict) -> dict:
 def section_pgt(device: torch.device, w: dict, state: dict) -> dict:
     from anorefiner.data.textures import texture_source
     from anorefiner.refine.pgt import RefinerOptions, run_pgt
-    from anorefiner.zsad.musc import MuscBackend, MuscConfig
+    from anorefiner.zsad.musc.backend import MuscBackend, MuscConfig
     from anorefiner.zsad.store import Coarse
 
     if "backbone" not in state or "musc_feats" not in state:
@@ -242,7 +242,7 @@ def section_run(device: torch.device, w: dict, state: dict, quick: bool, bottle_
 def section_agreement(device: torch.device, w: dict, state: dict) -> dict:
     """Same random weights on the CPU (float32 reference) and on the device, on small inputs."""
     from anorefiner.refine.ard import ARDConfig, build_refiner
-    from anorefiner.zsad import musc
+    from anorefiner.zsad.musc import backend as musc
 
     cpu = torch.device("cpu")
     res = w["agree_resolution"]

@@ -30,6 +30,7 @@ COMMANDS = {
     "run": "run",
     "plan": "plan",
     "train-backend": "train_backend",
+    "list": "list",
 }
 
 

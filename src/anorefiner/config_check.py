@@ -109,7 +109,7 @@ def check_backend(name: str, cfg: dict, config: dict | None = None) -> None:
         built = from_dict(cls, opts, where)
         nested = getattr(built, "musc", None)
         if kind == "byo" and nested is not None:  # BYO's MuSc proxy scores PGT's pseudo-anomalies
-            from .zsad.musc import MuscConfig
+            from .zsad.musc.backend import MuscConfig
 
             if not isinstance(nested, dict):
                 raise ConfigError(f"{where}.musc must be a mapping, got {nested!r}")

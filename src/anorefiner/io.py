@@ -1,4 +1,4 @@
-"""Atomic output helpers: a reader never sees a half-written file.
+"""Atomic output helpers: a reader never sees a half-written file; and the SHA-256 of a file.
 
 Every writer in the package writes to a temporary sibling and renames it into place
 (``os.replace`` is atomic on POSIX within one file system).
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .log import progress
 
 
 @contextlib.contextmanager
@@ -84,3 +87,15 @@ def write_csv_atomic(path: str | os.PathLike, frame) -> Path:
     with atomic_path(path, suffix=".csv") as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20, label: str | None = None) -> str:
+    """Hex SHA-256 of a file, with a progress bar (multi-GB archives take a while)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as fh, progress(total=path.stat().st_size, unit="B", unit_scale=True,
+                                         desc=f"sha256 {label or path.name}", leave=False) as bar:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()

@@ -128,7 +128,7 @@ def run_record(device=None, settings=None) -> dict:
 def checkpoint_source(path) -> dict:
     """A trained backend's checkpoint: trained by the pipeline (its ``meta``: commit, auxiliary dataset,
     epochs) or an official file (no ``meta``; named when its git blob id is a known official one)."""
-    from .backbones import sha256_file
+    from .io import sha256_file
     from .zsad.checkpoints import OFFICIAL, git_blob_id, load_weights_only
 
     path = Path(path)

@@ -258,7 +258,7 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
     if data_root and kind is not None and kind.images:
         backend.images = image_source(data_root, dataset, category, feats.ids)  # it runs its own forward pass
     if backend_type == "winclip" and data_root:  # WinCLIP's k-shot draws train/good images
-        from .zsad.winclip import train_good_source
+        from .zsad.winclip.backend import train_good_source
 
         backend.reference_images = train_good_source(data_root, dataset, category)
     if backend_type == "paclip" and data_root and backbone is not None:

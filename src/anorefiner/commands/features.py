@@ -11,9 +11,11 @@ HELP = "extract backbone patch tokens of a category's test images into an HDF5 f
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="dataset root (MVTec layout: <root>/<category>/...)")
     parser.add_argument("--dataset", required=True, help="dataset name recorded in the index (mvtec_ad, visa, demo)")
-    parser.add_argument("--category", required=True)
-    parser.add_argument("--backbone", required=True, help="ViT-L-14-336 (paper), any open_clip name, resnet50, efficientnet_lite0")
-    parser.add_argument("--resolution", type=int, required=True, help="input size R (R×R; ViTs: a multiple of the patch size)")
+    parser.add_argument("--category", required=True, help="category folder under the dataset root")
+    parser.add_argument("--backbone", required=True,
+                        help="ViT-L-14-336 (paper), any open_clip name, resnet50, efficientnet_lite0")
+    parser.add_argument("--resolution", type=int, required=True,
+                        help="input size R (R×R; ViTs: a multiple of the patch size)")
     parser.add_argument("--layers", nargs="*", default=None,
                         help="ViT: 1-indexed blocks (default quarters of the depth: 6 12 18 24 for ViT-L); "
                              "CNN: stage names (default layer2 layer3 / blocks.2 blocks.4)")
@@ -23,12 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
                         help="open_clip ViTs: MLP activation (default gelu, as the official MuSc/APRIL-GAN code "
                              "runs OpenAI weights at 518 px; recorded in the cache attrs)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    parser.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
-    parser.add_argument("--workers", type=int, default=1, help="image-loading threads running ahead of the model (0: inline)")
+    from ..cache import COMPRESSIONS, DTYPES
+
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass of the backbone")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                        help="dtype the patch tokens are stored in (float16 halves the cache; class tokens stay float32)")
+    parser.add_argument("--compression", choices=[c or "none" for c in COMPRESSIONS], default="none",
+                        help="HDF5 compression of the cached tokens")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="image-loading threads running ahead of the model (0: inline)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
-    parser.add_argument("--out", required=True, help="cache path, e.g. results/features/<dataset>/<backbone>@<R>/<category>.h5")
+    parser.add_argument("--out", required=True,
+                        help="cache path, e.g. results/features/<dataset>/<backbone>@<R>/<category>.h5")
 
 
 def main(args: argparse.Namespace) -> int:

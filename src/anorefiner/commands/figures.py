@@ -12,7 +12,8 @@ HELP = "draw the qualitative grid of refined stores (Fig. 7) or per-category pix
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=("qualitative", "bars"), required=True)
+    parser.add_argument("--kind", choices=("qualitative", "bars"), required=True,
+                        help="qualitative: the grid of refined maps (Fig. 7); bars: per-category coarse-vs-refined pixel AP")
     parser.add_argument("--stores", nargs="*", default=[],
                         help="qualitative: refined stores results/refined/<dataset>/<backend>/<variant>/seed<k>/<category>.h5")
     parser.add_argument("inputs", nargs="*",

@@ -10,11 +10,11 @@ HELP = "image/pixel AUROC, AP, F1-max and PRO of one category's maps, as tidy CS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="dataset root (MVTec layout)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--category", required=True)
-    p.add_argument("--backend", required=True)
+    p.add_argument("--dataset", required=True, help="dataset name recorded in the rows (mvtec_ad, visa, demo)")
+    p.add_argument("--category", required=True, help="category folder under the dataset root")
+    p.add_argument("--backend", required=True, help="backend name recorded in the rows (config backends.<name>)")
     p.add_argument("--variant", required=True, help="'coarse' scores a coarse store as is")
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True, help="run seed recorded in the rows")
     p.add_argument("--source", required=True, help="coarse store (.h5) or refined store (.h5)")
     p.add_argument("--options", default="", help="JSON of the config's `evaluation` section (EvalConfig)")
     p.add_argument("--out", required=True, help="tidy CSV; the provenance of the scored store is written beside it "

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="feature extractor: efficientnet_lite0 (CPU-friendly, default), resnet50, ViT-L-14-336 "
                         "(the paper's) or another open_clip name")
-    p.add_argument("--backend", default="musc", help="zero-shot backend name (musc, musc_star, musc_cnn, paclip)")
+    p.add_argument("--backend", default="musc", help=_backend_help())
     p.add_argument("--backend-options", default="{}", help="backend options as JSON")
     p.add_argument("--resolution", type=int, default=None, help=f"backbone input size (default {DEFAULT_RESOLUTION})")
     p.add_argument("--eval-resolution", type=int, default=256, help="resolution of the stored maps and metrics")
@@ -46,10 +46,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--textures", default="offline", help="'offline' or a DTD root folder")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of every random step (groups, pseudo-anomalies, ARD initialisation); the paper averages 5")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--no-pro", action="store_true", help="skip the PRO metric (the slowest one)")
-    p.add_argument("--force", action="store_true", help="recompute every intermediate file, even one made with the same settings")
-    p.add_argument("--out", required=True, help="output folder (reused files must match this run's settings, see above)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute every intermediate file, even one made with the same settings")
+    p.add_argument("--out", required=True,
+                   help="output folder (reused files must match this run's settings, see above)")
+
+
+def _backend_help() -> str:
+    """The presets PGT can refine, from the registry (the others make maps only: rule coarse)."""
+    from ..zsad import PRESETS, preset_names
+    from ..zsad.registry import BACKEND_TYPES, REFINABLE_TYPES
+
+    trained = [n for n in preset_names(REFINABLE_TYPES) if BACKEND_TYPES[PRESETS[n][0]].trainer]
+    return (f"zero-shot backend preset: {', '.join(preset_names(REFINABLE_TYPES))}; the trained ones "
+            f"({', '.join(trained)}) need --backend-options '{{\"checkpoint\": FILE}}' ('anorefiner train-backend'), "
+            f"byo needs '{{\"maps_path\": FILE}}'")
 
 
 def _merge(base: dict, extra: dict) -> dict:

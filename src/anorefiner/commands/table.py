@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", nargs="*", default=None,
                         help="tidy metric CSVs to read (default: the table's required files that exist "
                              "under --metrics-root)")
-    parser.add_argument("--metrics-root", default="results/metrics")
+    parser.add_argument("--metrics-root", default="results/metrics", help="folder of the tidy metric CSVs")
     parser.add_argument("--audit", action="store_true", help="summarise rendered tables instead")
     parser.add_argument("--config-sha256", default=None,
                         help="SHA-256 of the workflow's resolved configuration, recorded in the provenance block "

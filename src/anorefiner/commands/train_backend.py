@@ -1,7 +1,7 @@
 """``anorefiner train-backend``: a trained CLIP backend's weights, trained here or the official file.
 
 The backend types with a trainer (:data:`anorefiner.zsad.registry.TRAINED_TYPES`, e.g. APRIL-GAN's
-linear adapters, :mod:`anorefiner.zsad.april_gan_train`) are trained on the auxiliary dataset's test
+linear adapters, :mod:`anorefiner.zsad.april_gan.train`) are trained on the auxiliary dataset's test
 split with masks; with ``--official`` the official checkpoint is downloaded and verified (git blob id or
 SHA-256, :mod:`anorefiner.zsad.checkpoints`) instead. Either way the output is checked by the trainer's
 ``check_checkpoint`` (keys and shapes) and written atomically.
@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import json
 
-from ..zsad.registry import TRAINED_TYPES
+from ..zsad.registry import BACKEND_TYPES, TRAINED_TYPES
 
 NAME = "train-backend"
-HELP = "train a CLIP backend on the auxiliary dataset (APRIL-GAN, ...), or fetch its official checkpoint"
+HELP = (f"train a CLIP backend ({', '.join(BACKEND_TYPES[t].paper.split(' (')[0] for t in TRAINED_TYPES)}) on the "
+        "auxiliary dataset, or fetch its official checkpoint")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--backend-type", required=True, choices=list(TRAINED_TYPES))
-    p.add_argument("--root", help="auxiliary dataset root (MVTec layout); its test split with masks is the training set")
-    p.add_argument("--dataset", required=True, help="auxiliary dataset name (visa trains the weights that score mvtec_ad)")
+    p.add_argument("--backend-type", required=True, choices=list(TRAINED_TYPES), help="the trained backend type")
+    p.add_argument("--root",
+                   help="auxiliary dataset root (MVTec layout); its test split with masks is the training set")
+    p.add_argument("--dataset", required=True,
+                   help="auxiliary dataset name (visa trains the weights that score mvtec_ad)")
     p.add_argument("--backbone", required=True, help="open_clip name (ViT-L-14-336 in the paper)")
-    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--resolution", type=int, required=True, help="backbone input resolution R")
     p.add_argument("--layers", nargs="*", default=None, help="1-indexed blocks (default: the quarters of the depth)")
     p.add_argument("--pretrained", default="default", help="open_clip tag, weights file, or 'none' (random, seed 0)")
-    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None)
+    p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+                   help="open_clip ViTs: MLP activation (as the feature cache; default gelu)")
     p.add_argument("--options", default="{}", help="training options as JSON (the trainer's TrainConfig fields)")
     p.add_argument("--text-cache", default=None, help="folder of the per-class text embedding cache (results/text)")
     p.add_argument("--official", default=None,
@@ -33,7 +37,7 @@ def add_arguments(p) -> None:
                         "fetch and verify instead of training")
     p.add_argument("--git-blob", default=None, help="expected git blob id of --official (default: the known one)")
     p.add_argument("--download-dir", default="resources/checkpoints", help="where official files are downloaded")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--out", required=True, help="checkpoint, e.g. results/checkpoints/<backend>/trained_<aux>.pt")
 
 
@@ -90,7 +94,7 @@ def _unverifiable_local(args, url: str):
     from pathlib import Path
 
     from ..config import ConfigError
-    from ..data.download import sha256_file
+    from ..io import sha256_file
     from ..log import LOG
 
     if "://" in str(url):

@@ -10,21 +10,27 @@ HELP = "test-time adaptation (tipi, sar, deyo) of a zero-shot backend's CLIP tow
 
 
 def add_arguments(p) -> None:
+    from ..tta import METHODS
+    from ..zsad.registry import TTA_TYPES
+
     p.add_argument("--root", required=True, help="dataset root (MVTec layout)")
     p.add_argument("--dataset", required=True, help="mvtec_ad, visa or demo (picks RsCIN's k_list)")
-    p.add_argument("--category", required=True)
-    p.add_argument("--method", required=True, choices=["tipi", "sar", "deyo"])
-    p.add_argument("--base-type", required=True, help="type of the adapted backend: musc or april_gan")
+    p.add_argument("--category", required=True, help="category folder under the dataset root")
+    p.add_argument("--method", required=True, choices=list(METHODS), help="the test-time adaptation method")
+    p.add_argument("--base-type", required=True, choices=list(TTA_TYPES), help="type of the adapted backend")
     p.add_argument("--base-name", required=True, help="config name of the adapted backend, e.g. musc_star")
     p.add_argument("--base-options", default="{}", help="the adapted backend's options as JSON")
     p.add_argument("--options", default="{}", help="TTA options as JSON (config tta + backends.<name>.options)")
     p.add_argument("--backbone", required=True, help="open_clip model name, e.g. ViT-L-14-336")
-    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--resolution", type=int, required=True, help="backbone input resolution R")
     p.add_argument("--layers", nargs="*", default=None, help="1-indexed blocks the backend reads (default quarters)")
-    p.add_argument("--pretrained", default="default", help="'default' (OpenAI), a tag, a weights file or 'none' (random)")
-    p.add_argument("--activation", default=None, choices=["gelu", "quick_gelu"])
+    p.add_argument("--pretrained", default="default",
+                   help="'default' (OpenAI), a tag, a weights file or 'none' (random)")
+    p.add_argument("--activation", default=None, choices=["gelu", "quick_gelu"],
+                   help="open_clip ViTs: MLP activation (as the feature cache; default gelu)")
     p.add_argument("--seed", type=int, default=0, help="run seed: groups, DeYO shuffles, TIPI starts")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--backend-name", default=None, help="name recorded in the store (default <base>_<method>)")
     p.add_argument("--out", required=True, help="coarse store to write (results/coarse/.../seed<k>.h5)")
 

@@ -9,7 +9,6 @@ path is either verified or was put there by hand (and is verified before it is u
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..io import sha256_file
 from ..log import LOG, progress
 from .sources import get_source
 
@@ -48,18 +48,6 @@ class DownloadOptions:
 _RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _TOTAL_ONLY = re.compile(r"bytes\s+\*/(\d+)")
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20, label: str | None = None) -> str:
-    """Hex SHA-256 of a file, with a progress bar (multi-GB archives take a while)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    with path.open("rb") as fh, progress(total=path.stat().st_size, unit="B", unit_scale=True,
-                                         desc=f"sha256 {label or path.name}", leave=False) as bar:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str, move_aside: bool = True, name: str | Path | None = None) -> str:

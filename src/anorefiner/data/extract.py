@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from .. import __version__
-from ..io import write_json_atomic
+from ..io import sha256_file, write_json_atomic
 from ..log import LOG, progress
 
 MARKER = ".complete"
@@ -183,8 +183,6 @@ def extract_archive(archive: str | Path, dest: str | Path, *, sha256: str | None
     ``sha256`` is the (already verified) archive hash recorded in the marker; it is computed when
     not given. ``post(staging)`` may rearrange the extracted tree before it is published.
     """
-    from .download import sha256_file
-
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise FileNotFoundError(f"archive {archive} does not exist")

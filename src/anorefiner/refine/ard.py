@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import conv_bn_relu
+
 ATTENTIONS = ("aa", "sa", "none")
 DECODERS = ("ard", "destseg", "realnet", "unet")
 FEATURE_FUSIONS = ("auto", "mean", "concat")
@@ -89,15 +91,6 @@ class ARDConfig:
         if self.ar_channels is None:
             return (self.feat_channels, self.feat_channels)
         return (int(self.ar_channels[0]), int(self.ar_channels[1]))
-
-
-def conv_bn_relu(cin: int, cout: int, k: int, norm: str) -> nn.Sequential:
-    """k×k conv (same padding) + optional BatchNorm + ReLU."""
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=norm == "none")]
-    if norm == "bn":
-        layers.append(nn.BatchNorm2d(cout))
-    layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
 
 
 def _resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:

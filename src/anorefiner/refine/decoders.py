@@ -9,11 +9,16 @@ widest layer so the CPU preset can shrink them like the ARD.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ard import ARDConfig, conv_bn_relu
+from .layers import conv_bn_relu
+
+if TYPE_CHECKING:  # annotations only: .ard builds these decoders
+    from .ard import ARDConfig
 
 BASELINES = ("destseg", "realnet", "unet")
 

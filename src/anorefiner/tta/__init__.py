@@ -12,9 +12,10 @@ anomaly detection (A.5), implemented here:
 * :mod:`.april_gan` - APRIL-GAN as a TTA backend (its own 2-class token and image logits);
 * :mod:`.vcp_clip` - VCP-CLIP as a TTA backend (its two branches' 2-class token logits).
 
-A new backend (VCP-CLIP) plugs in by providing the protocol: either its zero-shot backend object
-has a ``tta_backend(backbone, seed, autocast_dtype)`` method returning one, or it is added to
-:func:`build_tta_backend`.
+A new backend plugs in by providing the protocol: either its zero-shot backend object has a
+``tta_backend(backbone, seed, autocast_dtype)`` method returning one, or it is added to
+:func:`build_tta_backend`; either way its registry entry says ``tta=True``
+(:data:`anorefiner.zsad.registry.TTA_TYPES`, the choices of ``anorefiner tta --base-type``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def build_tta_backend(base_type: str, base_name: str, base_options: dict, backbo
 
     dtype = config.autocast_dtype(device)
     if base_type == "musc":
-        from ..zsad.musc import MuscConfig
+        from ..zsad.musc.backend import MuscConfig
         from .musc import MuscTTA
 
         musc = from_dict(MuscConfig, base_options, f"backends.{base_name}.options")

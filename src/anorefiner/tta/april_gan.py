@@ -4,14 +4,14 @@ APRIL-GAN is a 2-class classifier per token, so its own outputs are the TTA unit
 
 * **patch units**: per tapped layer and token of the token grid (before upsampling, so each token
   counts once), the logits ``100 * <normalize(Linear_l(token)), T>`` over (normal, abnormal)
-  (:func:`anorefiner.zsad.april_gan.layer_logits`, ``VAND-APRIL-GAN:test.py:L168-176``);
+  (:func:`anorefiner.zsad.april_gan.backend.layer_logits`, ``VAND-APRIL-GAN:test.py:L168-176``);
 * **image unit**: ``100 * <normalize(ln_post(CLS) @ proj), T>``, the official image score's logits;
   it enters the loss (equal weight to the patch term) and is DeYO's PLPD unit (A.5 P4).
 
 The linear adapters and the text embeddings stay frozen; only the vision tower's LayerNorm affine
 parameters adapt. ``ln_post`` feeds the image unit, so TIPI adapts it (SAR/DeYO leave the final
 norm frozen, as their official rule). Prediction: the APRIL-GAN maps and scores of the group at the
-current weights (:class:`anorefiner.zsad.april_gan.AprilGanBackend`).
+current weights (:class:`anorefiner.zsad.april_gan.backend.AprilGanBackend`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..zsad.april_gan import full_map, image_scores, layer_logits, patch_map
+from ..zsad.april_gan.backend import full_map, image_scores, layer_logits, patch_map
 from .common import Units
 from .musc import class_token_forward
 
@@ -54,7 +54,7 @@ class PerImageTTA:
 
 
 class AprilGanTTA(PerImageTTA):
-    """:class:`~anorefiner.tta.common.TTABackend` over an :class:`~anorefiner.zsad.april_gan.AprilGanBackend`."""
+    """:class:`~anorefiner.tta.common.TTABackend` over an :class:`~anorefiner.zsad.april_gan.backend.AprilGanBackend`."""
 
     image_loss = True
     title = "APRIL-GAN"

@@ -4,7 +4,7 @@ MuSc has no classifier, so the TTA losses need a 2-class distribution per patch.
 implements the mapping of ``shared/specs/tta.md`` A.5 P2(b) (a PROPOSAL, adopted):
 
 * **Score** ``s`` of a patch (per layer, aggregation degree ``r`` = 1): MuSc's MSM
-  (:mod:`anorefiner.zsad.musc`): LNAMD of the tokens, min Euclidean distance to each other image of
+  (:mod:`anorefiner.zsad.musc.backend`): LNAMD of the tokens, min Euclidean distance to each other image of
   the group, mean of the ``effective_k(G - 1, topmin)`` smallest.
 * **Calibration** per group and layer (detached): ``tau = median + k * 1.4826 * MAD`` and
   ``T = 1.4826 * MAD`` of all patch scores of the group at the weights the group starts with;
@@ -26,7 +26,7 @@ implements the mapping of ``shared/specs/tta.md`` A.5 P2(b) (a PROPOSAL, adopted
   distances to the selected patches recomputed with it: the same (sub)gradient as differentiating
   the min/sort, with memory ``B * L * k * C`` instead of ``B * L * G * L``.
 * **Prediction**: the full MuSc maps of the group (``r_list``, all layers) and RsCIN
-  (:mod:`anorefiner.zsad.rscin`) on ``ln_post(cls) @ proj``, exactly as the MuSc* backend.
+  (:mod:`anorefiner.zsad.musc.rscin`) on ``ln_post(cls) @ proj``, exactly as the MuSc* backend.
 
 ``ln_post`` only feeds RsCIN's embeddings, so no loss reaches it (tta.md A.5 P1: frozen for MuSc).
 """
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..zsad.musc import MuscConfig, effective_k, lnamd, msm, score
-from ..zsad.rscin import rscin
+from ..zsad.musc.backend import MuscConfig, effective_k, lnamd, msm, score
+from ..zsad.musc.rscin import rscin
 from .common import Units
 
 MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian x 1.4826 = its standard deviation
@@ -261,7 +261,7 @@ class MuscTTA:
         m = self.musc
         if not m.rscin:
             return scores.astype(np.float32)
-        from ..zsad.musc import RSCIN_K_LISTS
+        from ..zsad.musc.backend import RSCIN_K_LISTS
 
         k_list = tuple(m.k_list) if m.k_list is not None else RSCIN_K_LISTS.get(m.dataset, RSCIN_K_LISTS["mvtec_ad"])
         emb = np.stack([self._emb[i] for i in range(len(scores))])

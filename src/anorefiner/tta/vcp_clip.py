@@ -4,7 +4,7 @@ VCP-CLIP is a 2-class classifier per token in two branches, so its own logits ar
 
 * **patch units**: per tapped layer, branch (raw linear branch and Post-VCP) and token of the token grid
   (before upsampling, so each token counts once), the logits ``exp(tau) * <token, text>`` over
-  (normal, abnormal) (:meth:`anorefiner.zsad.vcp_clip.VcpModel.layer_logits`, ``VCP-CLIP:test.py`` l.150-191);
+  (normal, abnormal) (:meth:`anorefiner.zsad.vcp_clip.backend.VcpModel.layer_logits`, ``VCP-CLIP:test.py`` l.150-191);
 * **image unit** (DeYO's PLPD only, not in the loss): VCP-CLIP has no image-level softmax; A.5 P4 takes
   ``p_abn`` of the image's max-pooled map: here the maximum over tokens of the token-level map
   ``alpha * raw + (1 - alpha) * new`` (layer means of the abnormal probabilities), as logits
@@ -27,7 +27,7 @@ from .april_gan import PerImageTTA
 
 
 class VcpClipTTA(PerImageTTA):
-    """:class:`~anorefiner.tta.common.TTABackend` over a :class:`~anorefiner.zsad.vcp_clip.VcpClipBackend`."""
+    """:class:`~anorefiner.tta.common.TTABackend` over a :class:`~anorefiner.zsad.vcp_clip.backend.VcpClipBackend`."""
 
     image_loss = False
     title = "VCP-CLIP"

@@ -1,5 +1,22 @@
 """Zero-shot anomaly detection backends, the coarse store and BYO maps.
 
+Layout: one package per method, named after its paper, as anomalib keeps ``models/image/<name>/``
+(``musc``, ``paclip``, ``pad_pam``, ``winclip``, ``april_gan``, ``vcp_clip``, ``rareclip``, ``adaclip``,
+``anomalyclip``, and ``byo`` for maps of any other method). Each holds ``backend.py`` (the backend class and
+its options), the method's own parts beside it (``prompts.py``, ``memory.py``, ``dpam.py``, ...) and, for a
+trained method, ``train.py`` (rule ``train_backend``); its ``__init__`` exports the public names. The
+modules at this top level are the machinery every method shares, never one method's parts:
+
+* :mod:`.registry`: the backend types, the one place a backend is added (``anorefiner list backends``);
+* :mod:`.store`: the coarse store (maps and scores of one backend on one category);
+* :mod:`.checkpoints`: official checkpoints, their download and checks, training provenance;
+* :mod:`.prompts`: CLIP prompt ensembles and cached text embeddings;
+* :mod:`.groups`: the groups of test images scored (and refined) together;
+* :mod:`.maps`: small helpers (a backend's device, tensors from cached arrays, Gaussian smoothing, min-max).
+
+A method package may import another method's package (VCP-CLIP, RareCLIP and AdaCLIP build on APRIL-GAN's
+adapters and trainer), and the shared modules, never this package's ``__init__`` at import time.
+
 ``get_backend(name_or_type, options, backbone=None)`` returns an object with the
 :class:`Backend` protocol (docs/architecture.md). Names (config ``backends.<name>``) map to a
 type plus preset options; ``options`` override the preset:
@@ -47,6 +64,11 @@ PRESETS = {
     "anomalyclip": ("anomalyclip", {}),
     "pad_pam": ("pad_pam", {}),
 }
+
+
+def preset_names(types=None) -> list[str]:
+    """The preset names (``--backend`` values) of the given backend types (default: all), in preset order."""
+    return [name for name, (kind, _) in PRESETS.items() if types is None or kind in types]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Small map helpers shared by the CLIP backends: float tensors from cached arrays, and scipy's Gaussian
+"""Small helpers shared by the backends: their device, float tensors from cached arrays, and scipy's Gaussian
 smoothing of full-resolution maps (VCP-CLIP ``test.py`` sigma 8, AnomalyCLIP and AdaCLIP sigma 4: each
 official code runs ``scipy.ndimage.gaussian_filter`` on every map, defaults truncate 4 and mode reflect)."""
 
@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """A backend's option ``device``: ``"auto"`` = CUDA when available, else CPU; any other torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def float_tensor(x) -> torch.Tensor:

@@ -1,16 +1,17 @@
 """The zero-shot backend types: one entry per backend module, read by the library, the CLI and the workflow.
 
-A backend type is one module under :mod:`anorefiner.zsad` (named after its paper) with a backend class
-(the :class:`~anorefiner.zsad.Backend` protocol) and its options dataclass. The flags below say what the
-pipeline fills in or provides for it, so a new backend is added here and nowhere else:
+A backend type is one package under :mod:`anorefiner.zsad` (named after its paper) whose ``__init__``
+exports a backend class (the :class:`~anorefiner.zsad.Backend` protocol) and its options dataclass. The
+flags below say what the pipeline fills in or provides for it, so a new backend is added here and nowhere
+else:
 
 * ``clip``: runs on the CLIP backbone; the pipeline fills option ``device``.
 * ``class_name``: uses the category name in its prompts; option ``class_name`` gets the category verbatim.
 * ``text_cache``: caches its text embeddings in ``results/text`` (option ``text_cache``).
 * ``images``: scores the test images themselves (its own forward pass); the coarse stage sets
   ``backend.images`` (``indices -> list of uint8 images``) when the data root is known.
-* ``trainer``: module of its training (rule ``train_backend``); the workflow passes the trained or
-  official checkpoint as option ``checkpoint``. A trainer module provides
+* ``trainer``: module of its training, ``<package>.train`` (rule ``train_backend``); the workflow passes the
+  trained or official checkpoint as option ``checkpoint``. A trainer module provides
 
   - ``TrainConfig``: the options of ``backends.<name>.train.<auxiliary dataset>``;
   - ``train_backend(backbone, root, dataset, config, out, *, text_cache=None) -> Path``: train on the
@@ -18,6 +19,8 @@ pipeline fills in or provides for it, so a new backend is added here and nowhere
   - ``check_checkpoint(path, backbone=None) -> None``: raise ``ValueError`` naming the file and the key
     when the keys or shapes are not the backend's (official files are checked before they are used).
 * ``refinable``: PGT can refine its maps (it scores pseudo-anomaly features in ``score_queries``).
+* ``tta``: :func:`anorefiner.tta.build_tta_backend` adapts its CLIP tower at test time (rule ``tta``,
+  AnoRefiner Table 1 "+ TIPI/SAR/DeYO").
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BackendType:
-    module: str  # anorefiner.zsad.<module>
+    module: str  # package anorefiner.zsad.<module>
     backend: str  # class name of the backend
     config: str  # class name of its options dataclass
+    paper: str = ""  # the method's paper (``anorefiner list backends``, ``--help`` texts)
     clip: bool = False
     class_name: bool = False
     text_cache: bool = False
     images: bool = False
-    trainer: str | None = None  # anorefiner.zsad.<trainer>
+    trainer: str | None = None  # module anorefiner.zsad.<trainer>
     refinable: bool = True
+    tta: bool = False
 
     def classes(self):
         """``(backend class, options dataclass)``."""
@@ -50,28 +55,34 @@ class BackendType:
 
 
 BACKEND_TYPES: dict[str, BackendType] = {
-    "musc": BackendType("musc", "MuscBackend", "MuscConfig"),
-    "paclip": BackendType("paclip", "PACLIPBackend", "PACLIPConfig", clip=True),
-    "byo": BackendType("byo", "ByoBackend", "ByoConfig"),
-    "april_gan": BackendType("april_gan", "AprilGanBackend", "AprilGanConfig", clip=True, class_name=True,
-                             text_cache=True, trainer="april_gan_train"),
-    "vcp_clip": BackendType("vcp_clip", "VcpClipBackend", "VcpClipConfig", clip=True, trainer="vcp_clip_train"),
-    "rareclip": BackendType("rareclip", "RareClipBackend", "RareClipConfig", clip=True, text_cache=True,
-                            trainer="rareclip_train"),
-    "anomalyclip": BackendType("anomalyclip", "AnomalyCLIPBackend", "AnomalyCLIPConfig", clip=True, images=True,
-                               trainer="anomalyclip_train", refinable=False),
-    "adaclip": BackendType("adaclip", "AdaClipBackend", "AdaClipConfig", clip=True, class_name=True, images=True,
-                           trainer="adaclip_train", refinable=False),
-    "pad_pam": BackendType("pad_pam", "PadPamBackend", "PadPamConfig", clip=True, class_name=True, images=True,
-                           refinable=False),
-    "winclip": BackendType("winclip", "WinClipBackend", "WinClipConfig", clip=True, class_name=True,
-                           text_cache=True, images=True, refinable=False),
+    "musc": BackendType("musc", "MuscBackend", "MuscConfig", paper="MuSc (Li et al., ICLR 2024)", tta=True),
+    "paclip": BackendType("paclip", "PACLIPBackend", "PACLIPConfig", paper="PA-CLIP (pseudo-anomaly-aware CLIP)",
+                          clip=True),
+    "byo": BackendType("byo", "ByoBackend", "ByoConfig", paper="bring your own maps (from a file)"),
+    "april_gan": BackendType("april_gan", "AprilGanBackend", "AprilGanConfig", paper="APRIL-GAN (VAND 2023)",
+                             clip=True, class_name=True, text_cache=True, trainer="april_gan.train", tta=True),
+    "vcp_clip": BackendType("vcp_clip", "VcpClipBackend", "VcpClipConfig", paper="VCP-CLIP (ECCV 2024)", clip=True,
+                            trainer="vcp_clip.train", tta=True),
+    "rareclip": BackendType("rareclip", "RareClipBackend", "RareClipConfig", paper="RareCLIP (ICCV 2025)", clip=True,
+                            text_cache=True, trainer="rareclip.train"),
+    "anomalyclip": BackendType("anomalyclip", "AnomalyCLIPBackend", "AnomalyCLIPConfig",
+                               paper="AnomalyCLIP (ICLR 2024)", clip=True, images=True, trainer="anomalyclip.train",
+                               refinable=False),
+    "adaclip": BackendType("adaclip", "AdaClipBackend", "AdaClipConfig", paper="AdaCLIP (ECCV 2024)", clip=True,
+                           class_name=True, images=True, trainer="adaclip.train", refinable=False),
+    "pad_pam": BackendType("pad_pam", "PadPamBackend", "PadPamConfig",
+                           paper="PA-CLIP's PAD+PAM on another CLIP method (PA-CLIP Tab. 5-6)", clip=True,
+                           class_name=True, images=True, refinable=False),
+    "winclip": BackendType("winclip", "WinClipBackend", "WinClipConfig", paper="WinCLIP (Jeong et al., CVPR 2023)",
+                           clip=True, class_name=True, text_cache=True, images=True, refinable=False),
 }
 
 #: backend types whose weights rule ``train_backend`` trains (or fetches)
 TRAINED_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.trainer)
 #: backend types PGT can refine
 REFINABLE_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.refinable)
+#: backend types rule ``tta`` can adapt
+TTA_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.tta)
 
 
 def backend_type(kind: str) -> BackendType:

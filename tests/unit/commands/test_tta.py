@@ -61,7 +61,7 @@ def test_a_cnn_backbone_is_refused(demo_dataset, tmp_path):
 def test_april_gan_base_gets_its_class_name_and_the_tta_group_size(demo_dataset, tiny_clip, tmp_path):
     import torch
 
-    from anorefiner.zsad.april_gan import CHECKPOINT_KEY, LinearAdapters
+    from anorefiner.zsad.april_gan.backend import CHECKPOINT_KEY, LinearAdapters
 
     ck = tmp_path / "adapters.pt"
     torch.save({CHECKPOINT_KEY: LinearAdapters(64, 32, 4).state_dict()}, ck)

@@ -11,7 +11,7 @@ from anorefiner.cache import Features
 from anorefiner.tta import TTAConfig, adapt_category, build_tta_backend
 from anorefiner.tta.adapt import Adapter, build_method
 from anorefiner.zsad import get_backend
-from anorefiner.zsad.april_gan import CHECKPOINT_KEY, LinearAdapters, layer_logits
+from anorefiner.zsad.april_gan.backend import CHECKPOINT_KEY, LinearAdapters, layer_logits
 from anorefiner.zsad.groups import make_groups
 
 

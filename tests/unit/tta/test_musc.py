@@ -10,7 +10,7 @@ import torch
 from anorefiner.tta.adapt import Adapter, TTAConfig
 from anorefiner.tta.musc import MAD_TO_SIGMA, MuscTTA, MuscTTAConfig, nearest_selection, selected_scores, vit_forward
 from anorefiner.tta.sar import SAR
-from anorefiner.zsad.musc import MuscConfig, effective_k, lnamd, msm
+from anorefiner.zsad.musc.backend import MuscConfig, effective_k, lnamd, msm
 
 
 def test_forward_with_gradient_equals_the_backbone_forward(tiny_vit, group_images):

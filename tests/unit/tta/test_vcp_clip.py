@@ -12,7 +12,7 @@ from anorefiner.tta import TTAConfig, adapt_category, build_tta_backend
 from anorefiner.tta.adapt import Adapter, build_method
 from anorefiner.zsad import get_backend
 from anorefiner.zsad.groups import make_groups
-from anorefiner.zsad.vcp_clip import VcpDims, VcpModel
+from anorefiner.zsad.vcp_clip.backend import VcpDims, VcpModel
 
 
 @pytest.fixture

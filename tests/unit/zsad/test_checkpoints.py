@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anorefiner.cli import main as cli
-from anorefiner.zsad.april_gan import CHECKPOINT_KEY, LinearAdapters
+from anorefiner.zsad.april_gan.backend import CHECKPOINT_KEY, LinearAdapters
 from anorefiner.zsad.checkpoints import OFFICIAL, fetch_checkpoint, git_blob_id
 
 
@@ -78,7 +78,7 @@ def test_drive_only_official_files_need_a_local_copy(tmp_path, tiny_clip):
     """VCP-CLIP / AdaCLIP publish no checksum: a URL is refused (nothing unverified is downloaded); a local file
     the user downloaded is accepted after its keys and shapes are checked."""
     from anorefiner.backbones import build_backbone
-    from anorefiner.zsad.vcp_clip import VcpDims, VcpModel
+    from anorefiner.zsad.vcp_clip.backend import VcpDims, VcpModel
 
     assert OFFICIAL["vcp_clip"]["visa"]["git_blob"] is None and OFFICIAL["adaclip"]["mvtec_ad"]["git_blob"] is None
     out = tmp_path / "results" / "vcp.pt"
