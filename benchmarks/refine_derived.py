@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from anorefiner import stages
     from anorefiner.metrics import image_metrics, pixel_metrics
+    from anorefiner.metrics.evaluate import resize_masks
     from anorefiner.refine.safeguard import upsample
     from anorefiner.refine.store import read_refined
     from anorefiner.zsad.store import read_coarse
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     for path in args.stores:
         r = read_refined(path)
         e = r.maps["coarse"].shape[-1]
-        masks, labels = stages.ground_truth(args.data_root, args.dataset, args.category, r.ids, resolution=e)
+        masks, labels = stages.ground_truth(args.data_root, args.dataset, args.category, r.ids)
+        masks = resize_masks(masks, (e, e), "nearest")  # as the metrics stage at evaluation.resolution
         norm = r.attrs["coarse_norm"]
         scale = max(norm["hi"] - norm["lo"], 1e-12)
         kept = np.zeros(len(r.ids), bool)

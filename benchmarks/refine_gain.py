@@ -128,17 +128,13 @@ def diagnose(refined, masks, labels) -> list[dict]:
     """Why the ARD misses real defects (issue 26), as tidy rows of subset "diagnosis": the normalised coarse map's
     median inside real defects and on good images next to the pseudo-anomalies' (``attrs["fit"]``), the share of
     defect pixels the ARD leaves below 0.1, and the share of good-image pixels where it says > 0.5."""
-    import torch
-    import torch.nn.functional as F
-
-    def at(maps):
-        return F.interpolate(torch.as_tensor(maps)[:, None], size=masks.shape[-2:], mode="bilinear",
-                             align_corners=False)[:, 0].numpy()
+    from anorefiner.metrics.evaluate import resize_masks
 
     norm = refined.attrs["coarse_norm"]
-    coarse_n = at((refined.maps["coarse"] - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12))
-    ard = at(refined.maps["ard"])
-    defect, good = masks.astype(bool), labels == 0
+    coarse_n = (refined.maps["coarse"] - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12)
+    ard = refined.maps["ard"]
+    defect = resize_masks(masks, ard.shape[-2:], "nearest").astype(bool)  # as the metrics stage resizes masks
+    good = labels == 0
     fit = refined.attrs.get("fit", [])
     values = {"real_coarse_median_in_mask": float(np.median(coarse_n[defect])),
               "real_coarse_median_good_images": float(np.median(coarse_n[good])),
