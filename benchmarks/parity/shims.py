@@ -7,7 +7,9 @@ Each shim is applied in the official-side subprocess only, and only where the re
 * :func:`stub_missing`: empty modules for optional imports the official files import at top level but the
   inference path never calls (plotting, tensorboard, OpenCV in visualisation helpers); any use raises;
 * :func:`pkg_resources_packaging`: ``from pkg_resources import packaging`` (setuptools >= 81 dropped
-  ``pkg_resources``) served by the ``packaging`` distribution it re-exported.
+  ``pkg_resources``) served by the ``packaging`` distribution it re-exported;
+* :func:`cuda_to_cpu`: hard-coded ``tensor.to('cuda')`` lines (e.g. APRIL-GAN's unused attention sum in
+  ``open_clip/transformer.py`` VisionTransformer.forward) stay on the CPU when no GPU is present.
 """
 
 from __future__ import annotations
@@ -71,3 +73,20 @@ def pkg_resources_packaging() -> None:
     mod.packaging = packaging
     sys.modules["pkg_resources"] = mod
     APPLIED.append("pkg_resources.packaging -> packaging")
+
+
+def cuda_to_cpu() -> None:
+    """Without CUDA, ``Tensor.to('cuda')`` / ``Tensor.to(torch.device('cuda'))`` return the tensor on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and (args[0] == "cuda" or (isinstance(args[0], torch.device) and args[0].type == "cuda")):
+            args = ("cpu",) + args[1:]
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+    APPLIED.append("Tensor.to('cuda') -> cpu")
