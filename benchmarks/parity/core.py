@@ -85,8 +85,10 @@ def openai_format_clip(model: str, seed: int, out: Path) -> Path:
     official loader falls back to ``torch.load`` of a plain state dict when ``torch.jit.load`` fails."""
     sys.path.insert(0, str(SRC))
     from anorefiner._compat import import_open_clip
+    from anorefiner.backbones.clip_vit import register_tiny_clip
 
     open_clip = import_open_clip()
+    register_tiny_clip()  # the project's tiny test model too
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = open_clip.create_model(model, pretrained=None)
