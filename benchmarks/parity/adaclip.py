@@ -94,8 +94,9 @@ def official(root: Path, spec: dict) -> dict:
                               output_dim=cfg["embed_dim"], learning_rate=0.0, device="cpu",
                               image_size=spec["image_size"], prompting_depth=4, prompting_length=5,
                               prompting_branch="VL", prompting_type="SD", use_hsf=True, k_clusters=20)
-    ckpt = str(Path(spec["work"]) / "adaclip_official_checkpoint.pth")
-    trainer.save(ckpt)
+    ckpt = spec.get("checkpoint") or str(Path(spec["work"]) / "adaclip_official_checkpoint.pth")
+    if not spec.get("checkpoint"):
+        trainer.save(ckpt)  # the seeded official initialisation, in the official format
     trainer.load(ckpt)
     model = trainer.clip_model.eval()
     labels: list = []
@@ -139,7 +140,7 @@ def ours(spec: dict, official: dict) -> dict:
     ckpt = bytes(official["checkpoint"].tolist()).decode()
     n = {"ViT-B-16": 12, "ViT-L-14-336": 24}[spec["model"]] // 4
     size = spec["image_size"]
-    bb = build_backbone(spec["model"], size, layers=[n, 2 * n, 3 * n, 4 * n], pretrained=spec["clip"])
+    bb = build_backbone(spec["model"], size, layers=[n, 2 * n, 3 * n, 4 * n], pretrained=spec["clip_state"])
     images = [load_image(p) for p in spec["images"]]
 
     def backend(**options):

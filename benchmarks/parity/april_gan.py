@@ -92,8 +92,9 @@ def official(root: Path, spec: dict) -> dict:
     cfg = json.loads((root / "open_clip" / "model_configs" / f"{spec['model']}.json").read_text())
     torch.manual_seed(spec["seed"])
     linear = LinearLayer(cfg["vision_cfg"]["width"], cfg["embed_dim"], len(layers), spec["model"])
-    ckpt = str(Path(spec["work"]) / "april_gan_official_checkpoint.pth")
-    torch.save({"trainable_linearlayer": linear.state_dict()}, ckpt)  # train.py's format
+    ckpt = spec.get("checkpoint") or str(Path(spec["work"]) / "april_gan_official_checkpoint.pth")
+    if not spec.get("checkpoint"):
+        torch.save({"trainable_linearlayer": linear.state_dict()}, ckpt)  # train.py's format
     linear.load_state_dict(torch.load(ckpt)["trainable_linearlayer"])
     text = encode_text_with_prompt_ensemble(model, [spec["class_name"]], tokenizer, "cpu")[spec["class_name"]]
     out = {k: [] for k in ("preprocessing", "block_tokens", "maps", "scores")}
@@ -127,7 +128,7 @@ def ours(spec: dict, official: dict) -> dict:
 
     ckpt = bytes(official["checkpoint"].tolist()).decode()
     size = spec["image_size"]
-    bb = build_backbone(spec["model"], size, layers=_layers(spec["model"]), pretrained=spec["clip"])
+    bb = build_backbone(spec["model"], size, layers=_layers(spec["model"]), pretrained=spec["clip_state"])
     backend = AprilGanBackend(AprilGanConfig(checkpoint=ckpt, class_name=spec["class_name"], device="cpu"),
                               backbone=bb)
     images = [load_image(p) for p in spec["images"]]

@@ -10,7 +10,8 @@ it was written for and the git blob ids of the official files it runs (:data:`PI
 * ``STAGES``: ``[(stage, description)]`` compared at the tolerance, ``CHOICES``: ``[(stage, official
   stage, description)]`` documented project choices whose effect is reported separately (never fails).
 
-The spec holds the shared inputs: a seeded random CLIP in OpenAI's file format (:func:`openai_format_clip`),
+The spec holds the shared inputs: a seeded random CLIP in OpenAI's file format (:func:`openai_format_clip`;
+``clip``, and ``clip_state`` the same weights as a plain state dict for ours),
 test images of several sizes, greyscale included (:func:`test_images`), the seed and sizes. Differences are
 ``max |ours - official|`` and that over ``max |official|`` (relative), per stage; a stage passes when the
 relative difference is at most the tolerance (1e-4).
@@ -80,9 +81,10 @@ def load_adapter(path: Path):
 
 # ------------------------------------------------------------------ shared inputs
 def openai_format_clip(model: str, seed: int, out: Path) -> Path:
-    """A seeded random CLIP ``model`` saved as OpenAI's checkpoints hold it: the OpenAI state-dict keys
-    (open_clip's ``CLIP`` module tree) in fp16. OpenAI ships TorchScript archives of that state dict; every
-    official loader falls back to ``torch.load`` of a plain state dict when ``torch.jit.load`` fails."""
+    """A seeded random CLIP ``model`` in OpenAI's file format: a TorchScript archive whose ``state_dict()`` holds
+    the OpenAI keys (open_clip's ``CLIP`` module tree) in fp16, as OpenAI's ``ViT-*.pt`` files do. The official
+    loaders ``torch.jit.load`` it and rebuild their model from that state dict. :func:`state_dict_copy` writes the
+    same tensors as a plain state dict, which the project loads as local weights."""
     sys.path.insert(0, str(SRC))
     from anorefiner._compat import import_open_clip
     from anorefiner.backbones.clip_vit import register_tiny_clip
@@ -92,8 +94,23 @@ def openai_format_clip(model: str, seed: int, out: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = open_clip.create_model(model, pretrained=None)
-    state = {k: v.detach().half() for k, v in clip.state_dict().items()}
-    torch.save(state, out)
+    root = torch.nn.Module()  # a module tree with one buffer per state-dict key, scripted: no code, just weights
+    for key, value in clip.state_dict().items():
+        *path, leaf = key.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        node.register_buffer(leaf, value.detach().half())
+    torch.jit.save(torch.jit.script(root), str(out))
+    return Path(out)
+
+
+def state_dict_copy(archive: Path, out: Path) -> Path:
+    """The state dict of an OpenAI TorchScript archive as a plain ``torch.save`` file (``weights_only`` loadable)."""
+    state = torch.jit.load(str(archive), map_location="cpu").state_dict()
+    torch.save({k: v.detach().clone() for k, v in state.items()}, out)
     return Path(out)
 
 
@@ -187,9 +204,12 @@ def run(adapter_path: Path, root: Path, work: Path, spec: dict, python: str = sy
     verify_pins(root, adapter.PINNED, adapter.REPO, adapter.COMMIT, getattr(adapter, "LFS", None))
     work.mkdir(parents=True, exist_ok=True)
     spec = dict(spec)
-    spec.setdefault("images", test_images(work / "images", spec["seed"]))
+    if "images" not in spec:
+        spec["images"] = test_images(work / "images", spec["seed"])
     if spec.get("model") and "clip" not in spec:
         spec["clip"] = str(openai_format_clip(spec["model"], spec["seed"], work / f"{spec['model']}-openai.pt"))
+    if spec.get("clip"):  # ours loads local weights as a plain state dict
+        spec["clip_state"] = str(state_dict_copy(Path(spec["clip"]), work / "clip-state-dict.pt"))
     spec["work"] = str(work)
     official = run_official(adapter_path, root, spec, work, python)
     ours = adapter.ours(spec, official)

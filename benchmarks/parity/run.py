@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="CLIP architecture (default: the adapter's, small enough for a CPU)")
     p.add_argument("--image-size", type=int, help="input size (default: the adapter's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and images")
+    p.add_argument("--clip", type=Path, help="OpenAI's CLIP file (TorchScript .pt) instead of the seeded random one")
+    p.add_argument("--checkpoint", type=Path, help="the method's official checkpoint instead of random weights")
+    p.add_argument("--images", type=Path, nargs="+", help="test images instead of the generated ones")
     p.add_argument("--python", default=sys.executable, help="interpreter of the official side (its own venv)")
     p.add_argument("--work", type=Path, help="keep the weights, images and outputs here (default: a temp dir)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE)
@@ -48,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         spec["model"] = args.model
     if args.image_size:
         spec["image_size"] = args.image_size
+    for key in ("clip", "checkpoint"):
+        if getattr(args, key):
+            spec[key] = str(getattr(args, key).resolve())
+    if args.images:
+        spec["images"] = [str(p.resolve()) for p in args.images]
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         work = args.work or Path(tmp)
         try:

@@ -77,17 +77,20 @@ def test_test_images_have_several_sizes_and_a_greyscale_one(tmp_path):
         assert Image.open(a).tobytes() == Image.open(b).tobytes()
 
 
-def test_openai_format_clip_loads_as_local_weights(tmp_path, tiny_clip):
+def test_openai_format_clip_is_a_torchscript_archive_of_the_openai_state_dict(tmp_path, tiny_clip):
     from anorefiner.backbones import build_backbone
 
     path = core.openai_format_clip(tiny_clip, seed=3, out=tmp_path / "clip.pt")
-    state = torch.load(path, weights_only=True)
+    with pytest.raises(RuntimeError):  # like OpenAI's files: not a plain state dict
+        torch.load(path, weights_only=True)
+    state = torch.jit.load(str(path), map_location="cpu").state_dict()
     assert {"visual.proj", "visual.positional_embedding", "text_projection", "token_embedding.weight"} <= set(state)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
-    bb = build_backbone(tiny_clip, 56, pretrained=str(path))
-    torch.testing.assert_close(bb.visual.proj.detach(), state["visual.proj"].float(), rtol=0, atol=0)
-    assert torch.equal(torch.load(core.openai_format_clip(tiny_clip, 3, tmp_path / "b.pt"), weights_only=True)
-                       ["visual.proj"], state["visual.proj"])  # same seed, same weights
+    plain = core.state_dict_copy(path, tmp_path / "state.pt")
+    bb = build_backbone(tiny_clip, 56, pretrained=str(plain))
+    assert torch.equal(bb.visual.proj.detach(), state["visual.proj"].float())
+    again = torch.jit.load(str(core.openai_format_clip(tiny_clip, 3, tmp_path / "b.pt")), map_location="cpu")
+    assert torch.equal(again.state_dict()["visual.proj"], state["visual.proj"])  # same seed, same weights
 
 
 def test_fake_backend_passes_and_reports_choices_apart(clone, tmp_path):
