@@ -24,7 +24,7 @@ from pathlib import Path
 
 from core import HERE, TOLERANCE, PinError, format_rows, load_adapter, run
 
-ADAPTERS = {"adaclip": HERE / "adaclip.py", "april_gan": HERE / "april_gan.py"}
+ADAPTERS = {name: HERE / f"{name}.py" for name in ("adaclip", "april_gan", "anomalyclip", "vcp_clip")}
 
 
 def main(argv: list[str] | None = None) -> int:
