@@ -19,11 +19,10 @@ separately: our seeded KMeans (own labels), and the alternatives ``prompt_precis
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
+from core import config_quarters, quarter_layers
 
 REPO = "caoyunkang/AdaCLIP"
 COMMIT = "e27ee32"
@@ -69,12 +68,6 @@ CHOICES = [
 ]
 
 
-def _layers(root: Path, model: str) -> tuple[list[int], dict]:
-    cfg = json.loads((root / "model_configs" / f"{model}.json").read_text())
-    n = cfg["vision_cfg"]["layers"] // 4
-    return [n, 2 * n, 3 * n, 4 * n], cfg  # test.py features_list
-
-
 def official(root: Path, spec: dict) -> dict:
     import shims
 
@@ -88,7 +81,7 @@ def official(root: Path, spec: dict) -> dict:
     from method import AdaCLIP_Trainer
 
     custom_clip.download_pretrained = lambda cfg, force_hf_hub=False, cache_dir=None: spec["clip"]
-    layers, cfg = _layers(root, spec["model"])
+    layers, cfg = config_quarters(root / "model_configs" / f"{spec['model']}.json")  # test.py features_list
     torch.manual_seed(spec["seed"])
     trainer = AdaCLIP_Trainer(backbone=spec["model"], feat_list=layers, input_dim=cfg["vision_cfg"]["width"],
                               output_dim=cfg["embed_dim"], learning_rate=0.0, device="cpu",
@@ -138,9 +131,8 @@ def ours(spec: dict, official: dict) -> dict:
     from anorefiner.zsad.maps import gaussian_smooth
 
     ckpt = bytes(official["checkpoint"].tolist()).decode()
-    n = {"ViT-B-16": 12, "ViT-L-14-336": 24}[spec["model"]] // 4
     size = spec["image_size"]
-    bb = build_backbone(spec["model"], size, layers=[n, 2 * n, 3 * n, 4 * n], pretrained=spec["clip_state"])
+    bb = build_backbone(spec["model"], size, layers=quarter_layers(spec["model"]), pretrained=spec["clip_state"])
     images = [load_image(p) for p in spec["images"]]
 
     def backend(**options):

@@ -9,7 +9,8 @@ forward); ``prompt_ensemble.AnomalyCLIP_PromptLearner`` gets the official (seede
 ``dataset.py`` does (``Image.open``) through ``utils.get_transform``. The per-image lines of ``test.py``
 (l.82-103) are loop code inside ``test()``, restated here on the official functions' outputs. test.py has no
 autocast; the compound prompts' ``.half()`` runs as in the official code. Shims (ours, runtime only):
-``model_load._download`` returns the local file (the official path is a hard-coded cache folder);
+``model_load._download`` returns the local file (the official path is a hard-coded cache folder); a stub
+for ``thop`` (a FLOP profiler ``AnomalyCLIP_lib/AnomalyCLIP.py`` imports, not called);
 ``pkg_resources.packaging``. The official code is written for ViT-L/14@336px only (the tokenizer context and
 the 896-d compound projections), so the check runs that architecture at a small input (default 350 px).
 
@@ -55,6 +56,7 @@ def official(root: Path, spec: dict) -> dict:
     import shims
 
     shims.torchvision_compat()
+    shims.stub_missing("thop")
     shims.pkg_resources_packaging()
     from PIL import Image
     from scipy.ndimage import gaussian_filter

@@ -14,16 +14,16 @@ attention sum in ``open_clip/transformer.py``). CUDA autocast is a no-op on CPU.
 
 Ours: ``build_backbone`` with the same file as local weights, :class:`AprilGanBackend` with the official
 checkpoint (``load_adapters``). Project choices reported separately: the fp16 feature cache (tokens rounded
-to fp16 before the adapters) and the area-mean token-grid storage (the stored grid upsampled back, bilinear,
-against the official full-resolution map: what a consumer of the store loses).
+to fp16 before the adapters) and the area-mean token-grid storage (the stored grid upsampled back as the
+metrics do, ``metrics.evaluate.resize_maps``, against the official full-resolution map).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from core import config_quarters, quarter_layers
 
 REPO = "ByChelsea/VAND-APRIL-GAN"
 COMMIT = "f13b8a6"
@@ -56,14 +56,8 @@ STAGES = [
 ]
 CHOICES = [
     ("maps_fp16_cache", "maps", "fp16 feature cache: tokens rounded to fp16 before the adapters"),
-    ("maps_from_stored_grid", "maps", "area-mean token-grid store, upsampled back (bilinear) to full size"),
+    ("maps_from_stored_grid", "maps", "area-mean token-grid store, upsampled back as the metrics do"),
 ]
-
-
-def _layers(model: str, root: Path | None = None) -> list[int]:
-    """test_zero_shot.sh taps 6/12/18/24 of ViT-L-14-336: the quarters of the depth."""
-    n = {"ViT-B-16": 12, "ViT-L-14-336": 24}[model] // 4
-    return [n, 2 * n, 3 * n, 4 * n]
 
 
 def official(root: Path, spec: dict) -> dict:
@@ -85,11 +79,11 @@ def official(root: Path, spec: dict) -> dict:
     if not Path(open_clip.__file__).resolve().is_relative_to(root):
         raise RuntimeError(f"open_clip imported from {open_clip.__file__}, not the official vendored copy")
     open_clip.openai.download_pretrained_from_url = lambda url, cache_dir=None: spec["clip"]
-    size, layers = spec["image_size"], _layers(spec["model"])
+    size = spec["image_size"]
+    layers, cfg = config_quarters(root / "open_clip" / "model_configs" / f"{spec['model']}.json")  # 6 12 18 24
     model, _, preprocess = open_clip.create_model_and_transforms(spec["model"], size, pretrained="openai")
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec["model"])
-    cfg = json.loads((root / "open_clip" / "model_configs" / f"{spec['model']}.json").read_text())
     torch.manual_seed(spec["seed"])
     linear = LinearLayer(cfg["vision_cfg"]["width"], cfg["embed_dim"], len(layers), spec["model"])
     ckpt = spec.get("checkpoint") or str(Path(spec["work"]) / "april_gan_official_checkpoint.pth")
@@ -123,12 +117,13 @@ def official(root: Path, spec: dict) -> dict:
 def ours(spec: dict, official: dict) -> dict:
     from anorefiner.backbones import build_backbone
     from anorefiner.data.index import load_image
+    from anorefiner.metrics.evaluate import resize_maps
     from anorefiner.zsad.april_gan import (AprilGanBackend, AprilGanConfig, full_map, image_scores, layer_logits,
                                            patch_map)
 
     ckpt = bytes(official["checkpoint"].tolist()).decode()
     size = spec["image_size"]
-    bb = build_backbone(spec["model"], size, layers=_layers(spec["model"]), pretrained=spec["clip_state"])
+    bb = build_backbone(spec["model"], size, layers=quarter_layers(spec["model"]), pretrained=spec["clip_state"])
     backend = AprilGanBackend(AprilGanConfig(checkpoint=ckpt, class_name=spec["class_name"], device="cpu"),
                               backbone=bb)
     images = [load_image(p) for p in spec["images"]]
@@ -151,6 +146,5 @@ def ours(spec: dict, official: dict) -> dict:
         out["scores"] = image_scores(bb.image_embedding(cls), backend.text, 100.0)
         out["maps_fp16_cache"] = maps_of([t.half().float() for t in toks])
         stored = patch_map(out["maps"], (h, w))
-        out["maps_from_stored_grid"] = torch.nn.functional.interpolate(stored[:, None], size=(size, size),
-                                                                        mode="bilinear")[:, 0]
+        out["maps_from_stored_grid"] = torch.from_numpy(resize_maps(stored.numpy(), (size, size)))
     return out

@@ -13,8 +13,8 @@ it was written for and the git blob ids of the official files it runs (:data:`PI
 The spec holds the shared inputs: a seeded random CLIP in OpenAI's file format (:func:`openai_format_clip`;
 ``clip``, and ``clip_state`` the same weights as a plain state dict for ours),
 test images of several sizes, greyscale included (:func:`test_images`), the seed and sizes. Differences are
-``max |ours - official|`` and that over ``max |official|`` (relative), per stage; a stage passes when the
-relative difference is at most the tolerance (1e-4).
+``max |ours - official|``, that over ``max |official|`` (relative) and over the official range (max - min), per
+stage; a stage passes when the relative difference is at most the tolerance (1e-4).
 """
 
 from __future__ import annotations
@@ -114,6 +114,24 @@ def state_dict_copy(archive: Path, out: Path) -> Path:
     return Path(out)
 
 
+def quarter_layers(model: str) -> list[int]:
+    """Blocks at the quarters of the vision tower's depth (6/12/18/24 of ViT-L, 3/6/9/12 of ViT-B): the layers
+    every official script taps (``--features_list``), read from open_clip's config of ``model``."""
+    sys.path.insert(0, str(SRC))
+    from anorefiner._compat import import_open_clip
+    from anorefiner.backbones.clip_vit import default_vit_layers
+
+    return default_vit_layers(import_open_clip().get_model_config(model)["vision_cfg"]["layers"])
+
+
+def config_quarters(config_json: Path) -> tuple[list[int], dict]:
+    """(the quarters of the depth, the config) from an official model-config JSON (``vision_cfg.layers``), as
+    AdaCLIP's ``test.py`` derives its ``features_list``; for the official side (no project imports)."""
+    cfg = json.loads(Path(config_json).read_text())
+    n = cfg["vision_cfg"]["layers"] // 4
+    return [n, 2 * n, 3 * n, 4 * n], cfg
+
+
 def test_images(out_dir: Path, seed: int) -> list[str]:
     """Smooth random test images: 300x260 RGB, 180x180 greyscale (mode L), 320x240 RGB, as PNG."""
     from PIL import Image
@@ -165,35 +183,41 @@ def _plain(v):
 
 
 # ------------------------------------------------------------------ comparison
-def difference(ours, official) -> tuple[float, float]:
-    """(max abs difference, max abs difference / max |official|), in float64."""
+def difference(ours, official) -> tuple[float, float, float]:
+    """(max abs difference, that / max |official| (relative), that / (max - min of official) (of the range)),
+    in float64. The range figure says how much of a map's contrast a difference is."""
     a = _plain(ours).double()
     b = _plain(official).double()
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: ours {tuple(a.shape)}, official {tuple(b.shape)}")
-    diff = float((a - b).abs().max()) if a.numel() else 0.0
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return diff, diff / scale if scale > 0 else diff
+    if not b.numel():
+        return 0.0, 0.0, 0.0
+    diff = float((a - b).abs().max())
+    scale, spread = float(b.abs().max()), float(b.max() - b.min())
+    return diff, diff / scale if scale > 0 else diff, diff / spread if spread > 0 else diff
 
 
 def compare(adapter, ours: dict, official: dict, tol: float = TOLERANCE) -> list[dict]:
-    """Rows ``{stage, description, abs, rel, ok}`` for ``STAGES`` (ok: rel <= tol) and ``CHOICES`` (ok None)."""
+    """Rows ``{stage, description, abs, rel, range, ok}`` for ``STAGES`` (ok: rel <= tol) and ``CHOICES``
+    (ok None: reported, never failing)."""
     rows = []
     for stage, desc in adapter.STAGES:
-        d_abs, d_rel = difference(ours[stage], official[stage])
-        rows.append({"stage": stage, "description": desc, "abs": d_abs, "rel": d_rel, "ok": d_rel <= tol})
+        d_abs, d_rel, d_range = difference(ours[stage], official[stage])
+        rows.append({"stage": stage, "description": desc, "abs": d_abs, "rel": d_rel, "range": d_range,
+                     "ok": d_rel <= tol})
     for stage, ref, desc in getattr(adapter, "CHOICES", ()):
-        d_abs, d_rel = difference(ours[stage], official[ref])
-        rows.append({"stage": stage, "description": desc, "abs": d_abs, "rel": d_rel, "ok": None})
+        d_abs, d_rel, d_range = difference(ours[stage], official[ref])
+        rows.append({"stage": stage, "description": desc, "abs": d_abs, "rel": d_rel, "range": d_range, "ok": None})
     return rows
 
 
 def format_rows(name: str, rows: list[dict], tol: float = TOLERANCE) -> str:
-    lines = [f"{name}: max abs / rel difference per stage (pass: rel <= {tol:g})",
-             f"  {'stage':<28} {'max abs':>10} {'max rel':>10}  result"]
+    lines = [f"{name}: max abs / relative / of-range difference per stage (pass: relative <= {tol:g})",
+             f"  {'stage':<28} {'max abs':>10} {'relative':>10} {'of range':>10}  result"]
     for r in rows:
         res = "project choice" if r["ok"] is None else ("pass" if r["ok"] else "FAIL")
-        lines.append(f"  {r['stage']:<28} {r['abs']:>10.2e} {r['rel']:>10.2e}  {res}  ({r['description']})")
+        lines.append(f"  {r['stage']:<28} {r['abs']:>10.2e} {r['rel']:>10.2e} {r['range']:>10.2e}  {res}  "
+                     f"({r['description']})")
     return "\n".join(lines)
 
 

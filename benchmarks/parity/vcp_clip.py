@@ -24,11 +24,11 @@ and the scores without the official per-class min-max.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from core import config_quarters, quarter_layers
 
 REPO = "xiaozhen228/VCP-CLIP"
 COMMIT = "4dd96ec"
@@ -72,11 +72,6 @@ def _module(root: Path, rel: str, name: str):
     return mod
 
 
-def _layers(model: str) -> list[int]:
-    n = {"ViT-B-16": 12, "ViT-L-14-336": 24}[model] // 4
-    return [n, 2 * n, 3 * n, 4 * n]  # test.sh --features_list 6 12 18 24 on ViT-L-14-336
-
-
 def official(root: Path, spec: dict) -> dict:
     import shims
 
@@ -95,8 +90,8 @@ def official(root: Path, spec: dict) -> dict:
 
     test = _module(root, "test.py", "vcp_official_test")
     train = _module(root, "train.py", "vcp_official_train")
-    size, layers = spec["image_size"], _layers(spec["model"])
-    cfg = json.loads((root / "models" / "model_configs" / f"{spec['model']}.json").read_text())
+    size = spec["image_size"]
+    layers, cfg = config_quarters(root / "models" / "model_configs" / f"{spec['model']}.json")  # 6 12 18 24
     torch.manual_seed(spec["seed"])
     model, _, preprocess = Load_CLIP(size, spec["clip"], device="cpu", deep_prompt_len=1, total_d_layer_len=11)
     model.eval()
@@ -157,7 +152,7 @@ def ours(spec: dict, official: dict) -> dict:
 
     ckpt = bytes(official["checkpoint"].tolist()).decode()
     size = spec["image_size"]
-    bb = build_backbone(spec["model"], size, layers=_layers(spec["model"]), pretrained=spec["clip_state"])
+    bb = build_backbone(spec["model"], size, layers=quarter_layers(spec["model"]), pretrained=spec["clip_state"])
     backend = VcpClipBackend(VcpClipConfig(checkpoint=ckpt, topk_reference=size), backbone=bb)
     m = backend.model
     with torch.no_grad():
