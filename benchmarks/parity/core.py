@@ -161,7 +161,10 @@ def run_official(adapter_path: Path, root: Path, spec: dict, work: Path, python:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"official side failed ({' '.join(cmd)}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return torch.load(out, weights_only=True)
+    stages = torch.load(out, weights_only=True)
+    shims_file = out.with_suffix(".shims.json")
+    stages["shims"] = json.loads(shims_file.read_text()) if shims_file.is_file() else []
+    return stages
 
 
 def child_main(argv: list[str]) -> int:
@@ -172,7 +175,11 @@ def child_main(argv: list[str]) -> int:
     spec = json.loads(Path(spec_file).read_text())
     with torch.no_grad():
         stages = adapter.official(Path(root).resolve(), spec)
-    torch.save({k: _plain(v) for k, v in stages.items()}, out)
+    tmp = Path(f"{out}.tmp")
+    torch.save({k: _plain(v) for k, v in stages.items()}, tmp)
+    os.replace(tmp, out)
+    applied = sys.modules["shims"].APPLIED if "shims" in sys.modules else []
+    Path(out).with_suffix(".shims.json").write_text(json.dumps(applied))
     return 0
 
 
@@ -223,11 +230,11 @@ def format_rows(name: str, rows: list[dict], tol: float = TOLERANCE) -> str:
 
 def run(adapter_path: Path, root: Path, work: Path, spec: dict, python: str = sys.executable,
         tol: float = TOLERANCE) -> tuple[list[dict], bool]:
-    """Pins, shared inputs, the official side, ours, the comparison: ``(rows, all stages passed)``."""
+    """Pins, shared inputs, the official side, ours, the comparison: ``(rows, all stages passed)``. ``spec`` is
+    completed in place (images, CLIP files, ``shims``: what the official side needed)."""
     adapter = load_adapter(adapter_path)
     verify_pins(root, adapter.PINNED, adapter.REPO, adapter.COMMIT, getattr(adapter, "LFS", None))
     work.mkdir(parents=True, exist_ok=True)
-    spec = dict(spec)
     if "images" not in spec:
         spec["images"] = test_images(work / "images", spec["seed"])
     if spec.get("model") and "clip" not in spec:
@@ -236,6 +243,7 @@ def run(adapter_path: Path, root: Path, work: Path, spec: dict, python: str = sy
         spec["clip_state"] = str(state_dict_copy(Path(spec["clip"]), work / "clip-state-dict.pt"))
     spec["work"] = str(work)
     official = run_official(adapter_path, root, spec, work, python)
+    spec["shims"] = official.pop("shims")
     ours = adapter.ours(spec, official)
     rows = compare(adapter, ours, official, tol)
     return rows, all(r["ok"] for r in rows if r["ok"] is not None)

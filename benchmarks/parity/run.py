@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         except PinError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    name = f"{args.backend} vs {adapter.REPO}@{adapter.COMMIT} ({json.dumps({k: spec[k] for k in sorted(spec)})})"
+    shown = {k: spec[k] for k in ("model", "image_size", "seed", "class_name") if k in spec}
+    name = f"{args.backend} vs {adapter.REPO}@{adapter.COMMIT} ({json.dumps(shown)})"
     print(format_rows(name, rows, args.tolerance))
+    print(f"shims on the official side: {', '.join(spec.get('shims', [])) or 'none'}")
     print("PASS" if ok else "FAIL")
     if args.json:
         args.json.write_text(json.dumps({"backend": args.backend, "repo": adapter.REPO, "commit": adapter.COMMIT,

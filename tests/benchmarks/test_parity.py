@@ -94,13 +94,15 @@ def test_openai_format_clip_is_a_torchscript_archive_of_the_openai_state_dict(tm
 
 
 def test_fake_backend_passes_and_reports_choices_apart(clone, tmp_path):
-    rows, ok = core.run(ADAPTER, clone, tmp_path / "work", _spec())
-    assert ok
+    spec = _spec()
+    rows, ok = core.run(ADAPTER, clone, tmp_path / "work", spec)
+    assert ok and spec["shims"] == [] and len(spec["images"]) == 3
     by = {r["stage"]: r for r in rows}
     assert [r["stage"] for r in rows] == ["preprocessing", "position_embedding", "maps", "maps_antialiased"]
     assert by["preprocessing"]["abs"] == 0.0  # greyscale included: both sides read RGB
     assert by["position_embedding"]["rel"] < 1e-6 and by["maps"]["ok"]
     assert by["maps_antialiased"]["ok"] is None and by["maps_antialiased"]["abs"] > 1e-4  # reported, not failing
+    assert 0 < by["maps_antialiased"]["rel"] <= by["maps_antialiased"]["range"]  # the range is <= max |x|
     text = core.format_rows("fake", rows)
     assert "project choice" in text and "FAIL" not in text
 
@@ -133,3 +135,29 @@ def test_official_side_errors_are_reported_with_its_output(clone, tmp_path):
     (clone / "official_model.py").unlink()
     with pytest.raises(RuntimeError, match="official side failed"):
         core.run_official(ADAPTER, clone, dict(_spec(), images=[], work=str(tmp_path)), tmp_path)
+
+
+def test_shims_only_fill_what_is_missing():
+    """In a fresh interpreter (the shims change sys.modules and Tensor.to): a missing module becomes a stub that
+    raises when used, an installed one is untouched; .to('cuda') stays on the CPU without CUDA."""
+    code = """
+import sys, torch, shims
+shims.stub_missing('json', 'anorefiner_no_such_module.sub')
+import json, anorefiner_no_such_module.sub as sub
+assert json.dumps([1]) == '[1]'
+try:
+    sub.anything(1)
+except RuntimeError as err:
+    assert 'anorefiner_no_such_module.sub.anything' in str(err)
+else:
+    raise AssertionError('the stub did not raise')
+shims.cuda_to_cpu()
+if not torch.cuda.is_available():
+    assert torch.ones(2).to('cuda').device.type == 'cpu'
+    assert torch.ones(2).to(torch.device('cuda'), torch.float64).dtype == torch.float64
+print(shims.APPLIED)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(PARITY)]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stub anorefiner_no_such_module.sub" in proc.stdout and "stub json" not in proc.stdout
