@@ -150,13 +150,9 @@ def ours(spec: dict, official: dict) -> dict:
             else:
                 flat = [lg.flatten(2).transpose(1, 2) for lg in res["logits"]]
                 fused = hsf(res["feats"], flat, b.config.k_clusters, b.seed, labels=[labels[i].numpy()])
-                cls = b.model.cls_feature(_pooled(b, x).float())
-                scores.append(image_probs(cls, res["text"], b.config.temperature, fused, b.config.hsf_alpha)[0, 1])
+                scores.append(image_probs(res["cls"], res["text"], b.config.temperature, fused,
+                                          b.config.hsf_alpha)[0, 1])
         return torch.stack(maps), torch.stack(scores)
-
-    def _pooled(b, x):
-        dyn_vis, _ = b.model.dynamic_prompts(frozen_pooled(b.backbone, x))
-        return prompted_visual(b.backbone, b.model, x, dyn_vis, b.config.prompt_precision)[1]
 
     out: dict = {}
     with torch.no_grad():

@@ -159,7 +159,8 @@ def image_probs(cls_feat: torch.Tensor, text: torch.Tensor, temperature: float, 
 def adaclip_forward(backbone, model: AdaClipModel, bank: SentenceBank, x: torch.Tensor, config: AdaClipConfig,
                     seed: int) -> dict:
     """The whole official forward of a batch: per-layer patch features, token logits ``[B, 2, h, w]``,
-    text ``[B, 2, E]`` and image probabilities ``[B, 2]`` (gradients reach the prompts and heads).
+    text ``[B, 2, E]``, the cls head's feature ``[B, E]`` and image probabilities ``[B, 2]`` (gradients reach the
+    prompts and heads).
 
     ``backbone`` already carries the position embedding of ``config.pos_embed`` (:func:`with_pos_embed`)."""
     g = frozen_pooled(backbone, x)
@@ -177,7 +178,7 @@ def adaclip_forward(backbone, model: AdaClipModel, bank: SentenceBank, x: torch.
         flat = [lg.flatten(2).transpose(1, 2) for lg in logits]
         fused = hsf(feats, flat, config.k_clusters, seed, config.kmeans_n_init)
     probs = image_probs(cls_feat, text, config.temperature, fused, config.hsf_alpha)
-    return {"feats": feats, "logits": logits, "text": text, "probs": probs}
+    return {"feats": feats, "logits": logits, "text": text, "cls": cls_feat, "probs": probs}
 
 
 def class_bank(backbone, class_name: str) -> SentenceBank:
