@@ -132,14 +132,16 @@ def config_quarters(config_json: Path) -> tuple[list[int], dict]:
     return [n, 2 * n, 3 * n, 4 * n], cfg
 
 
-def test_images(out_dir: Path, seed: int) -> list[str]:
-    """Smooth random test images: 300x260 RGB, 180x180 greyscale (mode L), 320x240 RGB, as PNG."""
+def test_images(out_dir: Path, seed: int, count: int = 3) -> list[str]:
+    """Smooth random test images, PNG, cycling through 300x260 RGB, 180x180 greyscale (mode L), 320x240 RGB."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (w, h, mode) in enumerate(((300, 260, "RGB"), (180, 180, "L"), (320, 240, "RGB"))):
+    kinds = ((300, 260, "RGB"), (180, 180, "L"), (320, 240, "RGB"))
+    for i in range(count):
+        w, h, mode = kinds[i % len(kinds)]
         c = 3 if mode == "RGB" else 1
         small = rng.integers(0, 256, size=(h // 20, w // 20, c)).astype(np.uint8)
         img = Image.fromarray(small.squeeze(-1) if c == 1 else small, mode).resize((w, h), Image.BILINEAR)
@@ -236,7 +238,7 @@ def run(adapter_path: Path, root: Path, work: Path, spec: dict, python: str = sy
     verify_pins(root, adapter.PINNED, adapter.REPO, adapter.COMMIT, getattr(adapter, "LFS", None))
     work.mkdir(parents=True, exist_ok=True)
     if "images" not in spec:
-        spec["images"] = test_images(work / "images", spec["seed"])
+        spec["images"] = test_images(work / "images", spec["seed"], spec.get("n_images", 3))
     if spec.get("model") and "clip" not in spec:
         spec["clip"] = str(openai_format_clip(spec["model"], spec["seed"], work / f"{spec['model']}-openai.pt"))
     if spec.get("clip"):  # ours loads local weights as a plain state dict

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from core import HERE, TOLERANCE, PinError, format_rows, load_adapter, run
 
-ADAPTERS = {name: HERE / f"{name}.py" for name in ("adaclip", "april_gan", "anomalyclip", "vcp_clip")}
+ADAPTERS = {name: HERE / f"{name}.py" for name in (
+    "adaclip", "april_gan", "anomalyclip", "rareclip", "vcp_clip")}
 
 
 def main(argv: list[str] | None = None) -> int:
