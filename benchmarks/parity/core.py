@@ -110,6 +110,8 @@ def openai_format_clip(model: str, seed: int, out: Path) -> Path:
 def state_dict_copy(archive: Path, out: Path) -> Path:
     """The state dict of an OpenAI TorchScript archive as a plain ``torch.save`` file (``weights_only`` loadable)."""
     state = torch.jit.load(str(archive), map_location="cpu").state_dict()
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's archives carry these scalars
+        state.pop(key, None)  # (build_model_from_openai_state_dict drops them too); open_clip's CLIP has none
     torch.save({k: v.detach().clone() for k, v in state.items()}, out)
     return Path(out)
 
