@@ -71,7 +71,8 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
       kernel, so it differs from plain bicubic even when upsampling;
     * ``"bicubic_no_antialias"``: plain bicubic (cubic convolution, a = -0.75, borders replicated), AdaCLIP's
       own ``resize_pos_embed`` (``caoyunkang/AdaCLIP@e27ee32`` ``method/clip_model.py`` l.382-412, called by
-      ``method/custom_clip.py`` ``create_model``);
+      ``method/custom_clip.py`` ``create_model``); also what MuSc's vendored open_clip computes (its
+      ``resize_pos_embed`` drops the ``antialias`` argument; docs/fidelity.md);
     * ``"bilinear"``: plain bilinear, no antialias (AnomalyCLIP's own resize, ``AnomalyCLIP.py`` L363-370).
     """
     if mode not in POS_EMBED_RESIZE:
