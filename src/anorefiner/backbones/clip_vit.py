@@ -55,14 +55,28 @@ def register_tiny_clip() -> str:
     return TINY_CLIP
 
 
+#: Position-embedding resize modes of :func:`interpolate_pos_embed` (which official code uses which: its docstring).
+POS_EMBED_RESIZE = ("bicubic", "bicubic_no_antialias", "bilinear")
+
+
 def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
                           mode: str = "bicubic") -> torch.Tensor:
     """Resize a ``[1 + gh*gw, C]`` position embedding to a new patch grid.
 
-    The patch part is treated as a 2-D ``gh×gw`` image and resized bicubically
-    (``align_corners=False``, ``antialias=True``); the class position (row 0) is kept unchanged.
-    ``mode="bilinear"``: plain bilinear, no antialias (AnomalyCLIP's own resize, ``AnomalyCLIP.py`` L363-370).
+    The patch part is treated as a 2-D ``gh×gw`` image and resized (``align_corners=False``); the class
+    position (row 0) is kept unchanged. ``mode``:
+
+    * ``"bicubic"`` (default): bicubic with ``antialias=True``, as open_clip's ``resize_pos_embed`` and the
+      official APRIL-GAN/VCP-CLIP forks (backends.md section 0.3); PyTorch's antialiased bicubic uses another
+      kernel, so it differs from plain bicubic even when upsampling;
+    * ``"bicubic_no_antialias"``: plain bicubic (cubic convolution, a = -0.75, borders replicated), AdaCLIP's
+      own ``resize_pos_embed`` (``caoyunkang/AdaCLIP@e27ee32`` ``method/clip_model.py`` l.382-412, called by
+      ``method/custom_clip.py`` ``create_model``); also what MuSc's vendored open_clip computes (its
+      ``resize_pos_embed`` drops the ``antialias`` argument; docs/fidelity.md);
+    * ``"bilinear"``: plain bilinear, no antialias (AnomalyCLIP's own resize, ``AnomalyCLIP.py`` L363-370).
     """
+    if mode not in POS_EMBED_RESIZE:
+        raise ValueError(f"position embedding resize mode must be one of {POS_EMBED_RESIZE}, got {mode!r}")
     n_expected = 1 + old_grid[0] * old_grid[1]
     if pos.ndim != 2 or pos.shape[0] != n_expected:
         raise ValueError(f"position embedding of shape {tuple(pos.shape)} does not fit grid {old_grid} + class")
@@ -72,16 +86,28 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
     c = grid.shape[1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)
     grid = grid.float() if grid.dtype in (torch.float16, torch.bfloat16) else grid  # float64 stays float64
-    # antialias=True as open_clip's resize_pos_embed and the official APRIL-GAN/VCP-CLIP forks (backends.md
-    # section 0.3): PyTorch's antialiased bicubic uses another kernel, so it differs even when upsampling.
-    if mode == "bicubic":
-        grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
-    elif mode == "bilinear":
-        grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", align_corners=False)
-    else:
-        raise ValueError(f"position embedding resize mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    interp = "bilinear" if mode == "bilinear" else "bicubic"
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=interp, align_corners=False, antialias=mode == "bicubic")
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], c).to(pos.dtype)
     return torch.cat([cls_pos, grid], dim=0)
+
+
+def with_pos_embed(backbone, mode: str):
+    """``backbone`` with its position embedding resized by ``mode`` (:data:`POS_EMBED_RESIZE`): a shallow copy
+    sharing the frozen model, or ``backbone`` itself when ``mode`` is its own (``backbone.pos_embed_mode``)."""
+    import copy
+
+    if mode not in POS_EMBED_RESIZE:
+        raise ValueError(f"position embedding resize mode must be one of {POS_EMBED_RESIZE}, got {mode!r}")
+    if mode == getattr(backbone, "pos_embed_mode", "bicubic"):
+        return backbone
+    out = copy.copy(backbone)
+    with torch.no_grad():
+        pos = interpolate_pos_embed(backbone.visual.positional_embedding.detach(), tuple(backbone.native_grid),
+                                    tuple(backbone.grid), mode=mode)
+    out.pos_embed = pos.to(backbone.pos_embed.device)
+    out.pos_embed_mode = mode
+    return out
 
 
 def default_vit_layers(n_blocks: int) -> list[int]:
@@ -170,6 +196,7 @@ class ClipViT(Backbone):
         g = resolution // self.patch_stride
         with torch.no_grad():
             self.pos_embed = interpolate_pos_embed(visual.positional_embedding.detach(), self.native_grid, (g, g))
+        self.pos_embed_mode = "bicubic"  # with_pos_embed gives a copy resized otherwise
         self.width = int(visual.class_embedding.shape[0])
 
     @property
@@ -270,7 +297,8 @@ class ClipViT(Backbone):
         ident["family"] = "open_clip"
         ident["activation"] = self.activation
         ident["tokens"] = "raw residual stream of 1-indexed blocks (no ln_post/proj); cls of last block"
-        ident["pos_embed"] = f"bicubic antialias {self.native_grid}->{self.grid}, class position kept"
+        how = "bicubic antialias" if self.pos_embed_mode == "bicubic" else self.pos_embed_mode
+        ident["pos_embed"] = f"{how} {self.native_grid}->{self.grid}, class position kept"
         return ident
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from anorefiner.backbones import build_backbone
-from anorefiner.backbones.clip_vit import default_vit_layers, interpolate_pos_embed
+from anorefiner.backbones.clip_vit import default_vit_layers, interpolate_pos_embed, with_pos_embed
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +178,64 @@ def test_position_embedding_matches_open_clip_resize(tiny_clip):
     open_clip.model.resize_pos_embed(sd, target)
     assert sd["visual.positional_embedding"].shape == (1 + 25, 64)
     torch.testing.assert_close(bb.pos_embed, sd["visual.positional_embedding"])
+
+
+def _cubic(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic-convolution weights of the 4 neighbours at offsets -1, 0, 1, 2 (fraction ``t``)."""
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _bicubic_half_pixel(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Float64 loop: plain bicubic resize, align_corners=False (source = (i + 0.5) * in/out - 0.5, unclamped),
+    neighbours clamped to the border; AdaCLIP's ``resize_pos_embed`` (F.interpolate bicubic, no antialias)."""
+    h, w = grid.shape
+    out = np.zeros(size)
+    for i in range(size[0]):
+        y = (i + 0.5) * h / size[0] - 0.5
+        y0 = math.floor(y)
+        wy = _cubic(y - y0)
+        for j in range(size[1]):
+            x = (j + 0.5) * w / size[1] - 0.5
+            x0 = math.floor(x)
+            wx = _cubic(x - x0)
+            for a in range(4):
+                for b in range(4):
+                    yy, xx = min(max(y0 - 1 + a, 0), h - 1), min(max(x0 - 1 + b, 0), w - 1)
+                    out[i, j] += wy[a] * wx[b] * grid[yy, xx]
+    return out
+
+
+@pytest.mark.parametrize("new", [(7, 7), (5, 6), (3, 3)])
+def test_bicubic_without_antialias_matches_a_float64_loop(new):
+    """AdaCLIP's resize (caoyunkang/AdaCLIP@e27ee32 method/clip_model.py resize_pos_embed) on a float64 grid."""
+    g = torch.Generator().manual_seed(3)
+    pos = torch.randn(1 + 4 * 4, 3, generator=g, dtype=torch.float64)
+    got = interpolate_pos_embed(pos, (4, 4), new, mode="bicubic_no_antialias")
+    assert got.dtype == torch.float64 and torch.equal(got[0], pos[0])
+    for ch in range(3):
+        ref = _bicubic_half_pixel(pos[1:, ch].reshape(4, 4).numpy(), new)
+        np.testing.assert_allclose(got[1:, ch].reshape(new).numpy(), ref, rtol=1e-12, atol=1e-12)
+    # the antialiased default is another kernel: it differs, upsampling included
+    assert not torch.allclose(interpolate_pos_embed(pos, (4, 4), new), got, atol=1e-3)
+    with pytest.raises(ValueError, match="resize mode must be one of"):
+        interpolate_pos_embed(pos, (4, 4), new, mode="nearest")
+
+
+def test_with_pos_embed_gives_a_copy_with_the_other_resize(tiny_clip):
+    bb = build_backbone(tiny_clip, 70, pretrained=None, seed=0)
+    assert with_pos_embed(bb, "bicubic") is bb and bb.pos_embed_mode == "bicubic"
+    other = with_pos_embed(bb, "bicubic_no_antialias")
+    assert other.model is bb.model and other.pos_embed_mode == "bicubic_no_antialias"
+    want = interpolate_pos_embed(bb.visual.positional_embedding.detach(), bb.native_grid, bb.grid,
+                                 mode="bicubic_no_antialias")
+    torch.testing.assert_close(other.pos_embed, want)
+    assert not torch.allclose(other.pos_embed, bb.pos_embed)  # the backbone keeps its own
+    assert "bicubic_no_antialias" in other.identity["pos_embed"] and "antialias" in bb.identity["pos_embed"]
+    x = torch.randn(1, 3, 70, 70, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(other.forward(x)[1], bb.forward(x)[1])  # the copy's forward uses its embedding

@@ -23,7 +23,11 @@ Facts from ``caoyunkang/AdaCLIP@e27ee32`` (specs/tta.md Part B.2; ``method/adacl
 Deviations (options, see :class:`AdaClipConfig`): KMeans is seeded (``random_state`` = the run's seed,
 ``n_init`` fixed) so the score is deterministic (the official one is not); k and the top count are
 clamped to the number of tokens (tiny CLIP); an empty cluster is skipped instead of giving NaN; fp32
-instead of CUDA fp16 autocast.
+instead of CUDA fp16 autocast (``AdaCLIP.forward`` is decorated with ``torch.cuda.amp.autocast``, a no-op on
+CPU). Reproduced by default, as the official code runs even without autocast: the prompts' explicit fp16
+rounding (option ``prompt_precision``, :mod:`.adaclip_prompts`) and the position embedding resized by plain
+bicubic without antialias (option ``pos_embed``; ``method/clip_model.py`` ``resize_pos_embed``, l.382-412;
+the backbone's own resize is antialiased, as APRIL-GAN's and VCP-CLIP's).
 
 Store choice: the coarse store holds token-grid maps, the area mean of the full-resolution (smoothed)
 map over each patch's pixels (``map_level``), as :mod:`.april_gan`.
@@ -37,9 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...backbones.clip_vit import POS_EMBED_RESIZE, with_pos_embed
 from ...log import LOG
-from .prompts import (AdaClipModel, SentenceBank, frozen_pooled, load_model, prompted_text,
-                              prompted_visual)
+from .prompts import (PROMPT_PRECISIONS, AdaClipModel, SentenceBank, frozen_pooled, load_model,
+                              prompted_text, prompted_visual)
 from ..april_gan.backend import layer_logits, patch_map
 from ..maps import gaussian_smooth
 from ..maps import resolve_device as _resolve_device
@@ -72,7 +77,19 @@ class AdaClipConfig:
     cls_input: str = "prompted"  # cls head input: "prompted" = pooled feature of the prompted forward
     #   (adaclip.py extract_feat -> encode_image, the official code); "frozen" = g of the prompt-free pass
     #   (specs/tta.md B.2 reads it so; kept as the named alternative)
+    pos_embed: str = "bicubic_no_antialias"  # method/clip_model.py resize_pos_embed (bicubic, no antialias);
+    #   "bicubic": the backbone's antialiased resize (APRIL-GAN/VCP-CLIP's), "bilinear" (AnomalyCLIP's)
+    prompt_precision: str = "float16"  # method/adaclip.py l.87/118/123: prompts .half() before every block,
+    #   even without autocast; "float32" keeps them unrounded
     device: str = "auto"
+
+
+def check_precision_options(c) -> None:
+    """``pos_embed`` and ``prompt_precision`` (shared by the backend and training configs) are known values."""
+    if c.pos_embed not in POS_EMBED_RESIZE:
+        raise ValueError(f"adaclip option pos_embed {c.pos_embed!r} is not one of {POS_EMBED_RESIZE}")
+    if c.prompt_precision not in PROMPT_PRECISIONS:
+        raise ValueError(f"adaclip option prompt_precision {c.prompt_precision!r} is not one of {PROMPT_PRECISIONS}")
 
 
 def upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
@@ -142,11 +159,14 @@ def image_probs(cls_feat: torch.Tensor, text: torch.Tensor, temperature: float, 
 def adaclip_forward(backbone, model: AdaClipModel, bank: SentenceBank, x: torch.Tensor, config: AdaClipConfig,
                     seed: int) -> dict:
     """The whole official forward of a batch: per-layer patch features, token logits ``[B, 2, h, w]``,
-    text ``[B, 2, E]`` and image probabilities ``[B, 2]`` (gradients reach the prompts and heads)."""
+    text ``[B, 2, E]``, the cls head's feature ``[B, E]`` and image probabilities ``[B, 2]`` (gradients reach the
+    prompts and heads).
+
+    ``backbone`` already carries the position embedding of ``config.pos_embed`` (:func:`with_pos_embed`)."""
     g = frozen_pooled(backbone, x)
     dyn_vis, dyn_txt = model.dynamic_prompts(g)
-    tokens, pooled = prompted_visual(backbone, model, x, dyn_vis)
-    text = prompted_text(backbone, model, bank, dyn_txt)
+    tokens, pooled = prompted_visual(backbone, model, x, dyn_vis, config.prompt_precision)
+    text = prompted_text(backbone, model, bank, dyn_txt, config.prompt_precision)
     feats = model.patch_features([t.float() for t in tokens])
     if config.cls_input not in CLS_INPUTS:
         raise ValueError(f"adaclip option cls_input {config.cls_input!r} is not one of {CLS_INPUTS}")
@@ -158,7 +178,7 @@ def adaclip_forward(backbone, model: AdaClipModel, bank: SentenceBank, x: torch.
         flat = [lg.flatten(2).transpose(1, 2) for lg in logits]
         fused = hsf(feats, flat, config.k_clusters, seed, config.kmeans_n_init)
     probs = image_probs(cls_feat, text, config.temperature, fused, config.hsf_alpha)
-    return {"feats": feats, "logits": logits, "text": text, "probs": probs}
+    return {"feats": feats, "logits": logits, "text": text, "cls": cls_feat, "probs": probs}
 
 
 def class_bank(backbone, class_name: str) -> SentenceBank:
@@ -178,9 +198,11 @@ class AdaClipBackend:
     def __init__(self, config: AdaClipConfig | None = None, backbone=None, name: str = "adaclip", seed: int = 0,
                  images=None):
         self.config = c = config or AdaClipConfig()
-        self.backbone, self.name, self.seed, self.images = backbone, name, int(seed), images
+        self.name, self.seed, self.images = name, int(seed), images
         if backbone is None or not hasattr(backbone, "image_embedding") or not hasattr(backbone, "visual"):
             raise ValueError("adaclip needs the CLIP ViT backbone (both towers): pass --backbone")
+        check_precision_options(c)
+        self.backbone = backbone = with_pos_embed(backbone, c.pos_embed)
         if not c.checkpoint:
             raise ValueError("adaclip needs option 'checkpoint' (trained prompts: rule train_backend, or the "
                              "official files, backends.<name>.weights: official)")
@@ -198,7 +220,8 @@ class AdaClipBackend:
         self.map_size = int(c.map_size or backbone.resolution)
         self.last_info = {"map_level": MAP_LEVEL, "map_size": self.map_size, "checkpoint": str(c.checkpoint),
                           "sigma": float(c.sigma), "hsf": bool(c.use_hsf), "k_clusters": int(c.k_clusters),
-                          "kmeans_seed": self.seed, "cls_input": c.cls_input}
+                          "kmeans_seed": self.seed, "cls_input": c.cls_input, "pos_embed": c.pos_embed,
+                          "prompt_precision": c.prompt_precision}
 
     def _batch(self, idx: list[int]):
         x = self.backbone.preprocess(self.images(idx))

@@ -15,7 +15,10 @@ ProjectLayer, AdaCLIP.encode_image / encode_text / generate_and_set_dynamic_prom
 * ``patch_token_layer``: one ``Linear(visual width -> embed)`` per output layer on raw patch tokens (class
   token dropped, no ``ln_post``); ``cls_token_layer``: ``Linear(embed -> embed)`` on the pooled feature
   (``ln_post(CLS) @ proj``) of the prompted forward, as ``AdaCLIP.extract_feat`` (option ``cls_input`` of
-  :mod:`.adaclip`); both L2-normalised.
+  :mod:`.adaclip`); both L2-normalised;
+* precision: the official ``PromptLayer`` casts every prompt to fp16 (``.half()``, ``method/adaclip.py`` l.87,
+  118, 123) before concatenating it with the fp32 token sequence, with or without autocast, so the prompts
+  enter the blocks rounded to fp16 (``precision="float16"``, the default); ``"float32"`` keeps them exact.
 
 Parameter names follow the official module tree so checkpoints carry the official keys
 (``clip_model.`` + the names below). The CLIP forwards reuse :mod:`anorefiner.backbones.clip_prompting`:
@@ -36,6 +39,21 @@ KEY_PREFIX = "clip_model."
 #: the names of the learnable parts (``AdaCLIP_Trainer.learnable_paramter_list``)
 LEARNABLE = ("text_prompter", "visual_prompter", "patch_token_layer", "cls_token_layer",
              "dynamic_visual_prompt_generator", "dynamic_text_prompt_generator")
+
+
+#: prompt precisions: the official fp16 rounding (default) or none
+PROMPT_PRECISIONS = ("float16", "float32")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PROMPT_PRECISIONS:
+        raise ValueError(f"adaclip prompt precision must be one of {PROMPT_PRECISIONS}, got {precision!r}")
+
+
+def _entering(p: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
+    """The prompt as it enters the sequence ``y``: ``.half()`` first for ``"float16"``, then ``y``'s dtype
+    (the official ``torch.cat`` promotes the fp16 prompt back to the sequence's dtype)."""
+    return (p.half() if precision == "float16" else p).to(y.dtype)
 
 
 class _Prompter(torch.nn.Module):
@@ -107,33 +125,38 @@ def frozen_pooled(backbone, x: torch.Tensor) -> torch.Tensor:
         return backbone.image_embedding(cls, normalize=False).float()
 
 
-def visual_prompt_hook(static: list[torch.Tensor], dynamic: torch.Tensor, length: int):
+def visual_prompt_hook(static: list[torch.Tensor], dynamic: torch.Tensor, length: int, precision: str = "float16"):
     """``before_block`` hook: append (block 1) or replace (blocks 2..J) the last ``length`` tokens."""
+    _check_precision(precision)
+
     def hook(block: int, y: torch.Tensor) -> torch.Tensor:
         j = block - 1
         if j >= len(static):
             return y
-        p = (dynamic + static[j]).to(y.dtype)
+        p = _entering(dynamic + static[j], y, precision)
         return torch.cat([y, p], 1) if j == 0 else torch.cat([y[:, : y.shape[1] - length], p], 1)
     return hook
 
 
-def text_prompt_hook(static: list[torch.Tensor], dynamic: torch.Tensor, length: int):
+def text_prompt_hook(static: list[torch.Tensor], dynamic: torch.Tensor, length: int, precision: str = "float16"):
     """``before_block`` hook: overwrite positions 1..L before blocks 2..J (``dynamic``: ``[S, L, Wt]``)."""
+    _check_precision(precision)
+
     def hook(block: int, y: torch.Tensor) -> torch.Tensor:
         j = block - 1
         if j == 0 or j >= len(static):
             return y
-        p = (dynamic + static[j]).to(y.dtype)
+        p = _entering(dynamic + static[j], y, precision)
         return torch.cat([y[:, :1], p, y[:, 1 + length:]], 1)
     return hook
 
 
-def prompted_visual(backbone, model: AdaClipModel, x: torch.Tensor, dyn_vis: torch.Tensor):
+def prompted_visual(backbone, model: AdaClipModel, x: torch.Tensor, dyn_vis: torch.Tensor,
+                    precision: str = "float16"):
     """Prompted image tower: (raw patch tokens ``[B, P, Wv]`` per output layer, pooled ``[B, E]``)."""
     blocks = tuple(int(k) for k in backbone.layers)
     static = list(model.visual_prompter.static_prompts)
-    hook = visual_prompt_hook(static, dyn_vis, model.length)
+    hook = visual_prompt_hook(static, dyn_vis, model.length, precision)
     seqs, last = visual_forward(backbone, x, before_block=hook, blocks=blocks)
     n_len = model.length
     tokens = [seqs[b][:, 1 : seqs[b].shape[1] - n_len] for b in blocks]
@@ -153,13 +176,14 @@ class SentenceBank:
             self.embedded = token_embeddings(backbone, self.tokens)
 
 
-def prompted_text(backbone, model: AdaClipModel, bank: SentenceBank, dyn_txt: torch.Tensor) -> torch.Tensor:
+def prompted_text(backbone, model: AdaClipModel, bank: SentenceBank, dyn_txt: torch.Tensor,
+                  precision: str = "float16") -> torch.Tensor:
     """Per image ``b``: encode every sentence with the text prompts of ``dyn_txt[b]``; per state group the
     mean of the normalised embeddings, normalised (``TextEmbebddingLayer.encode_text``) -> ``[B, 2, E]``."""
     b, s = dyn_txt.shape[0], bank.n
     x = bank.embedded.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * s, *bank.embedded.shape[1:])
     dyn = dyn_txt.repeat_interleave(s, dim=0)
-    hook = text_prompt_hook(list(model.text_prompter.static_prompts), dyn, model.length)
+    hook = text_prompt_hook(list(model.text_prompter.static_prompts), dyn, model.length, precision)
     emb = encode_text_embeddings(backbone, x, bank.eot.repeat(b), before_block=hook)
     emb = F.normalize(emb.float(), dim=-1).reshape(b, s, -1)
     groups = [emb[:, : bank.n_normal].mean(1), emb[:, bank.n_normal:].mean(1)]

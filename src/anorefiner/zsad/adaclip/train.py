@@ -11,7 +11,8 @@
   the upsampled logits (``aggregation=False``); focal/dice are APRIL-GAN's ``loss.py`` (same file);
 * AdamW lr 0.01, betas (0.5, 0.999), weight decay 0.01 (AdamW's default), 5 epochs, batch 1 (the
   official text path only broadcasts one image's dynamic prompts: larger batches raise), seed 111;
-  fp32 (the official CUDA fp16 autocast without a GradScaler is documented as unstable);
+  fp32 (the official CUDA fp16 autocast without a GradScaler is documented as unstable), but the forward's
+  own precision choices are the backend's (prompts rounded to fp16, plain-bicubic position embedding);
 * exactly ``epochs`` epochs: no per-epoch validation on the target set and no best-pixel-F1 checkpoint
   selection (that would select on the evaluation data).
 
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 
 from ...log import LOG, progress
-from .backend import AdaClipConfig, adaclip_forward, class_bank
+from ...backbones.clip_vit import with_pos_embed
+from .backend import AdaClipConfig, adaclip_forward, check_precision_options, class_bank
 from .prompts import AdaClipModel, load_model, state_for_checkpoint
 from ..april_gan.backend import layer_probs
 from ..april_gan.train import _load_sample, focal_loss, optimizer_step, segmentation_loss, training_samples
@@ -52,6 +54,8 @@ class TrainConfig:
     hsf_alpha: float = 0.2  # adaclip.py alpha
     kmeans_n_init: int = 1  # sklearn n_init="auto" (= 1 for k-means++)
     cls_input: str = "prompted"  # as the backend option (official: the prompted forward's pooled feature)
+    pos_embed: str = "bicubic_no_antialias"  # as the backend option (official: method/clip_model.py resize)
+    prompt_precision: str = "float16"  # as the backend option (official: the prompts' .half() casts)
     temperature: float = 100.0  # adaclip.py: fixed 100
     focal_gamma: float = 2.0  # loss.py FocalLoss
     focal_smooth: float = 1e-5  # loss.py FocalLoss
@@ -62,7 +66,8 @@ class TrainConfig:
 def _forward_config(c: TrainConfig) -> AdaClipConfig:
     return AdaClipConfig(prompt_length=c.prompt_length, prompt_depth=c.prompt_depth, temperature=c.temperature,
                          use_hsf=c.use_hsf, k_clusters=c.k_clusters, hsf_alpha=c.hsf_alpha,
-                         kmeans_n_init=c.kmeans_n_init, cls_input=c.cls_input)
+                         kmeans_n_init=c.kmeans_n_init, cls_input=c.cls_input, pos_embed=c.pos_embed,
+                         prompt_precision=c.prompt_precision)
 
 
 def sample_loss(out: dict, gt: torch.Tensor, label: torch.Tensor, size: int, c: TrainConfig) -> torch.Tensor:
@@ -81,10 +86,12 @@ def train_prompts(backbone, rows: list[dict], config: TrainConfig, out: str | Pa
                          "runs batch 1 only: its text prompts broadcast one image's dynamic prompts)")
     if c.epochs < 1:
         raise ValueError(f"adaclip training: epochs must be >= 1, got {c.epochs}")
+    fwd = _forward_config(c)
+    check_precision_options(fwd)
+    backbone = with_pos_embed(backbone, c.pos_embed)
     device = backbone.device
     classes = sorted({r["category"] for r in rows})
     banks = {k: class_bank(backbone, k) for k in classes}
-    fwd = _forward_config(c)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(c.seed)  # static prompts N(0, 0.02) and default Linear init from the config's seed
         model = AdaClipModel.for_backbone(backbone, c.prompt_length, c.prompt_depth).to(device)

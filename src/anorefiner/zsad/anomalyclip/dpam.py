@@ -133,16 +133,10 @@ def with_position_embedding(backbone, mode: str = "bilinear"):
     native position embedding with ``F.interpolate(mode='bilinear')`` (align_corners False, no antialias) to the
     input grid, class position kept; ``"backbone"``: the backbone's own embedding, unchanged.
     """
-    import copy
-
     if mode not in POS_EMBED_MODES:
         raise ValueError(f"anomalyclip option pos_embed must be one of {POS_EMBED_MODES}, got {mode!r}")
     if mode == "backbone":
         return backbone
-    from ...backbones.clip_vit import interpolate_pos_embed
+    from ...backbones.clip_vit import with_pos_embed
 
-    out = copy.copy(backbone)
-    pos = interpolate_pos_embed(backbone.visual.positional_embedding.detach(), tuple(backbone.native_grid),
-                                tuple(backbone.grid), mode="bilinear")
-    out.pos_embed = pos.to(backbone.pos_embed.device)
-    return out
+    return with_pos_embed(backbone, "bilinear")

@@ -44,13 +44,19 @@ def _model(bb, seed=0, dtype=torch.float64, scale=1.0):
     return m
 
 
-def test_visual_prompts_append_then_replace_like_a_manual_loop(tiny56_f64):
+def _entering(p: torch.Tensor, precision: str) -> torch.Tensor:
+    """The official ``.half()`` of a prompt (method/adaclip.py l.87/118/123), promoted back by ``torch.cat``."""
+    return p.half().double() if precision == "float16" else p
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_visual_prompts_append_then_replace_like_a_manual_loop(tiny56_f64, precision):
     bb = tiny56_f64
     m = _model(bb, scale=20.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 56, 56, generator=g, dtype=torch.float64)
     dyn = torch.randn(2, 3, bb.width, generator=g, dtype=torch.float64)
-    tokens, pooled = prompted_visual(bb, m, x, dyn)
+    tokens, pooled = prompted_visual(bb, m, x, dyn, precision)
     v = bb.visual
     for b in range(2):  # one image at a time, prompts written by index
         seq = v.ln_pre(bb.embed(x[b : b + 1]))[0]
@@ -61,19 +67,22 @@ def test_visual_prompts_append_then_replace_like_a_manual_loop(tiny56_f64):
                 seq = torch.cat([seq, torch.zeros(3, seq.shape[1], dtype=seq.dtype)])
             if i <= 3:
                 for r in range(3):
-                    seq[n + r] = dyn[b, r] + m.visual_prompter.static_prompts[i - 1][r]
+                    seq[n + r] = _entering(dyn[b, r] + m.visual_prompter.static_prompts[i - 1][r], precision)
             seq = block(seq[None])[0] if bb.batch_first else block(seq[:, None])[:, 0]
             want[i] = seq[1:n].clone()
         for k, tok in zip(bb.layers, tokens):
             np.testing.assert_allclose(tok[b].detach().numpy(), want[int(k)].detach().numpy(), rtol=1e-5, atol=1e-7)
         ref = (v.ln_post(seq[0]) @ v.proj).detach().numpy()
         np.testing.assert_allclose(pooled[b].detach().numpy(), ref, rtol=1e-5, atol=1e-7)
-    # the prompts matter (a forward without them differs)
+    # the prompts matter (a forward without them differs), and so does their rounding
     layers, _ = bb.forward(x)
     assert not torch.allclose(layers[bb.layers[-1]].reshape(2, -1, bb.width), tokens[-1])
+    other = prompted_visual(bb, m, x, dyn, "float32" if precision == "float16" else "float16")[0]
+    assert not torch.allclose(other[-1], tokens[-1], rtol=1e-6, atol=1e-8)
 
 
-def test_text_prompts_overwrite_positions_after_block_one_like_a_manual_loop(tiny56_f64):
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_text_prompts_overwrite_positions_after_block_one_like_a_manual_loop(tiny56_f64, precision):
     bb = tiny56_f64
     m = _model(bb, scale=20.0)
     bank = class_bank(bb, "metal-nut")
@@ -81,7 +90,7 @@ def test_text_prompts_overwrite_positions_after_block_one_like_a_manual_loop(tin
     g = torch.Generator().manual_seed(1)
     wt = bb.model.token_embedding.weight.shape[1]
     dyn = torch.randn(2, 3, wt, generator=g, dtype=torch.float64)
-    got = prompted_text(bb, m, bank, dyn)
+    got = prompted_text(bb, m, bank, dyn, precision)
     model = bb.model
     for b in range(2):
         embs = []
@@ -91,7 +100,7 @@ def test_text_prompts_overwrite_positions_after_block_one_like_a_manual_loop(tin
             for i, block in enumerate(model.transformer.resblocks, start=1):
                 if 2 <= i <= 3:
                     for r in range(3):
-                        x[1 + r] = dyn[b, r] + m.text_prompter.static_prompts[i - 1][r]
+                        x[1 + r] = _entering(dyn[b, r] + m.text_prompter.static_prompts[i - 1][r], precision)
                 x = block(x[None], attn_mask=model.attn_mask)[0]
             e = model.ln_final(x)[int(toks.argmax())] @ model.text_projection
             embs.append((e / e.norm()).detach().numpy())
@@ -99,8 +108,8 @@ def test_text_prompts_overwrite_positions_after_block_one_like_a_manual_loop(tin
         for c, part in enumerate((embs[:28], embs[28:])):
             mean = part.mean(0)
             np.testing.assert_allclose(got[b, c].detach().numpy(), mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-7)
-
-
+    other = prompted_text(bb, m, bank, dyn, "float32" if precision == "float16" else "float16")
+    assert not torch.allclose(other, got, rtol=1e-6, atol=1e-8)
 
 
 def test_map_and_hsf_score_match_float64_loops():
@@ -241,6 +250,15 @@ def test_backend_end_to_end_from_images(tiny56, demo_dataset, tmp_path):
                             images=backend.images)
     _, maps_f, scores_f = frozen.features_and_scores([2, 0])
     assert torch.equal(maps_f, maps) and not torch.allclose(scores_f, scores)  # only the image score changes
+    # the official precision choices are the defaults; the alternatives change the maps
+    assert backend.backbone.pos_embed_mode == "bicubic_no_antialias" and backend.backbone.model is tiny56.model
+    assert tiny56.pos_embed_mode == "bicubic"  # the shared backbone keeps its own embedding
+    assert (backend.last_info["pos_embed"], backend.last_info["prompt_precision"]) == ("bicubic_no_antialias",
+                                                                                      "float16")
+    for alt in ({"pos_embed": "bicubic"}, {"prompt_precision": "float32"}):
+        other = AdaClipBackend(from_dict(AdaClipConfig, {**opts, **alt}), backbone=tiny56, seed=5,
+                               images=backend.images)
+        assert not torch.allclose(other.features_and_scores([2, 0])[1], maps, rtol=0, atol=1e-7), alt
     with pytest.raises(NotImplementedError, match="PGT"):
         backend.score_queries(None, None, None, None, None)
 
@@ -261,3 +279,7 @@ def test_bad_options_are_named(tiny56, tmp_path):
                        backbone=tiny56)
     with pytest.raises(ValueError, match="backbone"):
         AdaClipBackend(AdaClipConfig(checkpoint=str(tmp_path / "ck.pt"), class_name="a"), backbone=None)
+    for key, match in (("pos_embed", "pos_embed 'nope'"), ("prompt_precision", "prompt_precision 'nope'")):
+        with pytest.raises(ValueError, match=match):
+            AdaClipBackend(AdaClipConfig(checkpoint=str(tmp_path / "ck.pt"), class_name="a", **{key: "nope"}),
+                           backbone=tiny56)
