@@ -22,15 +22,15 @@ def test_refine_gain_reports_gain_groups_and_figures(tmp_path, demo_dataset):
     env = dict(os.environ, HF_HUB_OFFLINE="1", ANOREFINER_NO_PROGRESS="1")
     cmd = [sys.executable, str(SCRIPT), "--data-root", str(demo_dataset), "--dataset", "demo", "--categories", "tiles",
            "--seeds", "0", "1", "--resolution", "64", "--eval-resolution", "32", "--no-pro", "--out", str(out),
-           "--options", json.dumps(TINY), "--variant", 'never={"pgt": {"safeguard_margin": 1.0}}']
+           "--options", json.dumps(TINY), "--variant", 'never={"pgt": {"safeguard": true, "safeguard_margin": 1.0}}']
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     assert summary.strip() in proc.stdout  # printed and written
     assert "gain combined − coarse" in summary and "per PGT group" in summary
-    # the default keeps the safeguard on; "never" (margin 1.0) lets no ARD refine, and the map without the
-    # safeguard is rebuilt from the stored ARD maps
-    assert "| tiles / offline / never | 1 |" in summary and "| 0/2 |" in summary
+    # the safeguard is off by default ("off" in the table); "never" (margin 1.0) lets no ARD refine, and the map
+    # without the safeguard is rebuilt from the stored ARD maps
+    assert "| tiles / offline / never | 1 |" in summary and "| 0/2 |" in summary and "| off |" in summary
     assert "| unguarded |" in summary
     rows = pd.read_csv(out / "results.csv")
     assert {"all", "group1", "group2"} <= set(rows.subset)

@@ -121,8 +121,11 @@ class PGTConfig:
     coarse_align_corners: bool = True
     # The safeguard (refine/safeguard.py, not in the paper): an ARD refines a group only if, on held-back
     # pseudo-anomalies plus the group's pseudo-normal images, its combined map beats the coarse map in pixel AP
-    # by more than safeguard_margin; otherwise the group keeps its coarse map. Measured: docs/refiner_audit.md.
-    safeguard: bool = True
+    # by more than safeguard_margin; otherwise the group keeps its coarse map. Off by default: on bottle and
+    # transistor it never triggered (the ARD beats the coarse map on pseudo-anomalies by 0.16-0.31 AP in every
+    # group, and does not fire on the r most normal-looking images), so it did not stop transistor's loss;
+    # docs/refiner_audit.md.
+    safeguard: bool = False
     safeguard_holdout: int = 1  # held-back pseudo-anomalies per pseudo-normal image (own seeded stream, never trained on)
     safeguard_margin: float = 0.0  # pixel AP points (as a fraction) combined must gain over coarse
     train_last_group: bool = False  # training after the last group changes no output; True only for timing

@@ -13,8 +13,7 @@ from anorefiner.zsad.store import Coarse
 
 TINY = {
     "ard": {"feat_channels": 16, "anomaly_channels": 8, "aa_channels": 12, "head_channels": 8},
-    "pgt": {"group_size": 6, "n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2, "batch_size": 2,
-            "safeguard": False},  # the safeguard's own tests switch it on
+    "pgt": {"group_size": 6, "n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2, "batch_size": 2},
 }
 
 

@@ -44,9 +44,7 @@ SMALL_ARD = {"feat_channels": 16, "anomaly_channels": 8, "aa_channels": 12, "hea
 def test_category_smaller_than_u_is_refined(demo_dataset, tmp_path):
     """12 test images, u = 30 (the default): group 1 trains the ARD, which refines group 2 (and, with the default
     first_group_ard "self", group 1 too)."""
-    # the safeguard (on by default) may keep a group of this tiny random-texture data coarse: off here
-    options = {"ard": SMALL_ARD, "pgt": {"n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2,
-                                         "safeguard": False}}
+    options = {"ard": SMALL_ARD, "pgt": {"n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2}}
     out = tmp_path / "run"
     assert cli(["run", "--data-root", str(demo_dataset), *RUN, "--options", json.dumps(options),
                 "--out", str(out)]) == 0
