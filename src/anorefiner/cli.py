@@ -17,6 +17,7 @@ from .log import LOG, setup_logging
 # Subcommand name -> module under anorefiner.commands (imported lazily: torch is slow to import).
 COMMANDS = {
     "download": "download",
+    "fetch-weights": "fetch_weights",
     "demo-data": "demo_data",
     "index": "index",
     "features": "features",
