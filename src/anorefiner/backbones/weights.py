@@ -91,7 +91,7 @@ def needs_fetch(model: str, pretrained) -> bool:
     return True
 
 
-def _check_sha256(path: Path, expected: str, name: str) -> str:
+def _check_sha256(path: Path, expected: str, name: str, move_aside: bool = True) -> str:
     from ..data.download import ChecksumError, sha256_file
 
     expected = expected.strip().lower()
@@ -99,10 +99,11 @@ def _check_sha256(path: Path, expected: str, name: str) -> str:
         raise ValueError(f"SHA-256 {expected!r} is not 8 to 64 hexadecimal digits")
     actual = sha256_file(path, label=name)
     if not actual.startswith(expected) or (len(expected) == 64 and actual != expected):
-        bad = path.with_name(name + ".bad-sha256")
-        os.replace(path, bad)
-        raise ChecksumError(f"SHA-256 mismatch for {name}: expected {expected}, actual {actual}; the file was moved "
-                            f"aside to {bad}")
+        where = f"left in place at {path}"
+        if move_aside:
+            where = f"moved aside to {path.with_name(name + '.bad-sha256')}"
+            os.replace(path, path.with_name(name + ".bad-sha256"))
+        raise ChecksumError(f"SHA-256 mismatch for {name}: expected {expected}, actual {actual}; the file was {where}")
     return actual
 
 
@@ -121,7 +122,8 @@ def _tensors(path: Path, torchscript: bool) -> dict:
 
 def fetch_weights(source: WeightSource, out: str | os.PathLike, options=None) -> Path:
     """Download ``source`` (resuming), verify its SHA-256 and write its tensors to ``out`` (safetensors),
-    atomically. The download is removed once converted; an existing ``out`` is kept."""
+    atomically. The download is removed once converted; an existing ``out`` is kept. A ``source.url`` without a
+    scheme is a file the user already has (e.g. OpenAI's ``ViT-L-14-336px.pt``): verified and converted, kept."""
     from safetensors.torch import save_file
 
     from ..data.download import DownloadOptions, download_partial
@@ -133,12 +135,20 @@ def fetch_weights(source: WeightSource, out: str | os.PathLike, options=None) ->
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     name = Path(source.url.split("?")[0]).name
-    partial = download_partial(source.url, out.with_name(name + ".partial"), options or DownloadOptions(),
-                               f"Download it by hand and set the backbone's `pretrained` to the file's path.")
-    digest = _check_sha256(partial, source.sha256, name)
+    local = "://" not in source.url
+    if local:
+        partial = Path(source.url)
+        if not partial.is_file():
+            raise FileNotFoundError(f"weights file {partial} does not exist")
+    else:
+        partial = download_partial(source.url, out.with_name(name + ".partial"), options or DownloadOptions(),
+                                   f"Download it by hand and pass its path as --url (or set the backbone's "
+                                   f"`pretrained` to a state-dict file).")
+    digest = _check_sha256(partial, source.sha256, name, move_aside=not local)
     tensors = _tensors(partial, source.torchscript)
     with atomic_path(out, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"source": source.url, "sha256": digest})
-    partial.unlink()
+    if not local:
+        partial.unlink()
     LOG.info("weights %s (sha256 %s): %d tensors -> %s", source.url, digest, len(tensors), out)
     return out

@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="backbone name, e.g. ViT-L-14-336, ViT-B-16-plus-240, resnet50")
     p.add_argument("--pretrained", required=True, help="tag, e.g. openai, laion400m_e31, imagenet")
-    p.add_argument("--url", default="", help="a mirror serving the same file (default: the pinned source)")
+    p.add_argument("--url", default="",
+                   help="a mirror serving the same file, or the file itself if you have it (default: the pinned source)")
     p.add_argument("--sha256", default="", help="expected SHA-256 or its published prefix (default: the pinned one)")
     p.add_argument("--out", required=True, help="safetensors file, e.g. resources/weights/<model>/<tag>.safetensors")
     defaults = DownloadOptions()

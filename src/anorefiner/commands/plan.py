@@ -48,6 +48,9 @@ GEOMETRY = {
 # Rules with a cost model; table, audit, figures and the default target cost seconds and kilobytes.
 PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default",
           "train_backend", "tta", "weights", "official_checkpoint", "all_tables"}
+# Rows in pipeline order (Snakemake's dry run lists jobs in no fixed order).
+STAGE_ORDER = ["download", "demo_data", "weights", "official_checkpoint", "features", "train_backend", "coarse", "tta",
+               "pgt", "metrics", "table", "audit", "figures", "all_tables", "default"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -422,7 +425,8 @@ def make_plan(jobs: list[Job], model: CostModel) -> list[dict]:
         r["longest_job_min"] = max(r["longest_job_min"], seconds / 60)
         r["over_limit"] += int(seconds / 60 > limit)
         r["disk_bytes"] += disk
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda r: (STAGE_ORDER.index(r["rule"]) if r["rule"] in STAGE_ORDER
+                                                else len(STAGE_ORDER), r["rule"]))
 
 
 def _size(b: float) -> str:

@@ -97,6 +97,16 @@ def test_checksum_mismatch_leaves_no_cache_file(served, tmp_path):
     assert not out.exists() and (out.parent / "w.pt.bad-sha256").exists()
 
 
+def test_a_file_you_already_have_is_verified_and_kept(tmp_path):
+    src = tmp_path / "ViT-mine.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    out = tmp_path / "cache" / "mine.safetensors"
+    with pytest.raises(ChecksumError, match="left in place"):
+        fetch_weights(WeightSource(str(src), "f" * 64), out)
+    fetch_weights(WeightSource(str(src), _sha(src)), out)
+    assert src.is_file() and torch.equal(load_file(str(out))["w"], torch.ones(2))
+
+
 def test_torchscript_archive_keeps_only_its_parameters(served, tmp_path):
     """OpenAI's files are TorchScript: after the SHA-256 check only their tensors reach the cache."""
     folder, url = served
