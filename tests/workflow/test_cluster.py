@@ -72,3 +72,19 @@ def test_bare_snakemake_prints_how_to_start_with_one_gpu_job_at_a_time(tmp_path)
     assert "snakemake all_tables" in text and "anorefiner plan tables/table1.csv" in text
     assert re.search(r"Provided resources: gpu=.*\b1\b", text), text[:2000]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".snakemake", "logs"]  # nothing else was made
+
+
+def test_official_checkpoints_are_fetched_by_a_local_rule_not_a_gpu_job(tmp_path):
+    """`weights: official` (APRIL-GAN's git-blob-checked files): rule official_checkpoint (a local rule, no GPU)
+    replaces the training job."""
+    import yaml
+
+    path = tmp_path / "official.yaml"
+    path.write_text(yaml.safe_dump({"backends": {"april_gan": {"weights": "official"}}}))
+    jobs = _jobs(_dry_run("--workflow-profile", "profiles/slurm", "--slurm-no-account", "tables/table1.csv",
+                          "--configfile", str(path)))
+    official = [j for j in jobs if j["rule"] == "official_checkpoint"]
+    assert len(official) == 2 and all("gpu" not in j["resources"] for j in official)
+    assert all("--official default" in j["shell"] and "--device" not in j["shell"] for j in official)
+    assert not any(j["rule"] == "train_backend" and "april_gan" in j["shell"].split("--backend-type ")[1][:9]
+                   for j in jobs)
