@@ -192,13 +192,13 @@ def _mvtec_archive(tmp_path: Path) -> dict:
 def _scontrol_jobs(log: str, env: dict) -> list[dict]:
     """Rule, partition and GPUs of every job the run submitted (scontrol keeps them for MinJobAge)."""
     jobs = []
-    for jobid in sorted(set(re.findall(r"submitted with SLURM jobid (\d+)", log, re.I))):
+    for jobid in sorted(set(re.findall(r"submitted with SLURM jobid (\d+)", log, re.I)), key=int):
         text = subprocess.run(["scontrol", "show", "job", jobid], env=env, capture_output=True, text=True).stdout
         rule = re.search(r"Comment=rule_(\w+?)(?:_wildcards_\S*)?\s", text)
-        gpus = re.search(r"gres/gpu[:=](\d+)", text)
+        gpus = re.search(r"gres[/:]gpu[:=](\d+)", text)  # TresPerJob=gres:gpu:1 (22.05), AllocTRES=...gres/gpu=1
         jobs.append({"id": jobid, "rule": rule.group(1) if rule else text,
                      "partition": re.search(r"Partition=(\S+)", text).group(1),
-                     "gpus": int(gpus.group(1)) if gpus else 0})
+                     "gpus": int(gpus.group(1)) if gpus else 0, "scontrol": text})
     return jobs
 
 
@@ -227,6 +227,6 @@ def test_demo_through_slurm_matches_local_run(slurm_cluster, tiny_run, tmp_path,
     assert {"features", "coarse", "pgt", "metrics", "table"} <= rules, jobs
     for job in jobs:
         wanted = ("gpu", 1) if job["rule"] in GPU_RULES else ("cpu", 0)
-        assert (job["partition"], job["gpus"]) == wanted, job
+        assert (job["partition"], job["gpus"]) == wanted, job["scontrol"]
     assert "download" not in rules and re.search(r"^localrule download:", log, re.M), log[-3000:]
     assert (tmp_path / "resources/datasets/mvtec_ad/.complete").is_file()
