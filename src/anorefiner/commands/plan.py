@@ -463,6 +463,7 @@ def main(args) -> int:
     from ..io import write_json_atomic
     from ..log import LOG
 
+    from ..config import ConfigError
     from ..config_check import deep_update
 
     directory = Path(args.directory)
@@ -473,7 +474,11 @@ def main(args) -> int:
     configfiles = [Path(p).resolve() for p in base + list(args.configfile or [])]
     config: dict = {}
     for path in configfiles:
-        deep_update(config, load_config(path))
+        extra = load_config(path)
+        if extra.get("standalone") and not args.replace_workflow_config:
+            raise ConfigError(f"plan: {path} is a whole configuration (standalone: true), not additions to "
+                              f"config/config.yaml: add --replace-workflow-config")
+        deep_update(config, extra)
     config_label = " + ".join(args.configfile) if args.configfile else "config/config.yaml"
     if args.replace_workflow_config and args.configfile:
         config_label += " (replacing config/config.yaml)"

@@ -247,6 +247,12 @@ def test_a_bad_config_prints_the_validation_error_not_the_schema(tmp_path):
     assert "'properties'" not in text and "'enum'" not in text, text  # no schema dump
 
 
+def test_a_standalone_config_needs_replace_workflow_config(tmp_path):
+    with pytest.raises(ValueError, match="demo.yaml is a whole configuration.*--replace-workflow-config"):
+        cli_main_raising(["plan", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                          "--configfile", str(REPO / "config" / "demo.yaml")])
+
+
 def cli_main_raising(argv):
     """``anorefiner plan`` as a function, its error raised (the CLI logs it and returns 1)."""
     from anorefiner.cli import build_parser
