@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from anorefiner.cache import Features
 from anorefiner.zsad import get_backend
 from anorefiner.zsad.registry import BACKEND_TYPES, seed_dependent
+
+from .test_paclip import _feats
 
 
 @pytest.mark.parametrize("kind, options, expected", [
@@ -26,15 +27,9 @@ def test_every_registered_type_is_decided_on_purpose():
     assert free == {"musc", "winclip", "april_gan", "vcp_clip", "anomalyclip"}
 
 
-def _feats(n=11, g=4, c=8, seed=0):
-    rng = np.random.default_rng(seed)
-    layers = {name: rng.normal(size=(n, g, g, c)).astype(np.float32) for name in ("6", "12")}
-    return Features(ids=[f"test/good/{i:03d}" for i in range(n)], layers=layers, cls=None)
-
-
 def test_musc_maps_follow_the_decision():
     """MuSc on the whole set gives the same maps for every seed; MuSc* (seeded groups) does not."""
-    feats = _feats()
+    feats = _feats(n=11, g=4, c=8)
     opts = {"r_list": [1, 3], "rscin": False}
     whole = [get_backend("musc", dict(opts, group_size=None), seed=s).coarse(feats).maps for s in (0, 1)]
     np.testing.assert_array_equal(whole[0], whole[1])
