@@ -9,7 +9,7 @@ HELP = "download and verify a backbone's pretrained weights into resources/weigh
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..data.download import DownloadOptions
+    from .download import add_retry_arguments
 
     p.add_argument("--model", required=True, help="backbone name, e.g. ViT-L-14-336, ViT-B-16-plus-240, resnet50")
     p.add_argument("--pretrained", required=True, help="tag, e.g. openai, laion400m_e31, imagenet")
@@ -17,10 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a mirror serving the same file, or the file itself if you have it (default: the pinned source)")
     p.add_argument("--sha256", default="", help="expected SHA-256 or its published prefix (default: the pinned one)")
     p.add_argument("--out", required=True, help="safetensors file, e.g. resources/weights/<model>/<tag>.safetensors")
-    defaults = DownloadOptions()
-    p.add_argument("--retries", type=int, default=defaults.retries)
-    p.add_argument("--timeout", type=float, default=defaults.timeout_s)
-    p.add_argument("--backoff", type=float, default=defaults.backoff_s)
+    add_retry_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -28,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..backbones.weights import fetch_weights, source_for
     from ..config import ConfigError
-    from ..data.download import DownloadOptions
+    from .download import retry_options
 
     source = source_for(args.model, args.pretrained)
     if source is None:
@@ -38,6 +35,5 @@ def main(args: argparse.Namespace) -> int:
 
         source = WeightSource(args.url, args.sha256)
     source = replace(source, url=args.url or source.url, sha256=args.sha256 or source.sha256)
-    options = DownloadOptions(retries=args.retries, timeout_s=args.timeout, backoff_s=args.backoff)
-    fetch_weights(source, args.out, options)
+    fetch_weights(source, args.out, retry_options(args))
     return 0

@@ -6,7 +6,7 @@ import pytest
 from anorefiner.zsad import get_backend
 from anorefiner.zsad.registry import BACKEND_TYPES, seed_dependent
 
-from .test_paclip import _feats
+from .paclip.test_paclip import _feats
 
 
 @pytest.mark.parametrize("kind, options, expected", [
