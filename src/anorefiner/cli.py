@@ -17,6 +17,7 @@ from .log import LOG, setup_logging
 # Subcommand name -> module under anorefiner.commands (imported lazily: torch is slow to import).
 COMMANDS = {
     "download": "download",
+    "fetch-weights": "fetch_weights",
     "demo-data": "demo_data",
     "index": "index",
     "features": "features",
@@ -61,10 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _remove_stale_temps(getattr(args, "out", None))
+        _check_cuda(getattr(args, "device", None))
         return int(args._module.main(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         LOG.error("%s", err)
         return 1
+
+
+def _check_cuda(device) -> None:
+    """``--device cuda``: fail before any work when this node's CUDA is unusable (the workflow passes it to
+    every job that asked the scheduler for a GPU, so such a job never runs for days on the CPU)."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        from .backbones import resolve_device
+
+        resolve_device(device)
 
 
 def _remove_stale_temps(out) -> None:

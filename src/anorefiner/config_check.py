@@ -120,6 +120,80 @@ def check_backend(name: str, cfg: dict, config: dict | None = None) -> None:
         raise ConfigError(f"{where}: {err}") from err
 
 
+# Training options that must be positive (an epoch count of 0 or less would save untrained weights).
+_POSITIVE = ("epochs", "batch_size", "lr")
+
+
+def check_training(name: str, cfg: dict) -> None:
+    """``backends.<name>.train.<aux>`` against the trainer's ``TrainConfig`` (keys, positive counts), and the
+    official checkpoint's source when ``weights: official``."""
+    from .zsad.registry import BACKEND_TYPES
+
+    kind = BACKEND_TYPES.get(str(cfg.get("type")))
+    if kind is None or not kind.trainer:
+        return
+    trainer = kind.trainer_module()
+    for aux, options in (cfg.get("train") or {}).items():
+        where = f"backends.{name}.train.{aux}"
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where} must be a mapping, got {options!r}")
+        try:
+            built = from_dict(trainer.TrainConfig, options, where)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{where}: {err}") from err
+        for key in _POSITIVE:
+            value = getattr(built, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                raise ConfigError(f"{where}.{key} must be > 0, got {value!r}")
+    if cfg.get("weights", "trained") == "official":
+        for aux in sorted(set((cfg.get("auxiliary") or {}).values())):
+            _check_official(name, str(cfg["type"]), aux, ((cfg.get("official") or {}).get(aux) or {}).get("url"))
+
+
+def _check_official(name: str, kind: str, aux: str, url: str | None) -> None:
+    from pathlib import Path
+
+    from .zsad.checkpoints import official_source
+
+    key = f"backends.{name}.official.{aux}.url"
+    if url and "://" not in url:
+        if not Path(url).is_file():
+            raise ConfigError(f"{key}: the official checkpoint file {url} does not exist")
+        return
+    if url:
+        return
+    try:
+        known = official_source(kind, aux)
+    except ValueError as err:
+        raise ConfigError(f"backends.{name}.weights: official: {err}; set {key}") from None
+    if not known.get("git_blob"):
+        raise ConfigError(
+            f"backends.{name}.weights: official: the official {kind} checkpoint trained on {aux!r} is published "
+            f"only at {known['url']} (Google Drive, no checksum), so the pipeline does not download it: download "
+            f"it by hand and set {key} to the file, or use weights: trained")
+
+
+def check_inputs(config: dict) -> None:
+    """Files and folders the config names: datasets' ``root`` and backbones' ``pretrained`` (a local file, a
+    packaged tag or a tag with a pinned download, :mod:`anorefiner.backbones.weights`)."""
+    from pathlib import Path
+
+    from .backbones.weights import needs_fetch
+
+    for name, ds in (config.get("datasets") or {}).items():
+        root = (ds or {}).get("root")
+        if root and not Path(root).is_dir():
+            raise ConfigError(f"datasets.{name}.root: folder {root} does not exist (the extracted dataset; or null "
+                              f"to download it)")
+    for key, bb in (config.get("backbones") or {}).items():
+        try:
+            needs_fetch(bb["name"], bb.get("pretrained"))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"backbones.{key}.pretrained: {err}") from None
+
+
 def check_workflow_config(config: dict) -> None:
     """Raise :class:`ConfigError` naming the first bad key or value of the library's option sections."""
     _refiner(refiner_options(config), "")
@@ -127,6 +201,8 @@ def check_workflow_config(config: dict) -> None:
         _refiner(refiner_options(config, variant), f"variants.{variant}")
     for name, cfg in (config.get("backends") or {}).items():
         check_backend(name, cfg, config)
+        check_training(name, cfg)
+    check_inputs(config)
     from .tta import check_config as check_tta
 
     check_tta(config)

@@ -75,3 +75,63 @@ def test_byo_config_example_in_the_docs_is_valid():
     config["backends"].update(example)
     with pytest.raises(ConfigError, match=r"backends\.mymethod\.options\.musc\.r_lst"):
         check_workflow_config(config)
+
+
+def _official(name, aux="visa", **extra):
+    def edit(c):
+        c["backends"][name].update(weights="official", **extra)
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["backends"]["rareclip"]["train"]["visa"].update(epochz=3),
+     r"unknown config key 'backends\.rareclip\.train\.visa\.epochz' for TrainConfig"),
+    (lambda c: c["backends"]["rareclip"]["train"]["visa"].update(epochs=-5),
+     r"backends\.rareclip\.train\.visa\.epochs must be > 0, got -5"),
+    (lambda c: c["backends"]["april_gan"]["train"]["mvtec_ad"].update(lr=0), r"april_gan\.train\.mvtec_ad\.lr must be > 0"),
+    (lambda c: c["datasets"]["visa"].update(root="/nonexistent/VisA"),
+     r"datasets\.visa\.root: folder /nonexistent/VisA does not exist"),
+    (_official("april_gan", official={"visa": {"url": "/nonexistent/visa_pretrained.pth"}}),
+     r"backends\.april_gan\.official\.visa\.url: the official checkpoint file /nonexistent/visa_pretrained\.pth"),
+    (_official("vcp_clip"), r"backends\.vcp_clip\.weights: official: .*Google Drive.*set backends\.vcp_clip\.official\.\w+\.url"),
+    (_official("adaclip"), r"backends\.adaclip\.weights: official: .*by hand"),
+    (lambda c: c["backbones"]["vit_l14_336"].update(pretrained="laion2b_s32b_b79k"),
+     r"backbones\.vit_l14_336\.pretrained: pretrained 'laion2b_s32b_b79k' of 'ViT-L-14-336' has no pinned download"),
+    (lambda c: c["backbones"]["vit_l14_336"].update(pretrained="/nonexistent/ViT-L-14-336px.pt"),
+     r"backbones\.vit_l14_336\.pretrained: weights file '/nonexistent/ViT-L-14-336px\.pt' does not exist"),
+], ids=["train_typo", "negative_epochs", "zero_lr", "dataset_root", "official_file", "vcp_clip_official",
+        "adaclip_official", "unpinned_tag", "missing_weights_file"])
+def test_training_datasets_and_files_name_the_key(edit, message):
+    config = copy.deepcopy(_config())
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        check_workflow_config(config)
+
+
+def test_official_sources_that_pass(tmp_path):
+    """A verified default (APRIL-GAN's git blobs) and a local file the user downloaded for VCP-CLIP pass."""
+    config = copy.deepcopy(_config())
+    _official("april_gan")(config)
+    local = {aux: {"url": str(tmp_path / f"train_{aux}.pth")} for aux in ("visa", "mvtec_ad")}
+    for entry in local.values():
+        Path(entry["url"]).write_bytes(b"x")
+    _official("vcp_clip", official=local)(config)
+    check_workflow_config(config)
+
+
+def _dry_run(tmp_path, *args):
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--workflow-profile", "none", "--cores", "1", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_dry_run_refuses_training_typo_and_says_how_to_run_the_demo(tmp_path):
+    """`backends.rareclip.train.visa.epochz` (merged like any --configfile) fails the dry-run naming the key;
+    config/demo.yaml without --replace-workflow-config says what to do instead of an unrelated TTA message."""
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"backends": {"rareclip": {"train": {"visa": {"epochz": 3}}}}}))
+    proc = _dry_run(tmp_path, "tables/table1.csv", "--configfile", str(path))
+    assert proc.returncode != 0 and "backends.rareclip.train.visa.epochz" in proc.stdout + proc.stderr
+    proc = _dry_run(tmp_path, "--configfile", str(REPO / "config" / "demo.yaml"))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "--replace-workflow-config" in text and "profiles/demo" in text, text[-2000:]
+    assert "TTA" not in text and "musc_star_tipi" not in text

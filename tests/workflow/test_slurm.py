@@ -1,13 +1,17 @@
 """The demo pipeline through a real SLURM cluster (single node on localhost), compared to a local run.
 
 Installs Debian's slurm packages when they are missing (needs root and apt-get; skips with the
-reason otherwise), starts munged, slurmctld and slurmd from a private configuration, runs the tiny
-workflow with `--profile profiles/slurm` exactly as the README's SLURM section shows (only the
-partition names differ), and stops the daemons it started by their process ids.
+reason otherwise), starts munged, slurmctld and slurmd from a private configuration (two partitions,
+`cpu` and `gpu`, and a node whose `gpu` generic resource is two device files that are not GPUs), runs the tiny
+workflow with profiles/slurm exactly as docs/cluster.md shows, and stops the daemons it started by
+their process ids. `scontrol show job` then says which partition and how many GPUs each job got: the
+jobs that ask for a GPU are on `gpu` with one, the others on `cpu` with none, and the dataset
+download (a network rule) ran on the submitting machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -18,8 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import REPO, snakemake, write_config
+from .conftest import REPO, snakemake, tiny_config
 
 pytestmark = pytest.mark.slurm
 
@@ -64,6 +69,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
+MinJobAge=7200
+GresTypes=gpu
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
@@ -74,9 +81,18 @@ SlurmctldPidFile={base}/slurmctld.pid
 SlurmdPidFile={base}/slurmd.pid
 SlurmctldLogFile={base}/slurmctld.log
 SlurmdLogFile={base}/slurmd.log
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} Gres=gpu:{GPUS} State=UNKNOWN
+PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 """
+
+
+# The node's `gpu` GRES: two character devices that are not GPUs (slurmd 22.05 registers no count-only `gpu`
+# GRES, and rejects regular files): scheduled and accounted like GPUs, nothing behind them.
+GPU_FILES = ("/dev/null", "/dev/zero")
+GPUS = len(GPU_FILES)
+# rules declaring `gpu: compute.gpu` (workflow/rules/*.smk) that the tiny demo runs
+GPU_RULES = {"features", "coarse", "pgt"}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +109,9 @@ def slurm_cluster(tmp_path_factory):
     conf.parent.mkdir(parents=True, exist_ok=True)
     previous = conf.read_bytes() if conf.exists() else None
     conf.write_text(_slurm_conf(base))
+    gres = conf.with_name("gres.conf")
+    previous_gres = gres.read_bytes() if gres.exists() else None
+    gres.write_text("".join(f"NodeName=localhost Name=gpu File={dev}\n" for dev in GPU_FILES))
     env = dict(os.environ, SLURM_CONF=str(conf))
 
     munge = pwd.getpwnam("munge")
@@ -138,35 +157,80 @@ def slurm_cluster(tmp_path_factory):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
         logs.close()
-        if previous is None:
-            conf.unlink(missing_ok=True)
-        else:
-            conf.write_bytes(previous)
+        for path, content in ((conf, previous), (gres, previous_gres)):
+            if content is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(content)
 
 
 def _profile_for_test(workdir: Path) -> Path:
-    """profiles/slurm with the partition placeholders pointed at the test cluster's `debug`."""
-    text = (REPO / "profiles/slurm/config.yaml").read_text()
-    text = text.replace('slurm_partition: "cpu"', 'slurm_partition: "debug"')
-    text = text.replace('slurm_partition: "gpu"', 'slurm_partition: "debug"')
+    """profiles/slurm as shipped (its partitions are named `cpu` and `gpu`, as the test cluster's), with
+    partitions.yaml's max_gpu set to this node's GPUs."""
     profile = workdir / "profiles" / "slurm"
     profile.mkdir(parents=True)
-    (profile / "config.yaml").write_text(text)
+    shutil.copy(REPO / "profiles/slurm/config.yaml", profile / "config.yaml")
+    partitions = yaml.safe_load((REPO / "profiles/slurm/partitions.yaml").read_text())
+    assert set(partitions["partitions"]) == {"cpu", "gpu"}
+    partitions["partitions"]["gpu"]["max_gpu"] = GPUS
+    (profile / "partitions.yaml").write_text(yaml.safe_dump(partitions))
     return profile
+
+
+def _mvtec_archive(tmp_path: Path) -> dict:
+    """A tiny MVTec-layout archive on disk: config of a dataset whose rule `download` (a network rule) runs."""
+    from tests.unit.data.test_download import mvtec_archive
+
+    data = mvtec_archive()
+    path = tmp_path / "mvtec_anomaly_detection.tar.xz"
+    path.write_bytes(data)
+    # categories: the schema's MVTec AD names (nothing reads them: only the download runs)
+    return {"format": "mvtec", "archive": str(path), "sha256": hashlib.sha256(data).hexdigest(),
+            "categories": ["bottle"]}
+
+
+def _scontrol_jobs(log: str, env: dict) -> list[dict]:
+    """Rule, partition and GPUs of every job the run submitted (scontrol keeps them for MinJobAge)."""
+    jobs = []
+    for jobid in sorted(set(re.findall(r"submitted with SLURM jobid (\d+)", log, re.I)), key=int):
+        text = subprocess.run(["scontrol", "show", "job", jobid], env=env, capture_output=True, text=True).stdout
+        rule = re.search(r"Comment=rule_(\w+?)(?:_wildcards_\S*)?\s", text)
+        gpus = re.search(r"gres[/:]gpu[:=](\d+)", text)  # TresPerJob=gres:gpu:1 (22.05), AllocTRES=...gres/gpu=1
+        jobs.append({"id": jobid, "rule": rule.group(1) if rule else text,
+                     "partition": re.search(r"Partition=(\S+)", text).group(1),
+                     "gpus": int(gpus.group(1)) if gpus else 0, "scontrol": text})
+    return jobs
 
 
 def test_demo_through_slurm_matches_local_run(slurm_cluster, tiny_run, tmp_path, monkeypatch):
     for key, value in slurm_cluster.items():
         monkeypatch.setenv(key, value)
     local_dir, _, _ = tiny_run
-    cfg = write_config(tmp_path)
+    cfg = tiny_config(REPO / "config" / "tables")
+    # The GPU stages ask for a GPU (the test cluster's GRES) but compute on the CPU: there is no CUDA here.
+    cfg["compute"] = {"gpu": 1, "device": "cpu", "threads": 1}
+    cfg["datasets"]["mvtec_ad"] = _mvtec_archive(tmp_path)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     profile = _profile_for_test(tmp_path)
-    # The README's SLURM command for a cluster without accounting (sacct), as typed there.
+    # docs/cluster.md's command for a cluster without accounting (sacct), as typed there.
     proc = snakemake(
-        tmp_path, cfg, "--profile", str(profile), "--slurm-no-account", "--slurm-status-command", "squeue",
-        "--slurm-init-seconds-before-status-checks", "2", "--jobs", "4", timeout=1800,
+        tmp_path, config, "--profile", str(profile), "--slurm-no-account", "--slurm-status-command", "squeue",
+        "--slurm-init-seconds-before-status-checks", "2", "--jobs", "4", "default",
+        "resources/datasets/mvtec_ad/.complete", timeout=1800,
     )
     log = proc.stdout + proc.stderr
-    assert re.search(r"submitted with SLURM jobid \d+", log, re.I), log[-3000:]
-    for name in ("tables/demo_table1.csv", "tables/demo_table1.md"):
-        assert (tmp_path / name).read_bytes() == (local_dir / name).read_bytes(), name
+    assert (tmp_path / "tables/demo_table1.csv").read_bytes() == (local_dir / "tables/demo_table1.csv").read_bytes()
+    # the rendered table too, but for the hash of the resolved configuration: this run's asks for a GPU and adds
+    # a dataset
+    same = [[line for line in (d / "tables/demo_table1.md").read_text().splitlines()
+             if not line.startswith("- Resolved configuration sha256:")] for d in (tmp_path, local_dir)]
+    assert same[0] == same[1]
+    jobs = _scontrol_jobs(log, slurm_cluster)
+    rules = {j["rule"] for j in jobs}
+    assert {"features", "coarse", "pgt", "metrics", "table"} <= rules, jobs
+    for job in jobs:
+        wanted = ("gpu", 1) if job["rule"] in GPU_RULES else ("cpu", 0)
+        assert (job["partition"], job["gpus"]) == wanted, job["scontrol"]
+    assert "download" not in rules and re.search(r"^localrule download:", log, re.M), log[-3000:]
+    assert (tmp_path / "resources/datasets/mvtec_ad/.complete").is_file()

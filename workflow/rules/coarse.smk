@@ -4,6 +4,7 @@
 rule coarse:
     input:
         ready=dataset_ready,
+        weights=backend_weights,
         features=features_of,
         byo=byo_maps,
         checkpoint=backend_checkpoint,
@@ -16,10 +17,10 @@ rule coarse:
         options=lambda wc: backend_options(wc),
         backbone=lambda wc: backend_backbone(wc)["name"],
         resolution=lambda wc: backend_backbone(wc)["resolution"],
-        pretrained=lambda wc: backend_backbone(wc).get("pretrained") or "none",
+        pretrained=lambda wc: pretrained_arg(backend_cfg(wc.backend)["backbone"]),
         activation=lambda wc: activation_arg(backend_cfg(wc.backend)["backbone"]),
         byo=lambda wc, input: f"--byo-maps {input.byo}" if input.byo else "",
-        device=config["compute"]["device"],
+        device=device_arg(),
     log:
         "logs/coarse/{dataset}/{backend}/{category}/seed{seed}.log",
     benchmark:

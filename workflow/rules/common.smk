@@ -26,7 +26,9 @@ if SRC not in sys.path:
 # The interpreter running Snakemake has the dependencies (a venv need not be activated); with
 # --use-conda the rule's environment provides `python` instead.
 _PYTHON = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
-ANOREFINER = f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" {_PYTHON} -m anorefiner'
+# Jobs never fetch weights from the model hub (HF_HUB_OFFLINE): rule `weights` (a local job) puts every
+# pretrained file a target needs under resources/weights first, and jobs read it from there.
+ANOREFINER = f'HF_HUB_OFFLINE=1 PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" {_PYTHON} -m anorefiner'
 
 # The resolved configuration's hash, recorded in every table's provenance block (docs/audit.md); taken before
 # the folder fix-up below so that it does not depend on where the repository is.
@@ -85,6 +87,39 @@ def backbone_cfg(name):
         raise ValueError(
             f"backbone {name!r} is not configured (backbones: {', '.join(config['backbones'])})"
         ) from None
+
+
+def pretrained_arg(key):
+    """`--pretrained` of a backbone: its cached weights file (rule `weights`), a file given by the user, a packaged
+    tag, or `none`."""
+    from anorefiner.backbones.weights import cache_path, needs_fetch
+
+    bb = backbone_cfg(key)
+    pretrained = bb.get("pretrained")
+    if needs_fetch(bb["name"], pretrained):
+        return str(cache_path(bb["name"], pretrained))
+    return str(pretrained) if pretrained is not None else "none"
+
+
+def weights_input(key):
+    """The cached weights file a job on backbone `key` reads (nothing for local files, packaged or random weights)."""
+    from anorefiner.backbones.weights import needs_fetch
+
+    bb = backbone_cfg(key)
+    return pretrained_arg(key) if needs_fetch(bb["name"], bb.get("pretrained")) else []
+
+
+def features_weights(wildcards):
+    return weights_input(wildcards.backbone)
+
+
+def backend_weights(wildcards):
+    return weights_input(backend_cfg(wildcards.backend)["backbone"])
+
+
+def weights_source(wildcards):
+    """`--model/--pretrained` of rule weights' file (the tag named by the cached file)."""
+    return f"--model {wildcards.model} --pretrained {wildcards.tag}"
 
 
 def features_of(wildcards):
@@ -150,11 +185,6 @@ def backend_checkpoint(wildcards):
     return f"results/checkpoints/{wildcards.backend}/{source}_{aux}.pt"
 
 
-def train_ready(wildcards):
-    """Training reads the auxiliary dataset; the official checkpoint needs nothing local."""
-    return [] if wildcards.source == "official" else dataset_ready(wildcards)
-
-
 def train_options(wildcards):
     """The training options for this auxiliary dataset (backends.<name>.train.<dataset>) as JSON."""
     section = backend_cfg(wildcards.backend).get("train", {})
@@ -163,8 +193,6 @@ def train_options(wildcards):
 
 def official_args(wildcards):
     """`--official ...` for the official checkpoint (a configured source, else the known one)."""
-    if wildcards.source != "official":
-        return ""
     src = backend_cfg(wildcards.backend).get("official", {}).get(wildcards.dataset)
     if src:
         blob = f" --git-blob {src['git_blob']}" if src.get("git_blob") else ""
@@ -247,8 +275,19 @@ def textures_ready(wildcards):
     return []
 
 
+def coarse_seed(wildcards):
+    """The seed whose coarse store serves run seed `wildcards.seed`: itself, or 0 for a backend whose maps do not
+    depend on the seed (computed once, not once per seed; zsad.registry.seed_dependent)."""
+    from anorefiner.zsad.registry import seed_dependent
+
+    cfg = backend_cfg(wildcards.backend)
+    if cfg["type"] == "tta" or seed_dependent(cfg["type"], json.loads(backend_options(wildcards))):
+        return wildcards.seed
+    return "0"
+
+
 def coarse_of(wildcards):
-    return f"results/coarse/{wildcards.dataset}/{wildcards.backend}/{wildcards.category}/seed{wildcards.seed}.h5"
+    return f"results/coarse/{wildcards.dataset}/{wildcards.backend}/{wildcards.category}/seed{coarse_seed(wildcards)}.h5"
 
 
 def metrics_source(wildcards):
@@ -263,6 +302,13 @@ def metrics_source(wildcards):
 
 def gpus(wildcards=None):
     return int(config["compute"]["gpu"])
+
+
+def device_arg():
+    """`--device` of the GPU rules: a job that asked the scheduler for a GPU must get CUDA, so `auto` means
+    `cuda` there (the job fails within seconds naming the node's problem instead of running on the CPU)."""
+    device = config["compute"]["device"]
+    return "cuda" if device == "auto" and gpus() > 0 else device
 
 
 def table_names():
@@ -305,3 +351,20 @@ def figure_inputs(wildcards):
             for c in cats
         ],
     }
+
+
+def default_message():
+    """What a bare `snakemake` did (shell-quoted lines of the default rule)."""
+    import shlex
+
+    if config["targets"]:
+        lines = [f"built the config's targets: {' '.join(config['targets'])}"]
+    else:
+        lines = [
+            "Nothing is built without a target (config `targets` is empty). For example:",
+            "  anorefiner plan tables/table1.csv         # jobs, GPU-hours and disk of Table 1, before you run it",
+            "  snakemake tables/table1.csv               # Table 1 (needs the datasets and GPUs)",
+            "  snakemake all_tables                      # every table and the audit (tables/audit.md)",
+            "  snakemake --workflow-profile profiles/demo  # the offline CPU demo (minutes)",
+        ]
+    return " ".join(shlex.quote(line) for line in lines)

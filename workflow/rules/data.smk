@@ -47,3 +47,29 @@ rule demo_data:
     shell:
         "{params.cli} demo-data --out resources/datasets/demo --categories {params.categories}"
         " {params.generator} > {log} 2>&1"
+
+
+# Pretrained backbone weights (open_clip / torchvision files), fetched once, SHA-256 verified, into the cache
+# compute jobs read offline (backbones/weights.py): a local job (network, login node).
+rule weights:
+    output:
+        "resources/weights/{model}/{tag}.safetensors",
+    wildcard_constraints:
+        model=r"[A-Za-z0-9_.-]+",
+        tag=r"[A-Za-z0-9_.-]+",
+    params:
+        cli=ANOREFINER,
+        source=weights_source,
+        retries=config["download"]["retries"],
+        timeout=config["download"]["timeout_s"],
+        backoff=config["download"]["backoff_s"],
+    log:
+        "logs/weights/{model}/{tag}.log",
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/anorefiner.yaml"
+    shell:
+        "{params.cli} fetch-weights {params.source} --out {output}"
+        " --retries {params.retries} --timeout {params.timeout} --backoff {params.backoff} > {log} 2>&1"

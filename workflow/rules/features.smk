@@ -4,19 +4,20 @@
 rule features:
     input:
         ready=dataset_ready,
+        weights=features_weights,
     output:
         "results/features/{dataset}/{backbone}@{res}/{category}.h5",
     params:
         cli=ANOREFINER,
         root=lambda wc: dataset_root(wc.dataset),
         name=lambda wc: backbone_cfg(wc.backbone)["name"],
-        pretrained=lambda wc: backbone_cfg(wc.backbone).get("pretrained") or "none",
+        pretrained=lambda wc: pretrained_arg(wc.backbone),
         layers=lambda wc: " ".join(backbone_cfg(wc.backbone).get("layers", [])),
         activation=lambda wc: activation_arg(wc.backbone),
         batch_size=config["features"]["batch_size"],
         dtype=config["features"]["dtype"],
         compression=config["features"]["compression"],
-        device=config["compute"]["device"],
+        device=device_arg(),
     log:
         "logs/features/{dataset}/{backbone}@{res}/{category}.log",
     benchmark:

@@ -4,6 +4,7 @@
 rule pgt:
     input:
         ready=dataset_ready,
+        weights=backend_weights,
         textures=textures_ready,
         features=features_of,
         coarse=coarse_of,
@@ -13,14 +14,14 @@ rule pgt:
         cli=ANOREFINER,
         root=lambda wc: dataset_root(wc.dataset),
         backbone=lambda wc: backend_backbone(wc)["name"],
-        pretrained=lambda wc: backend_backbone(wc).get("pretrained") or "none",
+        pretrained=lambda wc: pretrained_arg(backend_cfg(wc.backend)["backbone"]),
         resolution=lambda wc: backend_backbone(wc)["resolution"],
         backend_type=lambda wc: backend_cfg(wc.backend)["type"],
         backend_options=lambda wc: backend_options(wc),
         options=lambda wc: variant_options(wc),
         textures=textures_arg(),
         eval_resolution=config["refine"]["eval_resolution"],
-        device=config["compute"]["device"],
+        device=device_arg(),
     log:
         "logs/pgt/{dataset}/{backend}/{variant}/seed{seed}/{category}.log",
     benchmark:

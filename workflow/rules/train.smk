@@ -4,11 +4,10 @@
 
 rule train_backend:
     input:
-        ready=train_ready,
+        ready=dataset_ready,
+        weights=backend_weights,
     output:
-        "results/checkpoints/{backend}/{source}_{dataset}.pt",
-    wildcard_constraints:
-        source="trained|official",
+        "results/checkpoints/{backend}/trained_{dataset}.pt",
     params:
         cli=ANOREFINER,
         type=lambda wc: backend_cfg(wc.backend)["type"],
@@ -16,16 +15,15 @@ rule train_backend:
         backbone=lambda wc: backend_backbone(wc)["name"],
         resolution=lambda wc: backend_backbone(wc)["resolution"],
         layers=lambda wc: " ".join(backend_backbone(wc).get("layers", [])),
-        pretrained=lambda wc: backend_backbone(wc).get("pretrained") or "none",
+        pretrained=lambda wc: pretrained_arg(backend_cfg(wc.backend)["backbone"]),
         activation=lambda wc: activation_arg(backend_cfg(wc.backend)["backbone"]),
         options=train_options,
-        official=official_args,
         text_cache=TEXT_CACHE,
-        device=config["compute"]["device"],
+        device=device_arg(),
     log:
-        "logs/train_backend/{backend}/{source}_{dataset}.log",
+        "logs/train_backend/{backend}/trained_{dataset}.log",
     benchmark:
-        "results/benchmarks/train_backend/{backend}/{source}_{dataset}.tsv"
+        "results/benchmarks/train_backend/{backend}/trained_{dataset}.tsv"
     threads: config["compute"]["threads"]
     resources:
         gpu=gpus,
@@ -37,4 +35,27 @@ rule train_backend:
         "{params.cli} train-backend --backend-type {params.type} --root {params.root} --dataset {wildcards.dataset}"
         " --backbone {params.backbone} --resolution {params.resolution} --layers {params.layers}"
         " --pretrained {params.pretrained} {params.activation} --options '{params.options}'"
-        " --text-cache {params.text_cache} {params.official} --device {params.device} --out {output} > {log} 2>&1"
+        " --text-cache {params.text_cache} --device {params.device} --out {output} > {log} 2>&1"
+
+
+# The official checkpoint (downloaded and verified, or a local file checked): a local job (network, login node).
+rule official_checkpoint:
+    output:
+        "results/checkpoints/{backend}/official_{dataset}.pt",
+    params:
+        cli=ANOREFINER,
+        type=lambda wc: backend_cfg(wc.backend)["type"],
+        backbone=lambda wc: backend_backbone(wc)["name"],
+        resolution=lambda wc: backend_backbone(wc)["resolution"],
+        official=official_args,
+    log:
+        "logs/official_checkpoint/{backend}/official_{dataset}.log",
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/anorefiner.yaml"
+    shell:
+        "{params.cli} train-backend --backend-type {params.type} --dataset {wildcards.dataset}"
+        " --backbone {params.backbone} --resolution {params.resolution} {params.official}"
+        " --out {output} > {log} 2>&1"

@@ -9,6 +9,7 @@ ruleorder: tta > coarse
 rule tta:
     input:
         ready=dataset_ready,
+        weights=backend_weights,
         checkpoint=tta_base_checkpoint,
     output:
         "results/coarse/{dataset}/{backend}/{category}/seed{seed}.h5",
@@ -25,9 +26,9 @@ rule tta:
         backbone=lambda wc: backend_backbone(wc)["name"],
         resolution=lambda wc: backend_backbone(wc)["resolution"],
         layers=lambda wc: " ".join(backend_backbone(wc).get("layers", [])),
-        pretrained=lambda wc: backend_backbone(wc).get("pretrained") or "none",
+        pretrained=lambda wc: pretrained_arg(backend_cfg(wc.backend)["backbone"]),
         activation=lambda wc: activation_arg(backend_cfg(wc.backend)["backbone"]),
-        device=config["compute"]["device"],
+        device=device_arg(),
     log:
         "logs/tta/{dataset}/{backend}/{category}/seed{seed}.log",
     benchmark:

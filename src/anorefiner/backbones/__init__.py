@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 from pathlib import Path
 from typing import Sequence
 
@@ -160,9 +161,33 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    if device.type == "cuda":
+        problem = cuda_problem(device)
+        if problem:
+            raise ValueError(f"device {str(device)!r} requested but CUDA is unusable on node "
+                               f"{platform.node()}: {problem}")
     return device
+
+
+def cuda_problem(device: torch.device | None = None) -> str | None:
+    """Why CUDA cannot run here (torch build, visible devices, driver), or None when it can."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    slurm = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE") if k in os.environ}
+    where = f"CUDA_VISIBLE_DEVICES={visible!r}" + "".join(f", {k}={v}" for k, v in slurm.items())
+    if torch.version.cuda is None:
+        return (f"this torch {torch.__version__} is built without CUDA ({where}); install a CUDA build of torch "
+                f"in the job's environment, or set compute.gpu: 0 to run on CPUs")
+    try:
+        torch.cuda.init()
+        count = torch.cuda.device_count()
+    except Exception as err:  # the driver's own words: missing driver, version mismatch, busy device
+        return f"CUDA {torch.version.cuda} cannot initialise: {err} ({where})"
+    if count == 0:
+        return f"no GPU is visible ({where}); did the job get one (--gpus / --gres)?"
+    index = device.index if device is not None and device.index is not None else 0
+    if index >= count:
+        return f"cuda:{index} requested but only {count} GPU(s) are visible ({where})"
+    return None
 
 
 def package_versions() -> dict[str, str]:

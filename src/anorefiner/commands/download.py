@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="", help="an already-extracted folder: validated (MVTec layout) or, "
                                                    "for VisA, converted into --dest; takes precedence over both")
     parser.add_argument("--sha256", default="", help="expected SHA-256 (default: the official archive's)")
+    add_retry_arguments(parser)
+
+
+def add_retry_arguments(parser: argparse.ArgumentParser) -> None:
+    """--retries/--timeout/--backoff of the resuming downloader (also `anorefiner fetch-weights`)."""
     defaults = DownloadOptions()
     parser.add_argument("--retries", type=int, default=defaults.retries,
                         help=f"extra attempts after a failed request (default {defaults.retries})")
@@ -37,12 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"first wait between attempts in seconds, doubled each time (default {defaults.backoff_s:g})")
 
 
+def retry_options(args: argparse.Namespace) -> DownloadOptions:
+    if args.retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {args.retries}")
+    return DownloadOptions(retries=args.retries, timeout_s=args.timeout, backoff_s=args.backoff)
+
+
 def main(args: argparse.Namespace) -> int:
     dest = args.dest or Path("resources/datasets") / args.dataset
     downloads = args.downloads or Path("resources/downloads") / args.dataset
-    if args.retries < 0:
-        raise ValueError(f"--retries must be >= 0, got {args.retries}")
-    options = DownloadOptions(retries=args.retries, timeout_s=args.timeout, backoff_s=args.backoff)
+    options = retry_options(args)
     try:
         out = prepare_dataset(args.dataset, dest, downloads, url=args.url or None, sha256=args.sha256 or None,
                               archive=Path(args.archive) if args.archive else None,

@@ -12,7 +12,11 @@ the demo generator or the published counts):
 - pgt: per trained group ``min(r, |group|) x l`` pseudo-anomalies (synthesis + features + MuSc map against
   the group) and ``epochs`` passes over them; then every image is refined; disk: three float16 maps at
   ``refine.eval_resolution`` (an upper bound: the stores are gzip-compressed, 2.7x smaller in the smoke run);
-- metrics (CPU), download (disk), the rest negligible.
+- tta: the base method's coarse cost plus ``n`` x the method's passes (``tta.image_factor`` forwards);
+- train_backend: auxiliary test images x epochs x the type's factor of a forward;
+- metrics (CPU); download, weights and official_checkpoint: bytes / ``download_mb_per_s``; the rest negligible.
+
+Rules priced from rates not measured on the device (``measured`` in plan_rates.yaml) are marked ``*``.
 
 Times are in hours of the device the rates are for: "GPU-hours" for jobs that request a GPU
 (``resources: gpu``), CPU-hours for the others.
@@ -43,14 +47,19 @@ GEOMETRY = {
 }
 # Rules with a cost model; table, audit, figures and the default target cost seconds and kilobytes.
 PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default",
-          "train_backend"}
+          "train_backend", "tta", "weights", "official_checkpoint", "all_tables"}
+# Rows in pipeline order (Snakemake's dry run lists jobs in no fixed order).
+STAGE_ORDER = ["download", "demo_data", "weights", "official_checkpoint", "features", "train_backend", "coarse", "tta",
+               "pgt", "metrics", "table", "audit", "figures", "all_tables", "default"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("targets", nargs="*", help="Snakemake targets, e.g. tables/table1.csv (default: config targets)")
-    p.add_argument("--configfile", default=None,
-                   help="a config replacing the workflow's config/config.yaml (e.g. config/demo.yaml)")
+    p.add_argument("--configfile", nargs="+", default=None,
+                   help="config file(s) merged over the workflow's config/config.yaml, as Snakemake does")
+    p.add_argument("--replace-workflow-config", action="store_true",
+                   help="the --configfile replaces config/config.yaml (e.g. config/demo.yaml), as in Snakemake")
     p.add_argument("--snakefile", default="Snakefile", help="the repository's root Snakefile")
     p.add_argument("--directory", default=".", help="Snakemake working directory (where results/ would go)")
     p.add_argument("--all", action="store_true",
@@ -71,19 +80,40 @@ class Job:
     output: list = field(default_factory=list)
 
 
-def dry_run(targets, snakefile: str, directory: str, configfile: str | None, forceall: bool) -> str:
+def dry_run(targets, snakefile: str, directory: str, configfiles: list[str], replace: bool, forceall: bool) -> str:
     """The text of ``snakemake -n`` (every job it would run, with wildcards and resources)."""
     cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(snakefile), "--directory", str(directory),
            "--cores", "1", "--workflow-profile", "none"]
-    if configfile:
-        cmd += ["--configfile", str(configfile), "--replace-workflow-config"]
     if forceall:
         cmd.append("--forceall")
-    proc = subprocess.run(cmd + list(targets), capture_output=True, text=True)
+    cmd += list(targets)
+    if configfiles:
+        cmd += ["--configfile", *map(str, configfiles)] + (["--replace-workflow-config"] if replace else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise ValueError(f"snakemake -n {' '.join(targets)} failed ({proc.returncode}):\n{text[-3000:]}")
+        raise ValueError(f"snakemake -n {' '.join(targets)} failed ({proc.returncode}):\n{snakemake_error(text)}")
     return text
+
+
+def snakemake_error(text: str, limit: int = 3000) -> str:
+    """Snakemake's error from its output: from the first ``...Error``/``...Exception`` line on, without the JSON
+    schema that a validation error dumps (its message and the ``On instance[...]`` key stay)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(r"^\w*(Error|Exception)\b", line)), None)
+    if start is None:
+        return text[-limit:]
+    kept, in_schema = [], False
+    for line in lines[start:]:
+        if line.startswith("Failed validating"):
+            kept.append(line.split(" in schema")[0])
+            in_schema = True
+        elif in_schema and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        else:
+            in_schema = False
+            kept.append(line)
+    return "\n".join(kept)[:limit]
 
 
 def _fields(text: str) -> dict:
@@ -168,6 +198,9 @@ def rates_from_gpu_check(rates: dict, check: dict, where: str) -> dict:
         vit["musc_s_per_pair"] = (float(musc["seconds"]) / (n * (n - 1)) * tokens ** 2
                                   * 1024 / float(musc["channels"]) * 4 / float(musc["layers"]))
     t = pgt.get("timings") or {}
+    dev["measured"] = sorted(set(dev.get("measured", [])) | {k for k, v in (("features", feats.get("img_per_s")),
+                                                                           ("coarse", musc.get("seconds")),
+                                                                           ("pgt", t)) if v})
     if t and pgt.get("n_pseudo_anomalies"):
         px = (REF_RESOLUTION / float(pgt["resolution"])) ** 2
         q = float(pgt["n_pseudo_anomalies"])
@@ -270,8 +303,10 @@ class CostModel:
         if job.rule == "metrics":
             e = (self.config.get("evaluation") or {}).get("resolution") or REF_RESOLUTION
             return self.n(wc) * d["metrics_s_per_image"] * (e / REF_RESOLUTION) ** 2, self.rates["metric_file_bytes"]
-        if job.rule == "download":
-            return 0.0, float(self.rates["download_bytes"].get(wc.get("dataset", ""), 0.0))
+        if job.rule == "tta":
+            return self.tta(job)
+        if job.rule in ("download", "weights", "official_checkpoint"):
+            return self.download(job)
         if job.rule not in PRICED:
             note = f"rule {job.rule!r} has no rate in {RATES_FILE.name}: its jobs are counted, not priced"
             if note not in self.notes:
@@ -283,6 +318,35 @@ class CostModel:
             images = len(ds.get("categories", [])) * (gen.get("n_train", 20) + 2 * gen.get("n_test", 60))
             return 0.0, images * 3 * gen.get("image_size", 256) ** 2 / 2  # PNG: about half the raw bytes
         return 0.0, 0.0
+
+    def download(self, job: Job) -> tuple[float, float]:
+        """Bytes fetched (datasets' archive + extraction, a backbone's weights, a trained backend's official file)
+        at the rates' download bandwidth."""
+        wc = job.wildcards
+        if job.rule == "download":
+            size = float(self.rates["download_bytes"].get(wc.get("dataset", ""), 0.0))
+        elif job.rule == "weights":
+            size = float(self.rates.get("weights_bytes", {}).get(wc.get("model", ""), 0.0))
+        else:
+            kind = self.config["backends"][wc["backend"]]["type"]
+            size = float(self.rates.get("checkpoint_bytes", {}).get(kind, 0.0))
+        return size / (float(self.rates["download_mb_per_s"]) * 1e6), size
+
+    def tta(self, job: Job) -> tuple[float, float]:
+        """A TTA baseline: its base method's coarse cost plus the method's passes per image (``tta`` rates)."""
+        wc = job.wildcards
+        cfg = self.config["backends"][wc["backend"]]
+        seconds, disk = self.cost(Job("coarse", dict(wc, backend=cfg["base"])))
+        rates = self.dev["tta"]
+        factor = rates["image_factor"].get(str(cfg.get("method")))
+        if factor is None:
+            note = f"TTA method {cfg.get('method')!r} has no tta image_factor in {RATES_FILE.name}: priced as its base"
+            if note not in self.notes:
+                self.notes.append(note)
+            return seconds, disk
+        bb = self.backbone(cfg["backbone"])
+        per_image = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0] * float(factor)
+        return seconds + rates["job_overhead_s"] + self.n(wc) * per_image, disk
 
     def train_backend(self, wc) -> tuple[float, float]:
         """Training on the auxiliary dataset's test split: images x epochs x the type's factor of a forward;
@@ -354,13 +418,15 @@ def make_plan(jobs: list[Job], model: CostModel) -> list[dict]:
         limit = float(job.resources["runtime"]) if "runtime" in job.resources else math.nan
         r = rows.setdefault(job.rule, {"rule": job.rule, "jobs": 0, "on": "gpu" if gpu else "cpu", "hours": 0.0,
                                        "longest_job_min": 0.0, "runtime_limit_min": limit, "over_limit": 0,
-                                       "disk_bytes": 0.0})
+                                       "disk_bytes": 0.0,
+                                       "estimate": job.rule not in model.dev.get("measured", [])})
         r["jobs"] += 1
         r["hours"] += seconds / 3600
         r["longest_job_min"] = max(r["longest_job_min"], seconds / 60)
         r["over_limit"] += int(seconds / 60 > limit)
         r["disk_bytes"] += disk
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda r: (STAGE_ORDER.index(r["rule"]) if r["rule"] in STAGE_ORDER
+                                                else len(STAGE_ORDER), r["rule"]))
 
 
 def _size(b: float) -> str:
@@ -376,7 +442,8 @@ def format_plan(rows: list[dict], header: str, notes: list[str]) -> str:
              f"{'limit':>9}{'disk':>11}", "-" * 69]
     for r in rows:
         limit = "-" if math.isnan(r["runtime_limit_min"]) else f"{r['runtime_limit_min']:.0f} min"
-        lines.append(f"{r['rule']:<15}{r['jobs']:>6}  {r['on']:<4}{r['hours']:>11.2f}"
+        name = r["rule"] + ("*" if r.get("estimate") and r["hours"] > 0 else "")
+        lines.append(f"{name:<15}{r['jobs']:>6}  {r['on']:<4}{r['hours']:>11.2f}"
                      f"{r['longest_job_min']:>9.1f} min{limit:>9}{_size(r['disk_bytes']):>11}")
     gpu_h = sum(r["hours"] for r in rows if r["on"] == "gpu")
     cpu_h = sum(r["hours"] for r in rows if r["on"] == "cpu")
@@ -386,6 +453,8 @@ def format_plan(rows: list[dict], header: str, notes: list[str]) -> str:
     if over:
         lines.append("WARNING: estimated jobs longer than their rule's runtime limit: " + ", ".join(over)
                      + " -- raise `runtime` under set-resources in the SLURM profile")
+    if any(r.get("estimate") and r["hours"] > 0 for r in rows):
+        lines.append("* estimated rates, not measured on this device (plan_rates.yaml says how each was derived)")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -394,10 +463,25 @@ def main(args) -> int:
     from ..io import write_json_atomic
     from ..log import LOG
 
+    from ..config import ConfigError
+    from ..config_check import deep_update
+
     directory = Path(args.directory)
     snakefile = Path(args.snakefile)
-    config_path = Path(args.configfile) if args.configfile else snakefile.resolve().parent / "config" / "config.yaml"
-    config = load_config(config_path)
+    # Snakemake's merge: config/config.yaml, then each --configfile over it (unless --replace-workflow-config).
+    # Passed to Snakemake as that list with --replace-workflow-config: the same config, from any --directory.
+    base = [] if args.replace_workflow_config and args.configfile else [snakefile.resolve().parent / "config" / "config.yaml"]
+    configfiles = [Path(p).resolve() for p in base + list(args.configfile or [])]
+    config: dict = {}
+    for path in configfiles:
+        extra = load_config(path)
+        if extra.get("standalone") and not args.replace_workflow_config:
+            raise ConfigError(f"plan: {path} is a whole configuration (standalone: true), not additions to "
+                              f"config/config.yaml: add --replace-workflow-config")
+        deep_update(config, extra)
+    config_label = " + ".join(args.configfile) if args.configfile else "config/config.yaml"
+    if args.replace_workflow_config and args.configfile:
+        config_label += " (replacing config/config.yaml)"
     rates = load_rates(args.rates)
     device = args.device
     if device == "auto":
@@ -405,8 +489,7 @@ def main(args) -> int:
     targets = list(args.targets)  # none: Snakemake's default target (config `targets`)
     LOG.info("asking Snakemake for the jobs of %s (snakemake -n%s)", " ".join(targets) or "the default target",
              " --forceall" if args.all else "")
-    # the config is always passed: relative to another --directory the Snakefile's own would not be found
-    text = dry_run(targets, str(snakefile), str(directory), str(config_path.resolve()), args.all)
+    text = dry_run(targets, str(snakefile), str(directory), [str(p) for p in configfiles], True, args.all)
     jobs = parse_jobs(text)
     stats = parse_job_stats(text)
     counts = {}
@@ -416,12 +499,12 @@ def main(args) -> int:
         raise ValueError(f"plan: parsed jobs {counts} differ from Snakemake's job stats {stats}")
     model = CostModel(config, rates, device, directory)
     rows = make_plan(jobs, model)
-    header = (f"Plan for {' '.join(targets) or 'the default target'} ({config_path}; "
+    header = (f"Plan for {' '.join(targets) or 'the default target'} ({config_label}; "
               f"{'every job' if args.all else 'jobs whose outputs are missing'}; "
               f"rates for {device}: {rates['devices'][device]['source']})")
     print(format_plan(rows, header, model.notes) if jobs else header + "\n\nNothing to be done.")
     if args.json:
-        write_json_atomic(args.json, {"targets": targets, "config": str(config_path), "device": device,
+        write_json_atomic(args.json, {"targets": targets, "config": config_label, "device": device,
                                       "rates_source": rates["devices"][device]["source"], "rules": rows,
                                       "jobs": [{"rule": j.rule, "wildcards": j.wildcards} for j in jobs],
                                       "notes": model.notes})

@@ -85,6 +85,28 @@ REFINABLE_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.refinable)
 TTA_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.tta)
 
 
+# Which backends' maps depend on the run's seed, given their options (the workflow computes the others' maps
+# once and lets every seed read them). From what each module does with ``seed``: MuSc's groups are a seeded
+# permutation (``group_order: shuffled``) only when it scores in groups; WinCLIP draws its k-shot references
+# with it; APRIL-GAN, VCP-CLIP and AnomalyCLIP score each image with fixed weights (the seed only sets their
+# training, rule train_backend); PA-CLIP (coreset, CADA views), +PAD+PAM, RareCLIP (stream order), AdaCLIP
+# (KMeans) and everything else are treated as seed-dependent.
+_SEED_FREE = {
+    "musc": lambda o: o.get("group_size") is None or o.get("group_order", "shuffled") != "shuffled",
+    "winclip": lambda o: int(o.get("k_shot", 0) or 0) == 0,
+    "april_gan": lambda o: True,
+    "vcp_clip": lambda o: True,
+    "anomalyclip": lambda o: True,
+}
+
+
+def seed_dependent(kind: str, options: dict) -> bool:
+    """Whether a backend of type ``kind`` with ``options`` (``backends.<name>.options``) can give different maps
+    for different seeds (unknown types: yes)."""
+    free = _SEED_FREE.get(kind)
+    return free is None or not free(options or {})
+
+
 def backend_type(kind: str) -> BackendType:
     try:
         return BACKEND_TYPES[kind]
