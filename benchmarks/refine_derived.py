@@ -35,10 +35,19 @@ def main(argv=None) -> int:
     from anorefiner.zsad.store import read_coarse
 
     coarse = read_coarse(args.coarse)
+    from anorefiner.config import from_dict
+    from anorefiner.refine.pgt import PGTConfig, image_scores
+
     print("| store | rule | pixel AP | pixel F1-max | image AUROC | groups kept coarse |")
     print("|---|---|---|---|---|---|")
     for path in args.stores:
         r = read_refined(path)
+        if list(coarse.ids) != list(r.ids):
+            raise SystemExit(f"{path}: its image ids differ from those of {args.coarse} (another category or order)")
+        pgt = from_dict(PGTConfig, r.attrs["options"]["pgt"])
+        if not pgt.coarse_align_corners or pgt.first_group_ard == "coarse":
+            raise SystemExit(f"{path}: the rules below assume coarse_align_corners true and first_group_ard "
+                             "self or zeros")
         e = r.maps["coarse"].shape[-1]
         masks, labels = stages.ground_truth(args.data_root, args.dataset, args.category, r.ids)
         masks = resize_masks(masks, (e, e), "nearest")  # as the metrics stage at evaluation.resolution
@@ -55,7 +64,8 @@ def main(argv=None) -> int:
                  "centred": 0.5 * (centred + np.where(kept[:, None, None], 0.0, ard))}
         for name, maps in rules.items():
             px = pixel_metrics(maps, masks)
-            img = image_metrics(maps.reshape(len(maps), -1).max(1) if name != "coarse" else r.scores["coarse"], labels)
+            scores = {"coarse": r.scores["coarse"], "stored": r.scores["combined"]}.get(name)
+            img = image_metrics(scores if scores is not None else image_scores(maps, pgt), labels)
             print(f"| {path} | {name} | {100 * px['ap']:.1f} | {100 * px['f1_max']:.1f} | "
                   f"{100 * img['auroc']:.1f} | {int(kept.sum())} images |")
     return 0

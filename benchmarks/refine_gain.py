@@ -3,8 +3,9 @@
 For each category the features and the coarse maps are computed once (``OUT/<category>/{features,coarse}.h5``,
 by the pipeline's stages, reused when made with the same settings), then PGT + metrics run for every (texture source, variant, seed). Printed per
 category and texture source, as mean ± std over seeds: pixel AP / F1-max / AUROC / PRO and image AUROC of
-``coarse``, ``ard`` and ``combined``, on all test images and on the refined groups only (group 1 is never
-refined: its ``ard`` map is a stand-in, see ``PGTConfig.first_group_ard``). The baseline is the coarse map:
+``coarse``, ``ard`` and ``combined``, on all test images and on groups 2 and later only (refined by an ARD trained
+on an earlier group; group 1 is refined by its own ARD under ``first_group_ard: self``, and under the paper's rule
+its ``ard`` map is a stand-in, see ``PGTConfig.first_group_ard``), and per PGT group. The baseline is the coarse map:
 the ``gain`` rows are ``combined − coarse`` in points.
 
     python benchmarks/refine_gain.py --data-root ../shared/data/mvtec_ad --categories bottle \
@@ -102,7 +103,7 @@ def evaluate(refined, masks, labels, args) -> list[dict]:
     cfg = EvalConfig(resolution=args.eval_resolution, compute_pro=not args.no_pro)
     rows = []
     groups = np.asarray(refined.groups)
-    subsets = {"all": np.ones(len(refined.ids), bool), "refined_groups": groups > 0}
+    subsets = {"all": np.ones(len(refined.ids), bool), "groups_2_on": groups > 0}
     subsets.update({f"group{g + 1}": groups == g for g in sorted(set(groups.tolist()))})
     methods = dict(refined.maps)
     scores = dict(refined.scores)

@@ -516,9 +516,11 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
             maps["ard"][g] = coarse_n if p.first_group_ard == "coarse" else 0.0
             maps["combined"][g] = 0.5 * (coarse_n + maps["ard"][g])
         timings["refine_s"] += time.time() - t
-        LOG.info("pgt: group %d/%d (%d images) refined by %s", k + 1, len(groups), len(g),
-                 "the ARD" if by_ard[g].all() else "nothing (coarse map kept)")
         refine_self = k == 0 and p.first_group_ard == "self"
+        LOG.info("pgt: group %d/%d (%d images) %s", k + 1, len(groups), len(g),
+                 "refined by the ARD" if by_ard[g].all() else
+                 "waits for the ARD trained on its own pseudo-anomalies" if refine_self else
+                 "refined by nothing (coarse map kept)")
         if k == len(groups) - 1 and not p.train_last_group and not refine_self:
             break
         if p.schedule == "one_group" and k > 0:
