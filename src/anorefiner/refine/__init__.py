@@ -3,7 +3,8 @@ synthesis (:mod:`.perlin`, :mod:`.synthesis`), progressive group-wise test-time 
 (:mod:`.pgt`), the Table 12 baseline decoders (:mod:`.decoders`) and the refined store (:mod:`.store`)."""
 
 from .ard import ARD, ARBlock, AnomalyAttention, ARDConfig, BidirectionalInteraction, SpatialAttention, fuse_layers
-from .pgt import PGTConfig, RefinerOptions, dice_loss, run_pgt
+from .pgt import PGTConfig, RefinerOptions, run_pgt
+from .trainer import dice_loss
 from .store import Refined, read_refined, write_refined
 from .synthesis import SynthesisConfig, synthesize
 

@@ -37,7 +37,7 @@ def upsample(patch_maps: np.ndarray, size: int, align_corners: bool) -> np.ndarr
 def check(trainer, holdout: dict, normals: np.ndarray, norm, align_corners: bool) -> dict:
     """Pixel AP of combined vs coarse on ``holdout`` (pseudo-anomalies) and the images ``normals`` (empty masks).
 
-    ``trainer`` is PGT's ``_Trainer`` holding the ARD to check; maps are compared at the backbone's input
+    ``trainer`` is PGT's :class:`~anorefiner.refine.trainer.Trainer` holding the ARD to check; maps are compared at the backbone's input
     resolution (where the pseudo-anomaly masks live). Returns the two pooled APs, the APs on the held-back
     pseudo-anomalies alone, and the share of the pseudo-normals' pixels where the ARD says > 0.5 (they have no
     positive pixel, so no AP of their own).

@@ -6,7 +6,8 @@ import torch
 
 from anorefiner.cache import Features
 from anorefiner.config import from_dict
-from anorefiner.refine.pgt import RefinerOptions, dice_loss, focal_loss, refiner_loss, run_pgt, select_pseudo_normals
+from anorefiner.refine.pgt import RefinerOptions, run_pgt, select_pseudo_normals
+from anorefiner.refine.trainer import dice_loss, focal_loss, refiner_loss
 from anorefiner.refine.store import read_refined, write_refined
 from anorefiner.zsad.groups import make_groups
 from anorefiner.zsad.store import Coarse
@@ -237,14 +238,14 @@ def test_store_round_trip(tmp_path, category):
 
 
 def _trained_group_one(category, **pgt):
-    """A _Trainer after training on group 1's pseudo-anomalies (short, large steps: BN statistics still moving)."""
-    from anorefiner.refine.pgt import CoarseNorm, _Trainer
+    """A Trainer after training on group 1's pseudo-anomalies (short, large steps: BN statistics still moving)."""
+    from anorefiner.refine.trainer import CoarseNorm, Trainer
 
     opts = {k: dict(v) for k, v in TINY.items()}
     opts["pgt"].update({"epochs": 10, "lr": 0.05, **pgt})
     options = from_dict(RefinerOptions, opts)
     c = category
-    trainer = _Trainer(c["feats"], c["coarse"], c["images"], c["backbone"], c["backend"], options, 0, _textures(),
+    trainer = Trainer(c["feats"], c["coarse"], c["images"], c["backbone"], c["backend"], options, 0, _textures(),
                        torch.device("cpu"))
     group = make_groups(len(c["feats"].ids), 6, seed=0)[0]
     norm = CoarseNorm("first_group")
