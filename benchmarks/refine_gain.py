@@ -202,7 +202,8 @@ def summarise(frame: pd.DataFrame) -> str:
                     continue
                 mean, std = stats.loc[(method, metric)]
                 cells.append(f"{100 * mean:.1f} ± {100 * (0 if np.isnan(std) else std):.1f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            if any(cells):  # "unguarded" only exists where the safeguard kept a group
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
         wide = part.pivot_table(index=["seed", "metric"], columns="method", values="value")
         gain = (wide["combined"] - wide["coarse"]).unstack("metric")
         cells = [f"{100 * gain[m].mean():+.1f} (min {100 * gain[m].min():+.1f})" if m in gain else "" for m in SHOWN]
