@@ -77,7 +77,7 @@ def official(root: Path, spec: dict) -> dict:
     ckpt = spec.get("checkpoint") or str(Path(spec["work"]) / "anomalyclip_official_checkpoint.pth")
     if not spec.get("checkpoint"):
         torch.save({"prompt_learner": learner.state_dict()}, ckpt)  # train.py's format
-    learner.load_state_dict(torch.load(ckpt)["prompt_learner"])
+    learner.load_state_dict(torch.load(ckpt, weights_only=True)["prompt_learner"])
     model.visual.DAPM_replace(DPAM_layer=20)
     prompts, tokenized, compound = learner(cls_id=None)
     text = model.encode_text_learn(prompts, tokenized, compound).float()

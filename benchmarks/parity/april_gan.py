@@ -89,7 +89,7 @@ def official(root: Path, spec: dict) -> dict:
     ckpt = spec.get("checkpoint") or str(Path(spec["work"]) / "april_gan_official_checkpoint.pth")
     if not spec.get("checkpoint"):
         torch.save({"trainable_linearlayer": linear.state_dict()}, ckpt)  # train.py's format
-    linear.load_state_dict(torch.load(ckpt)["trainable_linearlayer"])
+    linear.load_state_dict(torch.load(ckpt, weights_only=True)["trainable_linearlayer"])
     text = encode_text_with_prompt_ensemble(model, [spec["class_name"]], tokenizer, "cpu")[spec["class_name"]]
     out = {k: [] for k in ("preprocessing", "block_tokens", "maps", "scores")}
     for path in spec["images"]:

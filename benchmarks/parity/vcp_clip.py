@@ -106,7 +106,7 @@ def official(root: Path, spec: dict) -> dict:
                 "Zero_try": post.state_dict()}
         save.update(train._freeze_stages(model, "prompt"))  # train.py l.280-281
         torch.save(save, ckpt)
-    checkpoint = torch.load(ckpt, map_location="cpu")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     linear.load_state_dict(checkpoint["trainable_linearlayer"], strict=False)
     pre.load_state_dict(checkpoint["New_Lan_Embed"])
     post.load_state_dict(checkpoint["Zero_try"], strict=False)
