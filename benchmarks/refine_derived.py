@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from anorefiner import stages
     from anorefiner.metrics import image_metrics, pixel_metrics
-    from anorefiner.metrics.evaluate import resize_masks
-    from anorefiner.refine.safeguard import upsample
+    from anorefiner.metrics.evaluate import resize_maps, resize_masks
+    from refine_gain import normalised
     from anorefiner.refine.store import read_refined
     from anorefiner.zsad.store import read_coarse
 
@@ -51,16 +51,13 @@ def main(argv=None) -> int:
         e = r.maps["coarse"].shape[-1]
         masks, labels = stages.ground_truth(args.data_root, args.dataset, args.category, r.ids)
         masks = resize_masks(masks, (e, e), "nearest")  # as the metrics stage at evaluation.resolution
-        norm = r.attrs["coarse_norm"]
-        scale = max(norm["hi"] - norm["lo"], 1e-12)
         kept = np.zeros(len(r.ids), bool)
         for v in r.attrs.get("safeguard", []):
             if not v["refined"]:
                 kept |= np.asarray(r.groups) == v["group"] - 1
         ard = r.maps["ard"]
-        corner = (r.maps["coarse"] - norm["lo"]) / scale
-        centred = (upsample(coarse.maps, e, align_corners=False) - norm["lo"]) / scale
-        rules = {"coarse": r.maps["coarse"], "stored": r.maps["combined"], "unguarded": 0.5 * (corner + ard),
+        centred = normalised(r, resize_maps(coarse.maps, (e, e), align_corners=False))
+        rules = {"coarse": r.maps["coarse"], "stored": r.maps["combined"], "unguarded": 0.5 * (normalised(r) + ard),
                  "centred": 0.5 * (centred + np.where(kept[:, None, None], 0.0, ard))}
         for name, maps in rules.items():
             px = pixel_metrics(maps, masks)

@@ -83,6 +83,13 @@ def merged_options(args, override: dict):
     return options
 
 
+def normalised(refined, maps=None):
+    """``maps`` (default: the stored ``coarse`` output) on PGT's coarse scale (``attrs["coarse_norm"]``)."""
+    norm = refined.attrs["coarse_norm"]
+    maps = refined.maps["coarse"] if maps is None else maps
+    return (maps - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12)
+
+
 def unguarded(refined):
     """``combined`` as it would be without the safeguard: ``0.5·(coarse_n + ard)`` in every group (the ARD maps
     are stored for kept groups too, and the training is the same either way). None when it cannot be rebuilt."""
@@ -90,9 +97,7 @@ def unguarded(refined):
     kept = [v for v in refined.attrs.get("safeguard", []) if not v["refined"]]
     if not kept or not pgt.get("coarse_align_corners", True):
         return None
-    norm = refined.attrs["coarse_norm"]
-    coarse_n = (refined.maps["coarse"] - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12)
-    return 0.5 * (coarse_n + refined.maps["ard"])
+    return 0.5 * (normalised(refined) + refined.maps["ard"])
 
 
 def evaluate(refined, masks, labels, args) -> list[dict]:
@@ -131,8 +136,7 @@ def diagnose(refined, masks, labels) -> list[dict]:
     defect pixels the ARD leaves below 0.1, and the share of good-image pixels where it says > 0.5."""
     from anorefiner.metrics.evaluate import resize_masks
 
-    norm = refined.attrs["coarse_norm"]
-    coarse_n = (refined.maps["coarse"] - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12)
+    coarse_n = normalised(refined)
     ard = refined.maps["ard"]
     defect = resize_masks(masks, ard.shape[-2:], "nearest").astype(bool)  # as the metrics stage resizes masks
     good = labels == 0

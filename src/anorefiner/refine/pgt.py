@@ -31,6 +31,7 @@ import torch
 
 from ..log import LOG
 from ..seeding import rng as make_rng
+from ..metrics.evaluate import resize_maps
 from . import safeguard
 from .ard import ARDConfig
 from .store import Refined
@@ -244,7 +245,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         use = True
         if p.safeguard:
             normals = select_pseudo_normals(coarse.maps, g, p.n_pseudo_normal)
-            verdict = safeguard.check(trainer, holdout, normals, norm, p.coarse_align_corners)
+            verdict = safeguard.check(trainer, holdout, normals, norm)
             use = verdict["ap_combined"] > verdict["ap_coarse"] + p.safeguard_margin
             guard_log.append({"group": k + 1, "refined": bool(use), **verdict})
             LOG.info("pgt safeguard: group %d %s (pixel AP on %d held-back pseudo-anomalies + %d pseudo-normal "
@@ -260,8 +261,8 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         norm.update(coarse.maps[g])
         # "coarse" is upsampled as the metrics stage upsamples the backend's maps (MuSc's align_corners=True),
         # so its metrics equal the backend's; the coarse half of "combined" as PGTConfig.coarse_align_corners
-        maps["coarse"][g] = safeguard.upsample(coarse.maps[g], e, align_corners=True)
-        coarse_n = norm(safeguard.upsample(coarse.maps[g], e, p.coarse_align_corners))
+        maps["coarse"][g] = resize_maps(coarse.maps[g], (e, e), align_corners=True)
+        coarse_n = trainer.coarse_at(coarse.maps[g], e, norm)
         t = time.time()
         if trainer.trained:
             refine_group(k, g, coarse_n)
@@ -302,7 +303,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         if history:
             fit = trainer.check_fit(data, norm)
             fit_log.append({"group": k + 1, **fit})
-            diagnostics[f"group{k + 1}"] = trainer.diagnostic(data, norm, p.coarse_align_corners)
+            diagnostics[f"group{k + 1}"] = trainer.diagnostic(data, norm)
             LOG.info("pgt: group %d trained on %d pseudo-anomalies (normals %s) in %.0f s: %s loss %.4f -> %.4f "
                      "(train mode, during training); final weights on the training set: train mode %.4f, eval mode "
                      "%.4f%s", k + 1, len(data["x"]), [str(feats.ids[int(i)]) for i in data["normals"]],

@@ -23,18 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..metrics.pixel import pixel_metrics
 
 
-def upsample(patch_maps: np.ndarray, size: int, align_corners: bool) -> np.ndarray:
-    """Bilinear upsampling of patch-level maps ``[N,h,w]`` to ``[N,size,size]`` (``PGTConfig.coarse_align_corners``)."""
-    raw = torch.as_tensor(np.asarray(patch_maps, dtype=np.float32))[:, None]
-    return F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=align_corners)[:, 0].numpy()
-
-
-def check(trainer, holdout: dict, normals: np.ndarray, norm, align_corners: bool) -> dict:
+def check(trainer, holdout: dict, normals: np.ndarray, norm) -> dict:
     """Pixel AP of combined vs coarse on ``holdout`` (pseudo-anomalies) and the images ``normals`` (empty masks).
 
     ``trainer`` is PGT's :class:`~anorefiner.refine.trainer.Trainer` holding the ARD to check; maps are compared at the backbone's input
@@ -46,7 +39,7 @@ def check(trainer, holdout: dict, normals: np.ndarray, norm, align_corners: bool
     x_n, c_n = trainer.real_inputs(normals, norm)
     c_h = torch.as_tensor(norm(holdout["coarse"]))[:, None].float()
     ard = np.concatenate([trainer.refine(holdout["x"], c_h, res), trainer.refine(x_n, c_n, res)])
-    coarse = norm(upsample(np.concatenate([holdout["coarse"], trainer.coarse.maps[normals]]), res, align_corners))
+    coarse = trainer.coarse_at(np.concatenate([holdout["coarse"], trainer.coarse.maps[normals]]), res, norm)
     masks = np.concatenate([holdout["masks"][:, 0].numpy() > 0.5, np.zeros((len(normals), res, res), bool)])
     combined = 0.5 * (coarse + ard)
     n_h = len(holdout["x"])

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..log import progress
 from ..seeding import rng as make_rng
-from . import safeguard
+from ..metrics.evaluate import resize_maps
 from .ard import build_refiner, fuse_layers
 from .synthesis import synthesize
 
@@ -210,11 +210,16 @@ class Trainer:
         self.loss_history.append(history)
         return history
 
-    def diagnostic(self, data: dict, norm: CoarseNorm, align_corners: bool) -> dict:
+    def coarse_at(self, patch_maps: np.ndarray, size: int, norm: CoarseNorm) -> np.ndarray:
+        """Patch-level coarse maps upsampled to ``size`` as the coarse half of ``combined`` is
+        (``PGTConfig.coarse_align_corners``), then normalised."""
+        return norm(resize_maps(patch_maps, (size, size), self.options.pgt.coarse_align_corners))
+
+    def diagnostic(self, data: dict, norm: CoarseNorm) -> dict:
         """The first pseudo-anomaly of ``data`` with its coarse, ARD and combined maps (input resolution)."""
         c = norm(data["coarse"][:1])
         ard = self.refine(data["x"][:1], torch.as_tensor(c)[:, None].float(), self.resolution)[0]
-        coarse = norm(safeguard.upsample(data["coarse"][:1], self.resolution, align_corners))[0]
+        coarse = self.coarse_at(data["coarse"][:1], self.resolution, norm)[0]
         return {"image": data["first_image"], "mask": data["masks"][0, 0].numpy() > 0.5,
                 "coarse": coarse.astype(np.float16), "ard": ard.astype(np.float16),
                 "combined": (0.5 * (coarse + ard)).astype(np.float16)}
@@ -228,7 +233,7 @@ class Trainer:
             self.recalibrate_bn(data, norm)
         fit["eval_mode"] = self.loss_on(data, norm, train_mode=False)
         # how strong the pseudo-anomalies are in the coarse map (issue 26: much stronger than real defects)
-        coarse = norm(safeguard.upsample(data["coarse"], self.resolution, self.options.pgt.coarse_align_corners))
+        coarse = self.coarse_at(data["coarse"], self.resolution, norm)
         inside = data["masks"][:, 0].numpy() > 0.5
         fit["pseudo_coarse_median_in_mask"] = float(np.median(coarse[inside])) if inside.any() else float("nan")
         fit["pseudo_coarse_median_outside"] = float(np.median(coarse[~inside]))
