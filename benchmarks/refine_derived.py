@@ -3,7 +3,8 @@
 Training is unchanged by these rules (they act after the ARD), so a stored run answers them without a rerun:
 
 * ``stored``: the run's own ``combined``;
-* ``unguarded``: every group averaged with its ARD (the safeguard off);
+* ``unguarded``: every group combined with its ARD by the run's own rule (the safeguard off);
+* ``mean`` / ``gate``: every group combined with its ARD by that rule (``pgt.combine``, refine/combine.py);
 * ``centred``: the coarse half upsampled pixel-centred (``pgt.coarse_align_corners: false``), same safeguard
   decisions;
 * ``coarse``: the backend map (the baseline).
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     coarse = read_coarse(args.coarse)
     from anorefiner.config import from_dict
     from anorefiner.refine.pgt import PGTConfig, image_scores
+    from anorefiner.refine.combine import COMBINE_RULES, combine
 
     print("| store | rule | pixel AP | pixel F1-max | image AUROC | groups kept coarse |")
     print("|---|---|---|---|---|---|")
@@ -57,8 +59,11 @@ def main(argv=None) -> int:
                 kept |= np.asarray(r.groups) == v["group"] - 1
         ard = r.maps["ard"]
         centred = normalised(r, resize_maps(coarse.maps, (e, e), align_corners=False))
-        rules = {"coarse": r.maps["coarse"], "stored": r.maps["combined"], "unguarded": 0.5 * (normalised(r) + ard),
-                 "centred": 0.5 * (centred + np.where(kept[:, None, None], 0.0, ard))}
+        rule = r.attrs["options"]["pgt"].get("combine", "mean")  # stores older than pgt.combine used the mean
+        rules = {"coarse": r.maps["coarse"], "stored": r.maps["combined"],
+                 "unguarded": combine(normalised(r), ard, rule),
+                 "centred": combine(centred, np.where(kept[:, None, None], 0.0, ard), rule),
+                 **{other: combine(normalised(r), ard, other) for other in COMBINE_RULES}}
         for name, maps in rules.items():
             px = pixel_metrics(maps, masks)
             scores = {"coarse": r.scores["coarse"], "stored": r.scores["combined"]}.get(name)

@@ -91,13 +91,16 @@ def normalised(refined, maps=None):
 
 
 def unguarded(refined):
-    """``combined`` as it would be without the safeguard: ``0.5·(coarse_n + ard)`` in every group (the ARD maps
+    """``combined`` as it would be without the safeguard: ``combine(coarse_n, ard)`` in every group (the ARD maps
     are stored for kept groups too, and the training is the same either way). None when it cannot be rebuilt."""
+    from anorefiner.refine.combine import combine
+
     pgt = refined.attrs.get("options", {}).get("pgt", {})
     kept = [v for v in refined.attrs.get("safeguard", []) if not v["refined"]]
     if not kept or not pgt.get("coarse_align_corners", True):
         return None
-    return 0.5 * (normalised(refined) + refined.maps["ard"])
+    # stores made before pgt.combine existed used the paper's mean
+    return combine(normalised(refined), refined.maps["ard"], pgt.get("combine", "mean"))
 
 
 def evaluate(refined, masks, labels, args) -> list[dict]:

@@ -18,6 +18,7 @@ from torch import nn
 from ..log import progress
 from ..seeding import rng as make_rng
 from ..metrics.evaluate import resize_maps
+from .combine import combine
 from .ard import build_refiner, fuse_layers
 from .synthesis import synthesize
 
@@ -222,7 +223,7 @@ class Trainer:
         coarse = self.coarse_at(data["coarse"][:1], self.resolution, norm)[0]
         return {"image": data["first_image"], "mask": data["masks"][0, 0].numpy() > 0.5,
                 "coarse": coarse.astype(np.float16), "ard": ard.astype(np.float16),
-                "combined": (0.5 * (coarse + ard)).astype(np.float16)}
+                "combined": combine(coarse, ard, self.options.pgt.combine).astype(np.float16)}
 
     def check_fit(self, data: dict, norm: CoarseNorm) -> dict:
         """After training: the final weights' loss on the training set in train and eval mode, with BN

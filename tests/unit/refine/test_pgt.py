@@ -52,6 +52,12 @@ def _run(category, seed=0, labels=None, **overrides):
                    textures=_textures(), eval_resolution=32, labels=labels)
 
 
+def _expected(ref, coarse_n, ard):
+    """The combined map by the run's rule (pgt.combine; refine/combine.py), written out independently."""
+    rule = ref.attrs["options"]["pgt"]["combine"]
+    return 0.5 * (coarse_n + ard) if rule == "mean" else np.where(coarse_n >= 0, 0.5 * coarse_n * (1.0 + ard), coarse_n)
+
+
 def _slow_focal(logits, target, gamma=2.0):
     """Binary focal loss, one pixel at a time in float64."""
     total, n = 0.0, 0
@@ -100,7 +106,8 @@ def test_outputs_and_group_one_keeps_the_coarse_map(category):
     assert np.array_equal(index.groups, np.repeat([0, 1], 6))
     g1 = ref.groups == 0
     assert np.allclose(ref.maps["combined"][g1], ref.maps["ard"][g1])  # ARD output of group 1 = normalised coarse
-    assert np.allclose(ref.maps["combined"], 0.5 * (ref.maps["ard"] + _normalised(ref, category["coarse"].maps)), atol=1e-5)
+    coarse_n = _normalised(ref, category["coarse"].maps)
+    assert np.allclose(ref.maps["combined"][~g1], _expected(ref, coarse_n[~g1], ref.maps["ard"][~g1]), atol=1e-5)
     assert not np.allclose(ref.maps["ard"][~g1], _normalised(ref, category["coarse"].maps)[~g1])  # group 2 really refined
     assert np.array_equal(ref.scores["coarse"], category["coarse"].scores)
     assert np.allclose(ref.scores["combined"], ref.maps["combined"].reshape(n, -1).max(1))
@@ -126,7 +133,7 @@ def test_first_group_norm_is_frozen_after_group_one(category):
     assert patch.min() < lo or patch.max() > hi  # group 2 falls outside group 1's range: the freeze is visible
     assert np.isclose(ref.attrs["coarse_norm"]["lo"], lo) and np.isclose(ref.attrs["coarse_norm"]["hi"], hi)
     expected = (ref.maps["coarse"] - lo) / (hi - lo)
-    assert np.allclose(ref.maps["combined"], 0.5 * (ref.maps["ard"] + expected), atol=1e-5)
+    assert np.allclose(ref.maps["combined"], _expected(ref, expected, ref.maps["ard"]), atol=1e-5)
 
 
 def test_first_group_ard_zeros(category):
@@ -145,7 +152,7 @@ def test_first_group_ard_self_refines_group_one_with_its_own_ard(category):
     assert ref.attrs["n_refined_by_ard"] == len(ref.ids)
     lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
     coarse_n = (ref.maps["coarse"][g1] - lo) / (hi - lo)
-    assert np.allclose(ref.maps["combined"][g1], 0.5 * (coarse_n + ref.maps["ard"][g1]), atol=1e-5)
+    assert np.allclose(ref.maps["combined"][g1], _expected(ref, coarse_n, ref.maps["ard"][g1]), atol=1e-5)
     zeros = _run(category, pgt={"epochs": 1, "first_group_ard": "zeros"})
     assert RefinerOptions().pgt.first_group_ard == "self"  # the default
     # group 1's ARD is the one trained on group 1; group 2 sees the same ARD in both runs
@@ -234,7 +241,8 @@ def test_store_round_trip(tmp_path, category):
     assert sorted(back.diagnostics) == ["group1"]
     d = back.diagnostics["group1"]
     assert d["image"].dtype == np.uint8 and d["image"].shape == (64, 64, 3) and d["mask"].shape == (64, 64)
-    assert d["mask"].any() and np.allclose(d["combined"], 0.5 * (d["coarse"] + d["ard"]), atol=2e-3)
+    c, a = d["coarse"].astype(np.float32), d["ard"].astype(np.float32)
+    assert d["mask"].any() and np.allclose(d["combined"], _expected(back, c, a), atol=2e-3)
 
 
 def _trained_group_one(category, **pgt):
@@ -293,7 +301,7 @@ def test_safeguard_keeps_the_coarse_map_of_groups_the_ard_does_not_improve(categ
     assert never.attrs["n_refined_by_ard"] == 0
     g1 = never.groups == 0
     lo, hi = category["coarse"].maps[g1].min(), category["coarse"].maps[g1].max()
-    assert np.allclose(never.maps["combined"], 0.5 * (never.maps["coarse"] - lo) / (hi - lo), atol=1e-5)
+    assert np.allclose(never.maps["combined"], _expected(never, (never.maps["coarse"] - lo) / (hi - lo), 0.0), atol=1e-5)
     for v in always.attrs["safeguard"]:
         assert v["n_holdout"] == 2 * 1 and v["n_normals"] == 2  # r pseudo-normals x safeguard_holdout
         assert 0 <= v["ap_coarse"] <= 1 and 0 <= v["ap_combined"] <= 1
@@ -306,7 +314,7 @@ def test_safeguard_decision_follows_the_pixel_ap_on_its_check_set(category):
         g = ref.groups == v["group"] - 1
         lo, hi = ref.attrs["coarse_norm"]["lo"], ref.attrs["coarse_norm"]["hi"]
         coarse_n = (ref.maps["coarse"][g] - lo) / (hi - lo)
-        expected = 0.5 * (coarse_n + ref.maps["ard"][g]) if v["refined"] else 0.5 * coarse_n
+        expected = _expected(ref, coarse_n, ref.maps["ard"][g] if v["refined"] else 0.0)
         assert np.allclose(ref.maps["combined"][g], expected, atol=1e-5)
 
 
@@ -319,7 +327,7 @@ def test_coarse_half_of_combined_can_be_pixel_centred(category):
     corner = F.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=True)[:, 0].numpy()
     assert np.allclose(ref.maps["coarse"], corner, atol=1e-6)  # the "coarse" output: always the backend's
     lo, hi = ref.attrs["coarse_norm"]["lo"], ref.attrs["coarse_norm"]["hi"]
-    assert np.allclose(ref.maps["combined"], 0.5 * ((centred - lo) / (hi - lo) + ref.maps["ard"]), atol=1e-5)
+    assert np.allclose(ref.maps["combined"], _expected(ref, (centred - lo) / (hi - lo), ref.maps["ard"]), atol=1e-5)
 
 
 def test_pseudo_anomalies_are_scored_against_the_backends_own_references(category):
@@ -333,3 +341,26 @@ def test_pseudo_anomalies_are_scored_against_the_backends_own_references(categor
     # a backend that names no references: the current group, as before
     assert np.array_equal(_references(groups, 1, "backend", n, object(), groups[1][:2]), groups[1])
     assert np.array_equal(_references(groups, 1, "group", n, category["backend"], groups[1][:2]), groups[1])
+
+
+@pytest.mark.parametrize("first", ["self", "coarse"])
+def test_combine_rules_share_the_ard_and_differ_only_in_the_final_map(category, first):
+    gate = _run(category, pgt={"epochs": 1, "first_group_ard": first})
+    mean = _run(category, pgt={"epochs": 1, "first_group_ard": first, "combine": "mean"})
+    assert RefinerOptions().pgt.combine == "gate"  # the default (docs/refiner_audit.md)
+    assert np.array_equal(gate.maps["ard"], mean.maps["ard"])  # training does not read the rule
+    lo, hi = gate.attrs["coarse_norm"]["lo"], gate.attrs["coarse_norm"]["hi"]
+    coarse_n = (gate.maps["coarse"] - lo) / (hi - lo)
+    refined = np.ones(len(gate.ids), bool) if first == "self" else gate.groups != 0
+    a = gate.maps["ard"][refined]
+    assert np.allclose(mean.maps["combined"][refined], 0.5 * (coarse_n[refined] + a), atol=1e-5)
+    c = coarse_n[refined]
+    assert (c < 0).any()  # group 2 has pixels below group 1's frozen floor
+    assert np.allclose(gate.maps["combined"][refined], np.where(c >= 0, 0.5 * c * (1 + a), c), atol=1e-5)
+    # under the gate the ARD can lower a coarse score (to half where it says 0) but never raise it
+    assert np.all(gate.maps["combined"][refined] <= c + 1e-6)
+    assert np.all(gate.maps["combined"][refined] >= np.minimum(0.5 * c, c) - 1e-6)
+    if first == "coarse":  # the paper's group 1: its coarse map itself, under either rule
+        g1 = gate.groups == 0
+        assert np.allclose(gate.maps["combined"][g1], coarse_n[g1], atol=1e-5)
+        assert np.allclose(mean.maps["combined"][g1], coarse_n[g1], atol=1e-5)
