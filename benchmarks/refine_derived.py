@@ -5,6 +5,8 @@ Training is unchanged by these rules (they act after the ARD), so a stored run a
 * ``stored``: the run's own ``combined``;
 * ``unguarded``: every group combined with its ARD by the run's own rule (the safeguard off);
 * ``mean`` / ``gate``: every group combined with its ARD by that rule (``pgt.combine``, refine/combine.py);
+* ``mean+quantile``, ``gate+isotonic``, ...: the same after the ARD maps of each group are calibrated onto its
+  coarse maps' scale (``pgt.calibration``);
 * ``centred``: the coarse half upsampled pixel-centred (``pgt.coarse_align_corners: false``), same safeguard
   decisions;
 * ``coarse``: the backend map (the baseline).
@@ -38,8 +40,9 @@ def main(argv=None) -> int:
     coarse = read_coarse(args.coarse)
     from anorefiner.config import from_dict
     from anorefiner.refine.pgt import PGTConfig, image_scores
-    from anorefiner.refine.combine import COMBINE_RULES, combine
+    from anorefiner.refine.combine import CALIBRATIONS, COMBINE_RULES, calibrate, combine
 
+    summary: dict[str, list] = {}
     print("| store | rule | pixel AP | pixel F1-max | image AUROC | groups kept coarse |")
     print("|---|---|---|---|---|---|")
     for path in args.stores:
@@ -64,12 +67,25 @@ def main(argv=None) -> int:
                  "unguarded": combine(normalised(r), ard, rule),
                  "centred": combine(centred, np.where(kept[:, None, None], 0.0, ard), rule),
                  **{other: combine(normalised(r), ard, other) for other in COMBINE_RULES}}
+        groups = np.asarray(r.groups)
+        for cal in CALIBRATIONS[1:]:
+            calibrated = np.zeros_like(ard)
+            for k in np.unique(groups):
+                calibrated[groups == k] = calibrate(normalised(r)[groups == k], ard[groups == k], cal)
+            rules.update({f"{other}+{cal}": combine(normalised(r), calibrated, other) for other in COMBINE_RULES})
         for name, maps in rules.items():
             px = pixel_metrics(maps, masks)
             scores = {"coarse": r.scores["coarse"], "stored": r.scores["combined"]}.get(name)
             img = image_metrics(scores if scores is not None else image_scores(maps, pgt), labels)
             print(f"| {path} | {name} | {100 * px['ap']:.1f} | {100 * px['f1_max']:.1f} | "
-                  f"{100 * img['auroc']:.1f} | {int(kept.sum())} images |")
+                  f"{100 * img['auroc']:.1f} | {int(kept.sum())} images |", flush=True)
+            summary.setdefault(name, []).append((px["ap"], px["f1_max"], img["auroc"]))
+    print(f"\nOver the {len(args.stores)} stores: mean (min) in points\n")
+    print("| rule | pixel AP | pixel F1-max | image AUROC |")
+    print("|---|---|---|---|")
+    for name, values in summary.items():
+        v = 100 * np.asarray(values)
+        print(f"| {name} | " + " | ".join(f"{v[:, j].mean():.1f} ({v[:, j].min():.1f})" for j in range(3)) + " |")
     return 0
 
 

@@ -15,11 +15,22 @@ Sec. 4.4 with Table 9 says the same: the ZSAD map has false positives, the ARD f
 Both rules give ``A_n / 2`` where the ARD says 0 (``A_n >= 0``), so a group kept coarse (the safeguard,
 ``first_group_ard: zeros``, both ``combine(A_n, 0)``) sits on the scale of refined groups under either rule; both
 are monotone non-decreasing in each argument.
+
+Calibration before the combination (``PGTConfig.calibration``, issue 26; not in the paper): the ARD's sigmoid
+output (Dice-trained, so pushed to 0/1) is mapped onto the coarse map's scale, per group, from the group's own
+real images and no label:
+
+* ``"quantile"``: the ARD's quantiles onto the coarse map's (the ARD's ranking, the coarse map's distribution);
+* ``"isotonic"``: the isotonic regression of the coarse map on the ARD map, ``E[A_n | Ā]`` (the ARD's ranking,
+  as confident as the coarse map agrees with it: an ARD the coarse map does not follow becomes flat).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 COMBINE_RULES = ("mean", "gate")
+CALIBRATIONS = ("none", "quantile", "isotonic")
 
 
 def combine(coarse_n, ard, rule: str = "mean"):
@@ -33,3 +44,21 @@ def combine(coarse_n, ard, rule: str = "mean"):
         return coarse_n - 0.5 * (1.0 - ard) * positive
     raise ValueError(f"pgt.combine={rule!r}: expected one of {COMBINE_RULES}")
 
+
+
+def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.ndarray:
+    """The ARD maps of one group mapped onto the scale of its normalised coarse maps (module doc); ``"none"``
+    returns ``ard`` unchanged. Both are monotone in ``ard``, so the ARD's own ranking (its metrics) is kept."""
+    if mode == "none":
+        return ard
+    a, c = np.asarray(ard, np.float64).ravel(), np.asarray(coarse_n, np.float64).ravel()
+    if mode == "quantile":
+        q = np.linspace(0.0, 1.0, 1001)
+        out = np.interp(a, np.quantile(a, q), np.quantile(c, q))
+    elif mode == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        out = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(a, c).predict(a)
+    else:
+        raise ValueError(f"pgt.calibration={mode!r}: expected one of {CALIBRATIONS}")
+    return out.reshape(np.shape(ard)).astype(np.float32)

@@ -35,7 +35,7 @@ from ..seeding import rng as make_rng
 from ..metrics.evaluate import resize_maps
 from . import safeguard
 from .ard import ARDConfig
-from .combine import COMBINE_RULES, combine
+from .combine import CALIBRATIONS, COMBINE_RULES, calibrate, combine
 from .store import Refined
 from .synthesis import SynthesisConfig
 from .trainer import LOSSES, CoarseNorm, Trainer
@@ -125,6 +125,11 @@ class PGTConfig:
     # transistor 4; docs/refiner_audit.md): pixel AP bottle 83.8 -> 84.2, transistor 48.1 -> 50.9, image AUROC
     # 99.1 -> 99.5 and 92.1 -> 94.4. Not tuned: it has no constant; "mean" reproduces the paper's rule.
     combine: str = "gate"
+    # The ARD map of each group mapped onto its coarse maps' scale before the combination (refine/combine.py:
+    # "quantile" or "isotonic", from the group's own real images, no label). Issue 26 asked whether calibration
+    # helps; recomputed from the 10 stored runs it does not (docs/refiner_audit.md), so "none" (the paper's).
+    # The stored "ard" output stays uncalibrated.
+    calibration: str = "none"
     # Upsampling of the coarse half of "combined" (patch grid -> evaluation resolution). True: corner-aligned, as
     # MuSc's and APRIL-GAN's official code upsample their maps (and the "coarse" output always is); False:
     # pixel-centred, the geometry of the ARD's own output. The two halves used to differ (issue 26: up to 3.5 px at
@@ -154,6 +159,8 @@ class PGTConfig:
             raise ValueError(f"pgt.coarse_norm={self.coarse_norm!r}: expected one of {COARSE_NORMS}")
         if self.query_references not in QUERY_REFERENCES:
             raise ValueError(f"pgt.query_references={self.query_references!r}: expected one of {QUERY_REFERENCES}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"pgt.calibration={self.calibration!r}: expected one of {CALIBRATIONS}")
         if self.combine not in COMBINE_RULES:
             raise ValueError(f"pgt.combine={self.combine!r}: expected one of {COMBINE_RULES}")
         if self.loss not in LOSSES:
@@ -265,7 +272,8 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
                      verdict["n_holdout"], verdict["n_normals"], verdict["ap_combined"], verdict["ap_coarse"])
         # a group the safeguard keeps coarse gets combine(coarse_n, 0) = 0.5·coarse_n: the coarse ranking on
         # refined groups' scale
-        maps["combined"][g] = combine(coarse_n, maps["ard"][g] if use else 0.0, p.combine)
+        ard = calibrate(coarse_n, maps["ard"][g], p.calibration) if use else 0.0
+        maps["combined"][g] = combine(coarse_n, ard, p.combine)
         by_ard[g] = use
 
     for k, g in enumerate(groups):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from anorefiner.refine.combine import COMBINE_RULES, combine
+from anorefiner.refine.combine import COMBINE_RULES, calibrate, combine
 
 
 def _slow(c, a, rule):
@@ -51,3 +51,57 @@ def test_gate_is_monotone_in_both_arguments_across_zero():
     a = np.linspace(0, 1, 11)[None, :]
     g = combine(c, a, "gate")
     assert np.all(np.diff(g, axis=0) >= -1e-12) and np.all(np.diff(g, axis=1) >= -1e-12)
+
+
+def _slow_isotonic(x, y):
+    """Pool-adjacent-violators in float64 loops: the non-decreasing fit of y on x (ties in x pooled first)."""
+    order = np.argsort(x, kind="stable")
+    xs, ys = x[order], y[order]
+    blocks = []  # [sum, count, x value]
+    for xi, yi in zip(xs, ys):
+        if blocks and blocks[-1][2] == xi:
+            blocks[-1][0] += yi
+            blocks[-1][1] += 1
+        else:
+            blocks.append([yi, 1, xi])
+    merged = []  # [sum, count, [x values]]
+    for total, count, xi in blocks:
+        merged.append([total, count, [xi]])
+        while len(merged) > 1 and merged[-2][0] / merged[-2][1] > merged[-1][0] / merged[-1][1]:
+            t, c, xv = merged.pop()
+            merged[-1][0] += t
+            merged[-1][1] += c
+            merged[-1][2] += xv
+    fit = {}
+    for total, count, xv in merged:
+        for xi in xv:
+            fit[xi] = total / count
+    return np.array([fit[xi] for xi in x])
+
+
+def test_isotonic_calibration_matches_a_pool_adjacent_violators_loop():
+    gen = np.random.default_rng(2)
+    ard = np.round(gen.random((2, 6, 6)), 2)  # ties, as sigmoid maps have
+    coarse = 0.5 * ard + 0.3 * gen.random((2, 6, 6))
+    got = calibrate(coarse, ard, "isotonic")
+    assert np.allclose(got.ravel(), _slow_isotonic(ard.ravel(), coarse.ravel()), atol=1e-6)
+
+
+def test_calibration_keeps_the_ard_ranking_and_takes_the_coarse_scale():
+    gen = np.random.default_rng(3)
+    ard = gen.random((4, 8, 8)).astype(np.float32)
+    coarse = (0.2 + 0.1 * gen.random((4, 8, 8))).astype(np.float32)
+    assert calibrate(coarse, ard, "none") is ard
+    for mode in ("quantile", "isotonic"):
+        out = calibrate(coarse, ard, mode)
+        assert out.shape == ard.shape and out.dtype == np.float32
+        order = np.argsort(ard.ravel())
+        assert np.all(np.diff(out.ravel()[order]) >= -1e-6)  # monotone in the ARD
+        assert coarse.min() - 1e-6 <= out.min() and out.max() <= coarse.max() + 1e-6
+    q = calibrate(coarse, ard, "quantile")
+    assert np.allclose(np.quantile(q, [0.1, 0.5, 0.9]), np.quantile(coarse, [0.1, 0.5, 0.9]), atol=5e-3)
+    # an ARD the coarse map does not follow at all becomes nearly flat under isotonic calibration
+    flat = calibrate(coarse, ard, "isotonic")
+    assert flat.std() < 0.5 * coarse.std()
+    with pytest.raises(ValueError, match="pgt.calibration='platt'"):
+        calibrate(coarse, ard, "platt")

@@ -6,6 +6,7 @@ import torch
 
 from anorefiner.cache import Features
 from anorefiner.config import from_dict
+from anorefiner.refine.combine import calibrate
 from anorefiner.refine.pgt import RefinerOptions, run_pgt, select_pseudo_normals
 from anorefiner.refine.trainer import dice_loss, focal_loss, refiner_loss
 from anorefiner.refine.store import read_refined, write_refined
@@ -364,3 +365,16 @@ def test_combine_rules_share_the_ard_and_differ_only_in_the_final_map(category, 
         g1 = gate.groups == 0
         assert np.allclose(gate.maps["combined"][g1], coarse_n[g1], atol=1e-5)
         assert np.allclose(mean.maps["combined"][g1], coarse_n[g1], atol=1e-5)
+
+
+def test_calibration_changes_only_the_combined_map(category):
+    plain = _run(category, pgt={"epochs": 1})
+    iso = _run(category, pgt={"epochs": 1, "calibration": "isotonic"})
+    assert np.array_equal(plain.maps["ard"], iso.maps["ard"])  # the stored ARD output stays uncalibrated
+    lo, hi = iso.attrs["coarse_norm"]["lo"], iso.attrs["coarse_norm"]["hi"]
+    coarse_n = (iso.maps["coarse"] - lo) / (hi - lo)
+    for k in np.unique(iso.groups):
+        g = iso.groups == k
+        expected = _expected(iso, coarse_n[g], calibrate(coarse_n[g], iso.maps["ard"][g], "isotonic"))
+        assert np.allclose(iso.maps["combined"][g], expected, atol=1e-5)
+    assert not np.allclose(iso.maps["combined"], plain.maps["combined"])
