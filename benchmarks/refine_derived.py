@@ -8,7 +8,7 @@ Training is unchanged by these rules (they act after the ARD), so a stored run a
 * ``mean+quantile``, ``gate+isotonic``, ...: the same after the ARD maps of each group are calibrated onto its
   coarse maps' scale (``pgt.calibration``);
 * ``centred``: the coarse half upsampled pixel-centred (``pgt.coarse_align_corners: false``), same safeguard
-  decisions;
+  decisions (uncalibrated runs only);
 * ``coarse``: the backend map (the baseline).
 
     python benchmarks/refine_derived.py OUT/transistor/offline/default/seed0/refined.h5 ... \
@@ -33,14 +33,14 @@ def main(argv=None) -> int:
     from anorefiner import stages
     from anorefiner.metrics import image_metrics, pixel_metrics
     from anorefiner.metrics.evaluate import resize_maps, resize_masks
-    from refine_gain import normalised
+    from refine_gain import normalised, rebuilt
     from anorefiner.refine.store import read_refined
     from anorefiner.zsad.store import read_coarse
 
     coarse = read_coarse(args.coarse)
     from anorefiner.config import from_dict
     from anorefiner.refine.pgt import PGTConfig, image_scores
-    from anorefiner.refine.combine import CALIBRATIONS, COMBINE_RULES, calibrate, combine
+    from anorefiner.refine.combine import CALIBRATIONS, COMBINE_RULES, combine
 
     summary: dict[str, list] = {}
     print("| store | rule | pixel AP | pixel F1-max | image AUROC | groups kept coarse |")
@@ -62,17 +62,13 @@ def main(argv=None) -> int:
                 kept |= np.asarray(r.groups) == v["group"] - 1
         ard = r.maps["ard"]
         centred = normalised(r, resize_maps(coarse.maps, (e, e), align_corners=False))
-        rule = r.attrs["options"]["pgt"].get("combine", "mean")  # stores older than pgt.combine used the mean
-        rules = {"coarse": r.maps["coarse"], "stored": r.maps["combined"],
-                 "unguarded": combine(normalised(r), ard, rule),
-                 "centred": combine(centred, np.where(kept[:, None, None], 0.0, ard), rule),
-                 **{other: combine(normalised(r), ard, other) for other in COMBINE_RULES}}
-        groups = np.asarray(r.groups)
-        for cal in CALIBRATIONS[1:]:
-            calibrated = np.zeros_like(ard)
-            for k in np.unique(groups):
-                calibrated[groups == k] = calibrate(normalised(r)[groups == k], ard[groups == k], cal)
-            rules.update({f"{other}+{cal}": combine(normalised(r), calibrated, other) for other in COMBINE_RULES})
+        rules = {"coarse": r.maps["coarse"], "stored": r.maps["combined"], "unguarded": rebuilt(r)}
+        if r.attrs["options"]["pgt"].get("calibration", "none") == "none":  # the centred rule is uncalibrated
+            rule = r.attrs["options"]["pgt"].get("combine", "mean")  # stores older than pgt.combine: the mean
+            rules["centred"] = combine(centred, np.where(kept[:, None, None], 0.0, ard), rule)
+        for cal in CALIBRATIONS:
+            rules.update({other + ("" if cal == "none" else f"+{cal}"): rebuilt(r, other, cal)
+                          for other in COMBINE_RULES})
         for name, maps in rules.items():
             px = pixel_metrics(maps, masks)
             scores = {"coarse": r.scores["coarse"], "stored": r.scores["combined"]}.get(name)

@@ -90,17 +90,30 @@ def normalised(refined, maps=None):
     return (maps - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12)
 
 
-def unguarded(refined):
-    """``combined`` as it would be without the safeguard: ``combine(coarse_n, ard)`` in every group (the ARD maps
-    are stored for kept groups too, and the training is the same either way). None when it cannot be rebuilt."""
-    from anorefiner.refine.combine import combine
+def rebuilt(refined, rule: str | None = None, calibration: str | None = None):
+    """``combined`` rebuilt from the stored ``coarse`` and ``ard`` maps with every group refined (no safeguard), by
+    ``rule``/``calibration`` (default: the run's own; stores older than these options used "mean" and "none")."""
+    from anorefiner.refine.combine import calibrate, combine
 
+    pgt = refined.attrs.get("options", {}).get("pgt", {})
+    rule = rule or pgt.get("combine", "mean")
+    calibration = calibration or pgt.get("calibration", "none")
+    coarse_n, ard, groups = normalised(refined), refined.maps["ard"], np.asarray(refined.groups)
+    if calibration != "none":
+        ard = ard.copy()
+        for k in np.unique(groups):
+            ard[groups == k] = calibrate(coarse_n[groups == k], ard[groups == k], calibration)
+    return combine(coarse_n, ard, rule)
+
+
+def unguarded(refined):
+    """``combined`` as it would be without the safeguard (the ARD maps are stored for kept groups too, and the
+    training is the same either way). None when there is nothing to rebuild or it cannot be rebuilt."""
     pgt = refined.attrs.get("options", {}).get("pgt", {})
     kept = [v for v in refined.attrs.get("safeguard", []) if not v["refined"]]
     if not kept or not pgt.get("coarse_align_corners", True):
         return None
-    # stores made before pgt.combine existed used the paper's mean
-    return combine(normalised(refined), refined.maps["ard"], pgt.get("combine", "mean"))
+    return rebuilt(refined)
 
 
 def evaluate(refined, masks, labels, args) -> list[dict]:

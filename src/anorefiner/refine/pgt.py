@@ -16,7 +16,8 @@ One ARD is trained progressively (:class:`~anorefiner.refine.trainer.Trainer`):
 Outputs per image (Table 9): ``coarse`` (the backend map upsampled bilinearly with align_corners=True, as the
 metrics stage does), ``ard`` (sigmoid of the ARD logits; a stand-in in group 1 unless it is refined) and
 ``combined`` (:mod:`.combine`, ``PGTConfig.combine``: the paper's mean, or by default the gate in which the ARD
-can only lower the coarse map; a group the optional safeguard keeps coarse gets half its normalised coarse map,
+can only lower the coarse map, after the ARD is calibrated per group onto the coarse scale, ``PGTConfig.calibration``;
+a group the optional safeguard keeps coarse gets half its normalised coarse map,
 :mod:`.safeguard`). Coarse maps are normalised before entering the ARD and before they are combined
 (``PGTConfig.coarse_norm``); the ``coarse`` output itself stays raw so its metrics equal the backend's.
 """
@@ -121,15 +122,18 @@ class PGTConfig:
     # Final map from the normalised coarse map and the ARD map (refine/combine.py). "mean": the paper's average
     # (Sec. 3.2). "gate" (default): coarse_n·(1 + ARD)/2, the ARD may halve a coarse score but never raise it. The
     # paper assigns false positives to the coarse map and false negatives to the ARD; the mean also lets the ARD's
-    # false positives add 0.5 anywhere, which is how transistor lost. Measured on 10 stored runs (bottle 6,
-    # transistor 4; docs/refiner_audit.md): pixel AP bottle 83.8 -> 84.2, transistor 48.1 -> 50.9, image AUROC
-    # 99.1 -> 99.5 and 92.1 -> 94.4. Not tuned: it has no constant; "mean" reproduces the paper's rule.
+    # false positives add 0.5 anywhere, which is how transistor lost (issue 26).
     combine: str = "gate"
-    # The ARD map of each group mapped onto its coarse maps' scale before the combination (refine/combine.py:
-    # "quantile" or "isotonic", from the group's own real images, no label). Issue 26 asked whether calibration
-    # helps; recomputed from the 10 stored runs it does not (docs/refiner_audit.md), so "none" (the paper's).
-    # The stored "ard" output stays uncalibrated.
-    calibration: str = "none"
+    # The ARD map of each group mapped onto its coarse maps' scale before the combination, from the group's own
+    # real images and no label (refine/combine.py). "isotonic" (default): E[coarse_n | ARD], so the ARD counts as
+    # far as the coarse map follows it on real images (on transistor it does not: its maps become nearly flat
+    # and the group keeps its coarse ranking). "quantile": the coarse distribution. "none": the paper's.
+    # The stored "ard" output stays uncalibrated (Table 9's ARD alone).
+    # Both defaults were chosen among the six parameter-free rules {mean, gate} x {none, quantile, isotonic}
+    # recomputed on 10 stored runs (refine_derived.py; bottle 6, transistor 4; docs/refiner_audit.md): pixel AP
+    # bottle 83.8 (mean, none) -> 84.5, transistor 48.1 -> 52.6 (coarse 82.1 / 53.2), image AUROC 99.1 -> 99.8
+    # and 92.1 -> 96.1 (coarse 99.9 / 94.7). Neither has a constant to tune.
+    calibration: str = "isotonic"
     # Upsampling of the coarse half of "combined" (patch grid -> evaluation resolution). True: corner-aligned, as
     # MuSc's and APRIL-GAN's official code upsample their maps (and the "coarse" output always is); False:
     # pixel-centred, the geometry of the ARD's own output. The two halves used to differ (issue 26: up to 3.5 px at

@@ -12,7 +12,8 @@ alone. Before an ARD refines a group, :func:`check` scores two things no label w
   (PGT's own selection, Sec. 3.2), taken as wholly normal (empty masks): where the ARD fires on them, it
   fires on normal structure of this very group.
 
-Pixel AP pooled over both, of the combined map (``PGTConfig.combine``) against the coarse map ``coarse_n``
+Pixel AP pooled over both, of the combined map (``PGTConfig.calibration`` and ``combine``, the calibration fitted
+on the check set's own maps) against the coarse map ``coarse_n``
 alone. Only if combined beats coarse by more than ``safeguard_margin`` does the ARD refine the group;
 otherwise the group keeps its coarse map, on the scale of refined groups' combined maps (``0.5·coarse_n``,
 what ``first_group_ard: zeros`` gives group 1: per image the coarse ranking, and pooled with refined groups
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from ..metrics.pixel import pixel_metrics
-from .combine import combine
+from .combine import calibrate, combine
 
 
 def check(trainer, holdout: dict, normals: np.ndarray, norm) -> dict:
@@ -42,7 +43,8 @@ def check(trainer, holdout: dict, normals: np.ndarray, norm) -> dict:
     ard = np.concatenate([trainer.refine(holdout["x"], c_h, res), trainer.refine(x_n, c_n, res)])
     coarse = trainer.coarse_at(np.concatenate([holdout["coarse"], trainer.coarse.maps[normals]]), res, norm)
     masks = np.concatenate([holdout["masks"][:, 0].numpy() > 0.5, np.zeros((len(normals), res, res), bool)])
-    combined = combine(coarse, ard, trainer.options.pgt.combine)
+    p = trainer.options.pgt
+    combined = combine(coarse, calibrate(coarse, ard, p.calibration), p.combine)
     n_h = len(holdout["x"])
     ap_combined = pixel_metrics(combined, masks)["ap"]
     ap_coarse = pixel_metrics(coarse, masks)["ap"]

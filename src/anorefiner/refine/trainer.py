@@ -217,7 +217,8 @@ class Trainer:
         return norm(resize_maps(patch_maps, (size, size), self.options.pgt.coarse_align_corners))
 
     def diagnostic(self, data: dict, norm: CoarseNorm) -> dict:
-        """The first pseudo-anomaly of ``data`` with its coarse, ARD and combined maps (input resolution)."""
+        """The first pseudo-anomaly of ``data`` with its coarse, ARD and combined maps (input resolution; combined by
+        ``PGTConfig.combine`` without calibration, which is fitted on a whole group of real images)."""
         c = norm(data["coarse"][:1])
         ard = self.refine(data["x"][:1], torch.as_tensor(c)[:, None].float(), self.resolution)[0]
         coarse = self.coarse_at(data["coarse"][:1], self.resolution, norm)[0]

@@ -15,7 +15,8 @@ from anorefiner.zsad.store import Coarse
 
 TINY = {
     "ard": {"feat_channels": 16, "anomaly_channels": 8, "aa_channels": 12, "head_channels": 8},
-    "pgt": {"group_size": 6, "n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2, "batch_size": 2},
+    "pgt": {"group_size": 6, "n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2, "batch_size": 2,
+            "calibration": "none"},  # the default "isotonic" has its own test (test_calibration_...)
 }
 
 
@@ -370,6 +371,7 @@ def test_combine_rules_share_the_ard_and_differ_only_in_the_final_map(category, 
 def test_calibration_changes_only_the_combined_map(category):
     plain = _run(category, pgt={"epochs": 1})
     iso = _run(category, pgt={"epochs": 1, "calibration": "isotonic"})
+    assert RefinerOptions().pgt.calibration == "isotonic"  # the default (docs/refiner_audit.md)
     assert np.array_equal(plain.maps["ard"], iso.maps["ard"])  # the stored ARD output stays uncalibrated
     lo, hi = iso.attrs["coarse_norm"]["lo"], iso.attrs["coarse_norm"]["hi"]
     coarse_n = (iso.maps["coarse"] - lo) / (hi - lo)
