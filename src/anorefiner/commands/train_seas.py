@@ -27,5 +27,6 @@ def main(args) -> int:
     config = parse_json_options(args.options, SeaSConfig, "seas")
     config.validate()
     seed_everything(config.seed)
-    train_seas(args.root, args.dataset, args.category, args.weights, config, args.out, device=resolve_device(args.device))
+    train_seas(args.root, args.dataset, args.category, args.weights, config, args.out,
+               device=resolve_device(args.device))
     return 0

@@ -31,7 +31,7 @@ from .config import SeaSConfig
 from .data import image_tensor, transform
 from .losses import add_more_noise
 from .rmp import RMP
-from .sd import DTYPE, BlockOutputs, Tokens, feature_channels, load_base, token_ids, unet_features
+from .sd import DTYPE, BlockOutputs, Tokens, add_tokens, feature_channels, load_base, token_ids, unet_features
 from .train import FORMAT
 
 
@@ -57,11 +57,9 @@ class SeaSGenerator:
         comp = load_base(base or self.manifest["base"]["path"], self.device, self.dtype, unet=self.model_dir / "unet")
         self.tokens = Tokens(tuple(self.manifest["tokens"]["normal"]),
                              tuple(tuple(g) for g in self.manifest["tokens"]["anomaly"]))
-        added = comp.tokenizer.add_tokens(self.tokens.all)
-        if added != len(self.tokens.all) or comp.tokenizer.convert_tokens_to_ids(self.tokens.all) \
-                != self.manifest["token_ids"]:
+        c = self.config
+        if add_tokens(comp, self.tokens, c.initializer_token, c.normal_initializer_token) != self.manifest["token_ids"]:
             raise ValueError(f"{self.model_dir}: the tokenizer of {comp.base} gives other ids to {self.tokens.all}")
-        comp.text_encoder.resize_token_embeddings(len(comp.tokenizer), mean_resizing=False)
         weight = load_file(str(self.model_dir / "token_embedding.safetensors"))["weight"]
         emb = comp.text_encoder.get_input_embeddings()
         if tuple(weight.shape) != tuple(emb.weight.shape):
@@ -71,7 +69,6 @@ class SeaSGenerator:
             emb.weight.copy_(weight.to(emb.weight.dtype))
         self.comp = comp
         unet_ch, vae_ch = feature_channels(comp.unet, comp.vae)
-        c = self.config
         self.rmp = RMP(unet_ch, vae_ch, c.rmp_channels, c.rmp_heads, c.rmp_layers, c.rmp_groups)
         self.rmp.load_state_dict(load_file(str(self.model_dir / "rmp.safetensors")))
         self.rmp.to(self.device, self.dtype).eval()

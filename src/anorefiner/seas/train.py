@@ -117,10 +117,9 @@ def finetune_generation(comp: Components, tokens: Tokens, new_ids: list[int], da
     b = cfg.batch_size
     steps = cfg.steps_per_defect_type * len(data.defect_types)
     history, acc = [], []
+    data_iter = batches(data, cfg.resolution, b, gen, cfg.rotation, cfg.normal_alignment)
     try:
-        for batch, step_now in _optimizer_steps(
-                batches(data, cfg.resolution, b, gen, cfg.rotation, cfg.normal_alignment), cfg, steps,
-                "seas generation"):
+        for batch, step_now in _optimizer_steps(data_iter, cfg, steps, "seas generation"):
             with torch.no_grad():
                 latents = encode_latents(vae, _pixels(batch, cfg.normal_alignment), noise)
             eps = noise.randn(latents.shape, latents)
@@ -142,12 +141,7 @@ def finetune_generation(comp: Components, tokens: Tokens, new_ids: list[int], da
             (loss / cfg.gradient_accumulation_steps).backward()
             acc.append({k: float(v.detach()) for k, v in terms.items()})
             if step_now:
-                for opt in (opt_unet, opt_text):
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                history.append({k: float(np.mean([a[k] for a in acc])) for k in acc[0]})
-                acc = []
-                _check_finite("generation", len(history), history[-1])
+                _apply_step((opt_unet, opt_text), acc, history, "generation")
     finally:
         maps.release()
     unet.eval()
@@ -176,18 +170,15 @@ def train_mask_head(comp: Components, tokens: Tokens, data: TrainingSet, cfg: Se
     size = cfg.resolution
     steps = cfg.steps_per_defect_type * len(data.defect_types)
     history, acc = [], []
+    data_iter = batches(data, size, cfg.batch_size, gen, cfg.rotation, True)
     try:
-        for batch, step_now in _optimizer_steps(batches(data, size, cfg.batch_size, gen, cfg.rotation, True), cfg, steps,
-                                                "seas mask"):
+        for batch, step_now in _optimizer_steps(data_iter, cfg, steps, "seas mask"):
             targets = _mask_targets(batch["mask"].to(device), size // vae_scale(vae), cfg.small_defect_masks)
             if targets is not None:  # None: no anomalous pixel left after resizing (seas_mask.py L356-L361)
-                acc.append(_mask_loss(comp, rmp, tokens, batch, targets, ddpm, up, dec, noise, step_gen, cfg, device))
+                loss = _mask_loss(comp, rmp, tokens, batch, targets, ddpm, up, dec, noise, step_gen, cfg, device)
+                acc.append({"focal": loss})
             if step_now and acc:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                history.append({"focal": float(np.mean(acc))})
-                acc = []
-                _check_finite("mask", len(history), history[-1])
+                _apply_step((opt,), acc, history, "mask")
     finally:
         up.release()
         dec.release()
@@ -238,10 +229,16 @@ def _mask_targets(mask: torch.Tensor, latent: int, small_defects: bool):
     return torch.cat([mask, zeros]), torch.cat([small, torch.zeros_like(small)])
 
 
-def _check_finite(stage: str, step: int, terms: dict) -> None:
-    bad = {k: v for k, v in terms.items() if not np.isfinite(v)}
+def _apply_step(optimizers, acc: list[dict], history: list[dict], stage: str) -> None:
+    """Apply the accumulated gradient and record the mean loss terms of its batches (then ``acc`` is emptied)."""
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    history.append({k: float(np.mean([a[k] for a in acc])) for k in acc[0]})
+    acc.clear()
+    bad = {k: v for k, v in history[-1].items() if not np.isfinite(v)}
     if bad:
-        raise FloatingPointError(f"SeaS {stage} step {step}: non-finite loss {bad}")
+        raise FloatingPointError(f"SeaS {stage} step {len(history)}: non-finite loss {bad}")
 
 
 def train_seas(root, dataset: str, category: str, weights, cfg: SeaSConfig, out, device="cpu") -> Path:

@@ -1,4 +1,4 @@
-"""SeaS's formulas against independent float64 loops (the official code's arithmetic, written out element by element)."""
+"""SeaS's formulas against independent float64 loops (the official code's arithmetic, element by element)."""
 
 from __future__ import annotations
 

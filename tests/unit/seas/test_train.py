@@ -92,7 +92,8 @@ def test_finetuning_updates_the_unet_and_the_token_embeddings(comp, demo_dataset
     assert not torch.allclose(emb[ids], emb0[ids])
     # the whole matrix trains (seas.py L254-L258): rows of tokens in no prompt get no gradient and only feel AdamW's
     # decoupled weight decay, w <- w (1 - lr wd) per step
-    used = set(token_ids(comp.tokenizer, [tokens.prompt(k) for k in range(4)] + [tokens.normal_prompt()]).ravel().tolist())
+    prompts = [tokens.prompt(k) for k in range(4)] + [tokens.normal_prompt()]
+    used = set(token_ids(comp.tokenizer, prompts).ravel().tolist())
     others = [i for i in range(len(emb)) if i not in used]
     assert len(others) > len(emb) // 2
     decay = (1 - cfg.encoder_learning_rate * cfg.adam_weight_decay) ** steps
