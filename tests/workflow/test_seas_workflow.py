@@ -5,13 +5,14 @@ test images, PGT of variant ``seas`` takes its pseudo-anomalies from it, and the
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import pandas as pd
 import pytest
 import yaml
 
-from .conftest import snakemake, tiny_config
+from .conftest import REPO, snakemake, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,24 @@ def test_dry_run_schedules_training_before_pgt_and_nothing_else(seas_run):
     proc = snakemake(work, path, "-n", "--forcerun", "train_seas")
     assert "train_seas" in proc.stdout and "pgt" in proc.stdout
     assert "sd_weights" not in proc.stdout  # a local folder is used as it is
+
+
+def test_table5_on_the_cluster_trains_seas_on_gpus_and_fetches_its_weights_on_the_login_node():
+    """The paper config's Table 5 with the SLURM profile (dry run): one train_seas job per category on a GPU
+    partition with CUDA, the pinned Stable Diffusion fetched once by a local rule, PGT of the seas rows reading both."""
+    from .test_cluster import _dry_run, _jobs, _partition
+
+    text = _dry_run("--workflow-profile", "profiles/slurm", "--slurm-no-account", "tables/table5.csv")
+    jobs = _jobs(text)
+    train = [j for j in jobs if j["rule"] == "train_seas"]
+    assert len(train) == 15 + 12
+    for job in train:
+        assert int(job["resources"]["gpu"]) == 1 and _partition(job) == "gpu" and "--device cuda" in job["shell"]
+        assert job["shell"].startswith("HF_HUB_OFFLINE=1 ")
+        assert "--weights resources/weights/stable-diffusion-v1-4/" in job["shell"]
+    fetch = [j for j in jobs if j["rule"] == "sd_weights"]
+    assert len(fetch) == 1 and "gpu" not in fetch[0]["resources"]
+    localrules = re.search(r"^localrules:\n((?:    \w+,\n)+)", (REPO / "workflow" / "Snakefile").read_text(), re.M)
+    assert "    sd_weights,\n" in localrules.group(1)  # runs on the login node
+    seas_pgt = [j for j in jobs if j["rule"] == "pgt" and "--seas-model results/seas/" in j["shell"]]
+    assert len(seas_pgt) == 2 * 27 * 5  # VCP-CLIP and MuSc*, 27 categories, 5 seeds
