@@ -28,7 +28,7 @@ def _inputs(comp, prompts):
 
 
 def test_placeholder_tokens_start_as_object_and_defect(comp):
-    tokens = Tokens.make(2, 1, 4)
+    tokens = Tokens.make(3, 1, 4)
     assert tokens.prompt(1) == "a ob1 with sks5 sks6 sks7 sks8" and tokens.normal_prompt() == "a ob1"
     ids = add_tokens(comp, tokens)
     weight = comp.text_encoder.get_input_embeddings().weight
@@ -39,6 +39,8 @@ def test_placeholder_tokens_start_as_object_and_defect(comp):
     # "<bos> a ob1 with sks1..sks4": the positions the official code indexes (seas.py L92-L93)
     assert positions(row, ids[:1])[0].nonzero().ravel().tolist() == [2]
     assert positions(row, ids[1:])[0].nonzero().ravel().tolist() == [4, 5, 6, 7]
+    third = token_ids(comp.tokenizer, [tokens.prompt(2)])[0, 4:8].tolist()
+    assert third == ids[9:13]  # "sks10" is its own token, not "sks1" + "0"
     with pytest.raises(ValueError, match="already holds"):
         add_tokens(comp, tokens)
 
