@@ -31,6 +31,7 @@ COMMANDS = {
     "run": "run",
     "plan": "plan",
     "train-backend": "train_backend",
+    "train-seas": "train_seas",
     "list": "list",
 }
 

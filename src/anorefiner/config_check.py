@@ -203,6 +203,33 @@ def check_workflow_config(config: dict) -> None:
         check_backend(name, cfg, config)
         check_training(name, cfg)
     check_inputs(config)
+    unknown = sorted(set((config.get("seas") or {}).get("datasets") or {}) - set(config.get("datasets") or {}))
+    if unknown:
+        raise ConfigError(f"seas.datasets: {unknown} are not configured datasets ({', '.join(config.get('datasets') or {})})")
+    for dataset in config.get("datasets") or {}:
+        seas_config(config, dataset)
     from .tta import check_config as check_tta
 
     check_tta(config)
+
+
+def seas_options(config: dict, dataset: str) -> dict:
+    """``seas.options`` with ``seas.datasets.<dataset>`` applied (the options of rule train_seas)."""
+    section = config.get("seas") or {}
+    return deep_update(copy.deepcopy(section.get("options") or {}),
+                       copy.deepcopy((section.get("datasets") or {}).get(dataset) or {}))
+
+
+def seas_config(config: dict, dataset: str):
+    """The checked :class:`~anorefiner.seas.config.SeaSConfig` of ``dataset``."""
+    from .seas.config import SeaSConfig
+
+    where = f"seas (dataset {dataset})"
+    try:
+        cfg = from_dict(SeaSConfig, seas_options(config, dataset), where)
+        cfg.validate()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+    return cfg

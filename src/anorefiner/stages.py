@@ -289,10 +289,12 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
 
 def refine(root, dataset: str, category: str, features_path, coarse_path, *, backbone, backend_name: str,
            backend_type: str, backend_opts: dict, options, seed: int, textures: str = "offline",
-           eval_resolution: int = 518, device="cpu", out, reuse: bool = False) -> Path:
+           eval_resolution: int = 518, device="cpu", out, reuse: bool = False, seas_model=None) -> Path:
     """Stage 3 (rule ``pgt``): AnoRefiner (ARD trained by PGT) on the coarse maps → refined store.
 
-    ``backbone`` must be the one that made the feature cache (pseudo-anomaly features).
+    ``backbone`` must be the one that made the feature cache (pseudo-anomaly features). ``seas_model``: the trained
+    SeaS model (rule ``train_seas``) of ``synthesis.method: seas``; the test images it learnt from are recorded as
+    ``excluded_from_scoring`` in the store, and :func:`evaluate` leaves them out.
     """
     from .cache import read_attrs, read_features
     from .data.index import test_rows
@@ -303,9 +305,16 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
 
     out = Path(out)
     options.validate()
+    seas = options.synthesis.method == "seas"
+    if seas and not seas_model:
+        raise ValueError("synthesis.method 'seas' needs the trained SeaS model (--seas-model; rule train_seas)")
     provenance = {"stage": "refined", "coarse": stored_provenance(coarse_path), "options": asdict(options),
                   "seed": int(seed), "eval_resolution": int(eval_resolution), "textures": str(textures),
                   "backend": backend_name, "backend_options": backend_opts}
+    if seas:
+        from .seas.data import model_record
+
+        provenance["seas"] = model_record(seas_model)
     if reusable(out, provenance, reuse):
         return out
     remove_stale_temps(out)
@@ -324,9 +333,15 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
     # Table 4 only; run_pgt logs loudly that ground-truth labels are used.
     labels = df["label"].to_numpy(dtype=np.int64) if options.pgt.contamination_ratio > 0 else None
     backend = make_backend(backend_name, backend_type, backend_opts, backbone=backbone, seed=seed)
+    source = load_textures(textures, seed, category)
+    if seas:
+        from .seas.generate import SeaSGenerator
+
+        source = SeaSGenerator(seas_model, device)
     refined = run_pgt(feats, coarse_store, list(df["image_path"]), backbone, backend, options, seed=seed,
-                      textures=load_textures(textures, seed, category), eval_resolution=eval_resolution, labels=labels,
-                      device=device)
+                      textures=source, eval_resolution=eval_resolution, labels=labels, device=device)
+    if seas:
+        refined.attrs["excluded_from_scoring"] = [i for i in provenance["seas"]["trained_on"] if i in set(feats.ids)]
     n_refined = int(refined.attrs["n_refined_by_ard"])
     if n_refined == 0:
         LOG.warning("NOT REFINED: %s/%s: no image was refined by a trained ARD (%d test images in %d group(s), "
@@ -349,6 +364,7 @@ def evaluate(root, dataset: str, category: str, source, options) -> list[dict]:
     from .metrics import evaluate_category
 
     ids, methods, attrs = load_methods(source)
+    ids, methods = drop_excluded(ids, methods, attrs.get("excluded_from_scoring") or [], source)
     if attrs.get("n_refined_by_ard") == 0:
         LOG.warning("NOT REFINED: %s holds no image refined by a trained ARD: its 'ard' and 'combined' rows "
                     "describe rescaled coarse maps", source)
@@ -357,6 +373,18 @@ def evaluate(root, dataset: str, category: str, source, options) -> list[dict]:
     LOG.info("scoring %s/%s: %d images, methods %s, PRO %s", dataset, category, len(ids), sorted(methods),
              options.pro_variant if options.compute_pro else "off")
     return evaluate_category(methods, masks, labels, options)
+
+
+def drop_excluded(ids: list[str], methods: dict, excluded, source) -> tuple[list[str], dict]:
+    """Leave out the images a store marks ``excluded_from_scoring`` (the test images SeaS learnt from)."""
+    excluded = set(excluded)
+    if not excluded:
+        return ids, methods
+    keep = np.asarray([i not in excluded for i in ids])
+    LOG.info("%s: %d test image(s) left out of scoring (SeaS learnt from them): %s", source, int((~keep).sum()),
+             sorted(excluded & set(ids)))
+    return ([i for i, k in zip(ids, keep) if k],
+            {m: (np.asarray(maps)[keep], np.asarray(scores)[keep]) for m, (maps, scores) in methods.items()})
 
 
 def load_methods(source) -> tuple[list[str], dict, dict]:

@@ -35,12 +35,24 @@ def test_shipped_configs_pass(name):
     (lambda c: c["backends"]["paclip"]["options"].update(alpah=0.5), r"'backends\.paclip\.options\.alpah' for PACLIPConfig"),
     (lambda c: c["backends"].update(mine={"type": "byo", "backbone": "vit_l14_336", "options": {"musc": {"topmn": 1}}}),
      r"'backends\.mine\.options\.musc\.topmn' for MuscConfig"),
+    (lambda c: c["seas"]["options"].update(guidance=2), r"'seas \(dataset mvtec_ad\)\.guidance' for SeaSConfig"),
+    (lambda c: c["seas"]["datasets"]["visa"].update(mask_threshold=1.5), r"seas \(dataset visa\).*mask_threshold"),
+    (lambda c: c["seas"]["datasets"].update(mvtec_3d={}), r"seas\.datasets: \['mvtec_3d'\] are not configured"),
 ])
 def test_typos_and_bad_values_name_the_key(edit, message):
     config = copy.deepcopy(_config())
     edit(config)
     with pytest.raises(ConfigError, match=message):
         check_workflow_config(config)
+
+
+def test_seas_options_merge_the_dataset_overrides():
+    from anorefiner.config_check import seas_config
+
+    visa, mvtec = seas_config(_config(), "visa"), seas_config(_config(), "mvtec_ad")
+    assert (visa.guidance_scale, visa.rotation, visa.small_defect_masks) == (2.0, False, True)
+    assert (mvtec.guidance_scale, mvtec.rotation, mvtec.small_defect_masks) == (8.0, True, False)
+    assert refiner_options(_config(), "seas")["synthesis"]["method"] == "seas"
 
 
 def test_variant_options_merge_over_the_base_sections():

@@ -256,9 +256,7 @@ def byo_maps(wildcards):
 
 def variant_options(wildcards):
     """The ard/pgt/synthesis sections with the variant's overrides applied, as JSON."""
-    from anorefiner.config_check import refiner_options
-
-    return json.dumps(refiner_options(config, wildcards.variant), sort_keys=True)
+    return json.dumps(refiner_options_of(wildcards), sort_keys=True)
 
 
 def textures_arg():
@@ -368,3 +366,54 @@ def default_message():
             "  snakemake --workflow-profile profiles/demo  # the offline CPU demo (minutes)",
         ]
     return " ".join(shlex.quote(line) for line in lines)
+
+
+# ------------------------------------------------------------------ SeaS (Table 5 (c), docs/seas.md)
+def seas_weights():
+    """The Stable Diffusion folder SeaS fine-tunes: the pinned hub model's cache (rule sd_weights) or the
+    user's folder (config seas.weights)."""
+    from anorefiner.seas.fetch import PINNED, cache_dir
+
+    name = config["seas"]["weights"]
+    if name in PINNED:
+        return str(cache_dir(name))
+    if not Path(name).is_dir():
+        raise ValueError(
+            f"seas.weights: {name!r} is neither a pinned model ({', '.join(PINNED)}) nor a folder (a Stable "
+            "Diffusion model in diffusers layout)"
+        )
+    return name
+
+
+def seas_weights_input(wildcards):
+    return seas_weights()
+
+
+def seas_options(wildcards):
+    """SeaSConfig of the dataset (seas.options + seas.datasets.<dataset>) as JSON."""
+    from anorefiner.config_check import seas_options as merged
+
+    return json.dumps(merged(config, wildcards.dataset), sort_keys=True)
+
+
+def uses_seas(wildcards):
+    return refiner_options_of(wildcards)["synthesis"].get("method") == "seas"
+
+
+def refiner_options_of(wildcards):
+    from anorefiner.config_check import refiner_options
+
+    return refiner_options(config, wildcards.variant)
+
+
+def seas_model(wildcards):
+    return f"results/seas/{wildcards.dataset}/{wildcards.category}"
+
+
+def seas_inputs(wildcards):
+    """What PGT with SeaS's pseudo-anomalies reads: the category's SeaS model and the weights it was tuned from."""
+    return [seas_model(wildcards), seas_weights()] if uses_seas(wildcards) else []
+
+
+def seas_arg(wildcards):
+    return f"--seas-model {seas_model(wildcards)}" if uses_seas(wildcards) else ""

@@ -8,6 +8,7 @@ rule pgt:
         textures=textures_ready,
         features=features_of,
         coarse=coarse_of,
+        seas=seas_inputs,
     output:
         "results/refined/{dataset}/{backend}/{variant}/seed{seed}/{category}.h5",
     params:
@@ -22,6 +23,7 @@ rule pgt:
         textures=textures_arg(),
         eval_resolution=config["refine"]["eval_resolution"],
         device=device_arg(),
+        seas=seas_arg,
     log:
         "logs/pgt/{dataset}/{backend}/{variant}/seed{seed}/{category}.log",
     benchmark:
@@ -40,4 +42,5 @@ rule pgt:
         " --backend-type {params.backend_type} --backend-name {wildcards.backend}"
         " --backend-options '{params.backend_options}'"
         " --options '{params.options}' --seed {wildcards.seed} --textures {params.textures}"
-        " --eval-resolution {params.eval_resolution} --device {params.device} --out {output} > {log} 2>&1"
+        " --eval-resolution {params.eval_resolution} --device {params.device} {params.seas} --out {output}"
+        " > {log} 2>&1"

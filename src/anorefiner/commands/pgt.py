@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--options", default="{}", help="JSON with sections ard, pgt, synthesis (a variant's settings)")
     p.add_argument("--seed", type=int, default=0, help="run seed (groups, pseudo-anomalies, ARD initialisation)")
     p.add_argument("--textures", default="offline", help="'offline' (scikit-image stand-ins) or a DTD root folder")
+    p.add_argument("--seas-model", default=None,
+                   help="trained SeaS model folder (rule train_seas): the pseudo-anomalies of synthesis.method 'seas'")
     p.add_argument("--eval-resolution", type=int, default=518, help="resolution E of the stored maps (MuSc: 518)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto (CUDA when present), cpu or cuda")
@@ -54,5 +56,5 @@ def main(args) -> int:
     stages.refine(args.root, args.dataset, args.category, args.features, args.coarse, backbone=backbone,
                   backend_name=backend_name, backend_type=args.backend_type, backend_opts=backend_opts,
                   options=options, seed=args.seed, textures=args.textures, eval_resolution=args.eval_resolution,
-                  device=device, out=args.out)
+                  device=device, out=args.out, seas_model=args.seas_model)
     return 0

@@ -14,7 +14,10 @@ the demo generator or the published counts):
   ``refine.eval_resolution`` (an upper bound: the stores are gzip-compressed, 2.7x smaller in the smoke run);
 - tta: the base method's coarse cost plus ``n`` x the method's passes (``tta.image_factor`` forwards);
 - train_backend: auxiliary test images x epochs x the type's factor of a forward;
-- metrics (CPU); download, weights and official_checkpoint: bytes / ``download_mb_per_s``; the rest negligible.
+- train_seas: both SeaS stages, ``steps_per_defect_type`` optimiser steps per defect type each; pgt of a variant with
+  ``synthesis.method: seas`` generates its pseudo-anomalies with the SeaS model (``seas`` rates);
+- metrics (CPU); download, weights, sd_weights and official_checkpoint: bytes / ``download_mb_per_s``; the
+  rest negligible.
 
 Rules priced from rates not measured on the device (``measured`` in plan_rates.yaml) are marked ``*``.
 
@@ -47,10 +50,11 @@ GEOMETRY = {
 }
 # Rules with a cost model; table, audit, figures and the default target cost seconds and kilobytes.
 PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default",
-          "train_backend", "tta", "weights", "official_checkpoint", "all_tables"}
+          "train_backend", "tta", "weights", "official_checkpoint", "all_tables", "train_seas", "sd_weights"}
 # Rows in pipeline order (Snakemake's dry run lists jobs in no fixed order).
-STAGE_ORDER = ["download", "demo_data", "weights", "official_checkpoint", "features", "train_backend", "coarse", "tta",
-               "pgt", "metrics", "table", "audit", "figures", "all_tables", "default"]
+STAGE_ORDER = ["download", "demo_data", "weights", "sd_weights", "official_checkpoint", "features",
+               "train_backend", "train_seas", "coarse", "tta", "pgt", "metrics", "table", "audit", "figures",
+               "all_tables", "default"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -300,12 +304,14 @@ class CostModel:
             return self.pgt(wc)
         if job.rule == "train_backend":
             return self.train_backend(wc)
+        if job.rule == "train_seas":
+            return self.train_seas(wc)
         if job.rule == "metrics":
             e = (self.config.get("evaluation") or {}).get("resolution") or REF_RESOLUTION
             return self.n(wc) * d["metrics_s_per_image"] * (e / REF_RESOLUTION) ** 2, self.rates["metric_file_bytes"]
         if job.rule == "tta":
             return self.tta(job)
-        if job.rule in ("download", "weights", "official_checkpoint"):
+        if job.rule in ("download", "weights", "sd_weights", "official_checkpoint"):
             return self.download(job)
         if job.rule not in PRICED:
             note = f"rule {job.rule!r} has no rate in {RATES_FILE.name}: its jobs are counted, not priced"
@@ -325,7 +331,7 @@ class CostModel:
         wc = job.wildcards
         if job.rule == "download":
             size = float(self.rates["download_bytes"].get(wc.get("dataset", ""), 0.0))
-        elif job.rule == "weights":
+        elif job.rule in ("weights", "sd_weights"):
             size = float(self.rates.get("weights_bytes", {}).get(wc.get("model", ""), 0.0))
         else:
             kind = self.config["backends"][wc["backend"]]["type"]
@@ -374,7 +380,28 @@ class CostModel:
         per_image = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0] * float(factor)
         return train["job_overhead_s"] + n * epochs * per_image, size
 
+    def defect_types(self, dataset: str, category: str) -> int:
+        """Defect folders of a category's test split (on disk, else ``defect_types`` of the rates)."""
+        ds = (self.config.get("datasets") or {}).get(dataset) or {}
+        test = Path(ds.get("root") or self.directory / "resources" / "datasets" / dataset) / category / "test"
+        if test.is_dir():
+            found = [p for p in test.iterdir() if p.is_dir() and p.name != "good"]
+            if found:
+                return len(found)
+        return int(self.rates.get("defect_types", {}).get(dataset, {}).get(category, 1))
+
+    def train_seas(self, wc) -> tuple[float, float]:
+        """Both SeaS stages: ``steps_per_defect_type`` x defect types optimiser steps each (``seas`` rates)."""
+        from ..config_check import seas_config
+
+        rates = self.dev["seas"]
+        steps = seas_config(self.config, wc["dataset"]).steps_per_defect_type * self.defect_types(
+            wc["dataset"], wc["category"])
+        return (rates["job_overhead_s"] + steps * (rates["generation_s_per_step"] + rates["mask_s_per_step"]),
+                float(self.rates["seas_model_bytes"]))
+
     def pgt(self, wc) -> tuple[float, float]:
+        from ..config_check import refiner_options
         from ..refine.pgt import PGTConfig
         from ..zsad.groups import make_groups
 
@@ -391,11 +418,14 @@ class CostModel:
         if get("schedule") == "one_group":
             trained = trained[:1]
         seconds = d["pgt"]["job_overhead_s"] + n * d["pgt"]["refine_s_per_image"] * px
+        make = d["pgt"]["make_s_per_pseudo_anomaly"] * px
+        if refiner_options(self.config, wc["variant"])["synthesis"].get("method") == "seas":
+            make = d["seas"]["generate_s_per_image"]  # at SeaS's own resolution
+            seconds += d["seas"]["job_overhead_s"]
         for k, g in enumerate(trained):
             q = min(int(get("n_pseudo_normal")), len(g)) * int(get("n_anomalies_per_normal"))
             if not (get("schedule") == "same_anomalies" and k > 0):
-                seconds += q * (d["pgt"]["make_s_per_pseudo_anomaly"] * px + rate["features_s_per_image"] * px
-                                + len(g) * rate["musc_s_per_pair"] * pair)
+                seconds += q * (make + rate["features_s_per_image"] * px + len(g) * rate["musc_s_per_pair"] * pair)
             seconds += q * int(get("epochs")) * d["pgt"]["train_s_per_sample_epoch"] * px
         e = int((self.config.get("refine") or {}).get("eval_resolution", REF_RESOLUTION))
         return seconds, n * (3 * e * e * 2 + 12)

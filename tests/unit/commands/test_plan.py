@@ -225,6 +225,28 @@ def test_tta_and_downloads_are_priced(tmp_path):
     assert disk == rates["checkpoint_bytes"]["april_gan"] and seconds > 0
 
 
+def test_seas_training_generation_and_weights_are_priced(tmp_path):
+    """train_seas: both stages, 800 optimiser steps per defect type each; pgt of the seas variant generates its
+    pseudo-anomalies with SeaS; sd_weights downloads Stable Diffusion."""
+    from anorefiner.commands.plan import load_config
+
+    rates = load_rates()
+    config = load_config(REPO / "config" / "config.yaml")
+    model = CostModel(config, rates, "gpu", tmp_path)  # nothing on disk: the published defect-type counts
+    s = rates["devices"]["gpu"]["seas"]
+    seconds, disk = model.cost(Job("train_seas", {"dataset": "mvtec_ad", "category": "cable"}))
+    assert seconds == pytest.approx(s["job_overhead_s"] + 8 * 800 * (s["generation_s_per_step"] + s["mask_s_per_step"]))
+    assert disk == rates["seas_model_bytes"]
+    wc = {"dataset": "mvtec_ad", "backend": "musc_star", "category": "bottle", "seed": "0"}
+    perlin, _ = model.cost(Job("pgt", dict(wc, variant="default")))
+    seas, _ = model.cost(Job("pgt", dict(wc, variant="seas")))
+    # bottle: 83 images in 3 groups of u = 30, 2 trained (the last is not), r x l = 20 pseudo-anomalies each
+    make = rates["devices"]["gpu"]["pgt"]["make_s_per_pseudo_anomaly"]
+    assert seas - perlin == pytest.approx(s["job_overhead_s"] + 2 * 20 * (s["generate_s_per_image"] - make))
+    seconds, disk = model.cost(Job("sd_weights", {"model": "stable-diffusion-v1-4", "revision": "0" * 40}))
+    assert disk == rates["weights_bytes"]["stable-diffusion-v1-4"] and seconds == pytest.approx(disk / 20e6)
+
+
 def test_configfile_merges_over_the_paper_config_as_snakemake_does(tmp_path):
     """A partial --configfile (one seed) is merged over config/config.yaml, not used alone."""
     (tmp_path / "work").mkdir()

@@ -74,8 +74,8 @@ def test_offline_texture_source_works():
     assert masks.any()
 
 
-def test_unknown_and_unimplemented_methods():
-    with pytest.raises(NotImplementedError, match="seas"):
+def test_unknown_methods_and_seas_without_a_model():
+    with pytest.raises(ValueError, match="trained SeaS model"):  # textures are no SeaS model
         synthesize(_images(), 1, SynthesisConfig(method="seas"), _textures(), seed=0)
     with pytest.raises(ValueError, match="synthesis.method"):
         synthesize(_images(), 1, SynthesisConfig(method="dream"), _textures(), seed=0)
