@@ -198,11 +198,11 @@ def test_maps_and_scores_match_the_float64_loop(tiny56):
     logits = model.image_logits(text, toks[0][:, 0, :32].contiguous()).detach().numpy()  # stage 1: L2(g)
     assert float(model.temperature_image.detach()) == pytest.approx(math.log(1 / 0.07))
     cm_w, cm_b = model.class_mapping.weight.detach().numpy(), model.class_mapping.bias.detach().numpy()
-    gl = toks[0][:, 0, :32].numpy()
+    gl, tau = toks[0][:, 0, :32].numpy(), float(model.temperature_image.detach().exp())
     for i in range(b):
         for r in range(2 * s):
             t_ = cm_w @ text[i, r].numpy() + cm_b
-            want = float(model.temperature_image.detach().exp()) * (t_ / np.linalg.norm(t_)) @ (gl[i] / np.linalg.norm(gl[i]))
+            want = tau * (t_ / np.linalg.norm(t_)) @ (gl[i] / np.linalg.norm(gl[i]))
             assert logits[i, r] == pytest.approx(want, rel=1e-9)
 
 
