@@ -127,6 +127,20 @@ def flow_samples(flow, eps: torch.Tensor, image: torch.Tensor | None = None) -> 
     return z
 
 
+def monte_carlo_text(model: BayesPfl, backbone, tokens: torch.Tensor, image: torch.Tensor, eps: torch.Tensor,
+                     state_z: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``forward_ensemble`` + ``TextEncoder`` in test mode for ``b`` images: global features ``image [b, D]``, their
+    flow noise ``eps [b, R, D]``, the run's state samples ``(normal, abnormal)`` ``[R, D]`` each and the class
+    tokens ``[1, L]`` -> L2-normalised text ``[b, 2 R B, D]``: the normal block first, each block ordered
+    (sample, bank prompt) as the official ``x_new_array``."""
+    b, r = eps.shape[:2]
+    rows = torch.cat([flow_samples(model.PFL_context, eps[i], image[i]) for i in range(b)])  # [b * R, D], by image
+    text = text_embeddings(model, backbone, tokens.expand(b * r, -1), rows, state_z[0].repeat(b, 1),
+                           state_z[1].repeat(b, 1))
+    s = text.shape[1] // 2
+    return torch.cat([text[:, :s].reshape(b, r * s, -1), text[:, s:].reshape(b, r * s, -1)], dim=1)
+
+
 def pair_probs(logits: torch.Tensor) -> torch.Tensor:
     """``[..., 2S]`` logits (normal prompts, then abnormal) -> ``[..., S]`` softmax of each pair, abnormal channel."""
     s = logits.shape[-1] // 2
@@ -215,15 +229,10 @@ class BayesPflBackend:
             toks = [float_tensor(layers[k][a : a + b]).reshape(b, h * w, -1).to(self.device) for k in names]
             with torch.no_grad():
                 g = self.backbone.image_embedding(cls[a : a + b], normalize=False).float().to(self.device)
-                z = []
-                for i in range(b):
-                    eps = rng(self.seed, "bayes_pfl", *streams[a + i]).standard_normal((r, g.shape[1]))
-                    z.append(flow_samples(self.model.PFL_context, torch.from_numpy(eps).float().to(self.device), g[i]))
-                rows = torch.cat(z)  # [b * R, D], image-major
-                text = text_embeddings(self.model, self.backbone, self.tokens.expand(b * r, -1), rows,
-                                       self.state_z[0].repeat(b, 1), self.state_z[1].repeat(b, 1))
-                s = text.shape[1] // 2  # per image: R x 3 pairs (sample, prompt), normal block first
-                text = torch.cat([text[:, :s].reshape(b, r * s, -1), text[:, s:].reshape(b, r * s, -1)], dim=1)
+                eps = np.stack([rng(self.seed, "bayes_pfl", *streams[a + i]).standard_normal((r, g.shape[1]))
+                                for i in range(b)])
+                text = monte_carlo_text(self.model, self.backbone, self.tokens, g,
+                                        torch.from_numpy(eps).float().to(self.device), self.state_z)
                 logits = self.model.image_logits(text, g, toks if self.stage == 2 else None)
                 probs.append(pair_probs(logits).mean(1).cpu().numpy())
                 full = full_map(self.model, text, toks, (h, w), self.map_size).float()
