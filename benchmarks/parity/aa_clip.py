@@ -27,12 +27,11 @@ files merged into the project's one-file checkpoint), the text-stage features of
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
-from core import quarter_layers
+from core import official_module, quarter_layers
 
 REPO = "Mwxinnn/AA-CLIP"
 COMMIT = "53db195"
@@ -67,13 +66,6 @@ STAGES = [
 ]
 
 
-def _module(root: Path, rel: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, root / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def official(root: Path, spec: dict) -> dict:
     import shims
 
@@ -87,7 +79,7 @@ def official(root: Path, spec: dict) -> dict:
 
     official_clip._MODEL_CKPT_PATHS[spec["model"]] = spec["clip"]
     shims.APPLIED.append("model.clip._MODEL_CKPT_PATHS -> the local CLIP file")
-    test = _module(root, "test.py", "aa_clip_official_test")
+    test = official_module(root, "test.py", "aa_clip_official_test")
     size, work = spec["image_size"], Path(spec["work"])
     clip_model = official_clip.create_model(model_name=spec["model"], img_size=size, device="cpu",
                                             pretrained="openai", require_pretrained=True)

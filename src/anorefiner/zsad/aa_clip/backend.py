@@ -119,7 +119,7 @@ def _count(state: dict, prefix: str) -> int:
 def load_adapters(path: str | Path, backbone=None) -> tuple[Adapters, dict]:
     """``(adapters, meta)`` of a checkpoint; the adapter counts and the ``relu`` switch are read from its keys, the
     widths from the backbone (or the file); every key and shape is checked, errors name the file and the key."""
-    from ..checkpoints import load_weights_only
+    from ..checkpoints import check_state, load_weights_only
 
     path = Path(path)
     obj = load_weights_only(path, "aa_clip checkpoint")
@@ -139,16 +139,9 @@ def load_adapters(path: str | Path, backbone=None) -> tuple[Adapters, dict]:
         model = Adapters(width, text_width, embed, _count(image, "seg_proj."), _count(image, "layer_adapters."),
                          _count(text, "") - 1, relu)
     for part in PARTS:
-        want, got = getattr(model, part).state_dict(), obj[part]
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        if missing or extra:
-            raise ValueError(f"aa_clip checkpoint {path}: {part} lacks {missing[:5]} / has unexpected {extra[:5]}")
-        for k, v in want.items():
-            if not torch.is_tensor(got[k]) or tuple(got[k].shape) != tuple(v.shape):
-                shape = tuple(got[k].shape) if torch.is_tensor(got[k]) else type(got[k]).__name__
-                raise ValueError(f"aa_clip checkpoint {path}: {part}.{k} has shape {shape}, expected {tuple(v.shape)}"
-                                 f" (vision width {width}, text width {text_width}, embed {embed})")
-        getattr(model, part).load_state_dict({k: v.float() for k, v in got.items()})
+        check_state(path, "aa_clip checkpoint", getattr(model, part).state_dict(), obj[part], part,
+                    f" (vision width {width}, text width {text_width}, embed {embed})")
+        getattr(model, part).load_state_dict({k: v.float() for k, v in obj[part].items()})
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     return model.eval().requires_grad_(False), meta
 

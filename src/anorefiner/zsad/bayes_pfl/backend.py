@@ -85,8 +85,8 @@ def _dims(state: dict, path: Path) -> dict:
 def load_model(path: str | Path, backbone=None, rca_heads: int = 4) -> tuple[BayesPfl, dict]:
     """``(model, meta)`` of a checkpoint: sizes read from its shapes, widths checked against the backbone, every
     key and shape compared with the model's (errors name the file and the key)."""
-    from ..checkpoints import load_weights_only
     from ..aa_clip.model import dims_of
+    from ..checkpoints import check_state, load_weights_only
 
     path = Path(path)
     obj = load_weights_only(path, "bayes_pfl checkpoint")
@@ -105,14 +105,7 @@ def load_model(path: str | Path, backbone=None, rca_heads: int = 4) -> tuple[Bay
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the global RNG
         model = BayesPfl(**dims, rca_heads=int(meta.get("rca_heads", rca_heads)))
-    want = model.state_dict()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or extra:
-        raise ValueError(f"bayes_pfl checkpoint {path}: lacks {missing[:5]} / has unexpected {extra[:5]}")
-    for k, v in want.items():
-        if not torch.is_tensor(state[k]) or tuple(state[k].shape) != tuple(v.shape):
-            shape = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
-            raise ValueError(f"bayes_pfl checkpoint {path}: {k} has shape {shape}, expected {tuple(v.shape)}")
+    check_state(path, "bayes_pfl checkpoint", model.state_dict(), state)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False), meta
 

@@ -62,14 +62,21 @@ class Decoder(torch.nn.Module):
         self.weight_mean = InferenceBlock(dim, hidden, dim)
 
 
-class ImageFlow(torch.nn.Module):
-    """``PlanarPFL``: amortised flow parameters from the image feature."""
+class Flow(torch.nn.Module):
+    """``PFL``: the encoder, the (unused) decoder and its ``p_mu`` head, K planar flows."""
 
     def __init__(self, encoder: Encoder, decoder: Decoder, dim: int, num_flows: int):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.p_mu = torch.nn.Sequential(torch.nn.Linear(dim, dim))
         self.num_flows = num_flows
+
+
+class ImageFlow(Flow):
+    """``PlanarPFL``: amortised flow parameters from the image feature."""
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, dim: int, num_flows: int):
+        super().__init__(encoder, decoder, dim, num_flows)
         self.amor_u = torch.nn.Linear(dim, num_flows * dim)
         self.amor_w = torch.nn.Linear(dim, num_flows * dim)
         self.amor_b = torch.nn.Linear(dim, num_flows)
@@ -81,14 +88,11 @@ class ImageFlow(torch.nn.Module):
                 self.amor_b(x).view(b, k, 1, 1))
 
 
-class StateFlow(torch.nn.Module):
+class StateFlow(Flow):
     """``PlanarPFL_state``: a learned state vector and free flow parameters (N(0, 1) init)."""
 
     def __init__(self, encoder: Encoder, decoder: Decoder, dim: int, num_flows: int):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        self.p_mu = torch.nn.Sequential(torch.nn.Linear(dim, dim))
-        self.num_flows = num_flows
+        super().__init__(encoder, decoder, dim, num_flows)
         self.amor_u = torch.nn.Parameter(torch.randn(1, num_flows, dim, 1))
         self.amor_w = torch.nn.Parameter(torch.randn(1, num_flows, 1, dim))
         self.amor_b = torch.nn.Parameter(torch.randn(1, num_flows, 1, 1))

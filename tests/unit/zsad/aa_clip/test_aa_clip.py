@@ -3,14 +3,12 @@ the backend end to end from images."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from anorefiner.backbones import build_backbone
 from anorefiner.zsad.aa_clip.backend import (AaClipBackend, AaClipConfig, class_scores, detection_scores, full_map,
                                              gaussian_blur, level_map, load_adapters)
 from anorefiner.zsad.aa_clip.model import (Adapters, adapted_visual, blend, class_text, default_until, dims_of,
@@ -22,21 +20,6 @@ from anorefiner.zsad.april_gan.train import training_samples
 
 from ..anomalyclip.test_anomalyclip import _attention_loop, _block_loop, _layer_norm
 from ..reference import bilinear_align_corners
-
-
-@pytest.fixture(scope="module")
-def tiny56(tiny_clip):
-    return build_backbone(tiny_clip, 56, pretrained=None, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny64(tiny56):
-    """A float64 copy of the tiny CLIP (the same weights)."""
-    bb = copy.copy(tiny56)
-    bb.model = copy.deepcopy(tiny56.model).double()
-    bb.visual = bb.model.visual
-    bb.pos_embed = tiny56.pos_embed.double()
-    return bb
 
 
 def _adapters(bb, seed=0, relu=False, dtype=torch.float64):

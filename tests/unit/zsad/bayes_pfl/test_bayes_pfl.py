@@ -26,11 +26,6 @@ from anorefiner.zsad.bayes_pfl.train import (TrainConfig, cosine_warmup, stage1_
 from ..reference import bilinear_align_corners
 
 
-@pytest.fixture(scope="module")
-def tiny56(tiny_clip):
-    return build_backbone(tiny_clip, 56, pretrained=None, seed=0)
-
-
 def _model(bb, seed=0, **kw) -> BayesPfl:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
