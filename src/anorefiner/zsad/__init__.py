@@ -2,10 +2,10 @@
 
 Layout: one package per method, named after its paper, as anomalib keeps ``models/image/<name>/``
 (``musc``, ``paclip``, ``pad_pam``, ``winclip``, ``april_gan``, ``vcp_clip``, ``rareclip``, ``adaclip``,
-``anomalyclip``, ``aa_clip``, ``bayes_pfl``, and ``byo`` for maps of any other method). Each holds ``backend.py`` (the backend class and
-its options), the method's own parts beside it (``prompts.py``, ``memory.py``, ``dpam.py``, ...) and, for a
-trained method, ``train.py`` (rule ``train_backend``); its ``__init__`` exports the public names. The
-modules at this top level are the machinery every method shares, never one method's parts:
+``anomalyclip``, ``aa_clip``, ``bayes_pfl``, and ``byo`` for maps of any other method). Each holds ``backend.py``
+(the backend class and its options), the method's own parts beside it (``prompts.py``, ``memory.py``,
+``dpam.py``, ...) and, for a trained method, ``train.py`` (rule ``train_backend``); its ``__init__`` exports the
+public names. The modules at this top level are the machinery every method shares, never one method's parts:
 
 * :mod:`.registry`: the backend types, the one place a backend is added (``anorefiner list backends``);
 * :mod:`.store`: the coarse store (maps and scores of one backend on one category);
