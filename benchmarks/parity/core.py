@@ -69,6 +69,14 @@ def verify_pins(root: Path, pinned: dict[str, str], repo: str, commit: str, lfs:
             raise PinError(f"{path}: git blob {got}, expected {blob} ({repo}@{commit}); check out that commit")
 
 
+def official_module(root: Path, rel: str, name: str):
+    """An official script (e.g. ``test.py``) of the clone at ``root`` imported as module ``name``, unchanged."""
+    spec = importlib.util.spec_from_file_location(name, Path(root) / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_adapter(path: Path):
     """The adapter module at ``path`` (imported by file, so tests can bring their own)."""
     path = Path(path).resolve()

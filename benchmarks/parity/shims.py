@@ -8,8 +8,9 @@ Each shim is applied in the official-side subprocess only, and only where the re
   inference path never calls (plotting, tensorboard, OpenCV in visualisation helpers); any use raises;
 * :func:`pkg_resources_packaging`: ``from pkg_resources import packaging`` (setuptools >= 81 dropped
   ``pkg_resources``) served by the ``packaging`` distribution it re-exported;
-* :func:`cuda_to_cpu`: hard-coded ``tensor.to('cuda')`` lines (e.g. APRIL-GAN's unused attention sum in
-  ``open_clip/transformer.py`` VisionTransformer.forward) stay on the CPU when no GPU is present.
+* :func:`cuda_to_cpu`: hard-coded ``tensor.to('cuda')`` / ``.cuda()`` lines (e.g. APRIL-GAN's unused attention sum
+  in ``open_clip/transformer.py`` VisionTransformer.forward, Bayes-PFL's ``is_cuda``) stay on the CPU when no GPU
+  is present.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def pkg_resources_packaging() -> None:
 
 
 def cuda_to_cpu() -> None:
-    """Without CUDA, ``Tensor.to('cuda')`` / ``Tensor.to(torch.device('cuda'))`` return the tensor on the CPU."""
+    """Without CUDA, ``Tensor.to('cuda')`` / ``Tensor.to(torch.device('cuda'))`` / ``Tensor.cuda()`` return the
+    tensor on the CPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -89,4 +91,5 @@ def cuda_to_cpu() -> None:
         return original(self, *args, **kwargs)
 
     torch.Tensor.to = to
-    APPLIED.append("Tensor.to('cuda') -> cpu")
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    APPLIED.append("Tensor.to('cuda') / .cuda() -> cpu")

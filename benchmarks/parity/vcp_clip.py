@@ -23,12 +23,11 @@ and the scores without the official per-class min-max.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
-from core import config_quarters, quarter_layers
+from core import config_quarters, official_module, quarter_layers
 
 REPO = "xiaozhen228/VCP-CLIP"
 COMMIT = "4dd96ec"
@@ -65,13 +64,6 @@ CHOICES = [
 ]
 
 
-def _module(root: Path, rel: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, root / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def official(root: Path, spec: dict) -> dict:
     import shims
 
@@ -88,8 +80,8 @@ def official(root: Path, spec: dict) -> dict:
     from models.prompt_ensemble import Prompt_Ensemble
     from utils.tools import normalize
 
-    test = _module(root, "test.py", "vcp_official_test")
-    train = _module(root, "train.py", "vcp_official_train")
+    test = official_module(root, "test.py", "vcp_official_test")
+    train = official_module(root, "train.py", "vcp_official_train")
     size = spec["image_size"]
     layers, cfg = config_quarters(root / "models" / "model_configs" / f"{spec['model']}.json")  # 6 12 18 24
     torch.manual_seed(spec["seed"])

@@ -155,6 +155,7 @@ shims.cuda_to_cpu()
 if not torch.cuda.is_available():
     assert torch.ones(2).to('cuda').device.type == 'cpu'
     assert torch.ones(2).to(torch.device('cuda'), torch.float64).dtype == torch.float64
+    assert torch.ones(2).cuda().device.type == 'cpu'
 print(shims.APPLIED)
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(PARITY)]))

@@ -2,10 +2,10 @@
 
 Layout: one package per method, named after its paper, as anomalib keeps ``models/image/<name>/``
 (``musc``, ``paclip``, ``pad_pam``, ``winclip``, ``april_gan``, ``vcp_clip``, ``rareclip``, ``adaclip``,
-``anomalyclip``, and ``byo`` for maps of any other method). Each holds ``backend.py`` (the backend class and
-its options), the method's own parts beside it (``prompts.py``, ``memory.py``, ``dpam.py``, ...) and, for a
-trained method, ``train.py`` (rule ``train_backend``); its ``__init__`` exports the public names. The
-modules at this top level are the machinery every method shares, never one method's parts:
+``anomalyclip``, ``aa_clip``, ``bayes_pfl``, and ``byo`` for maps of any other method). Each holds ``backend.py``
+(the backend class and its options), the method's own parts beside it (``prompts.py``, ``memory.py``,
+``dpam.py``, ...) and, for a trained method, ``train.py`` (rule ``train_backend``); its ``__init__`` exports the
+public names. The modules at this top level are the machinery every method shares, never one method's parts:
 
 * :mod:`.registry`: the backend types, the one place a backend is added (``anorefiner list backends``);
 * :mod:`.store`: the coarse store (maps and scores of one backend on one category);
@@ -35,6 +35,8 @@ name            type      preset
 ``rareclip``    rareclip  RareCLIP (text adapters trained on the auxiliary dataset; online rarity memory)
 ``adaclip``     adaclip   AdaCLIP (hybrid prompts and heads trained on the auxiliary dataset; scores images)
 ``anomalyclip`` anomalyclip AnomalyCLIP (object-agnostic prompts trained on the auxiliary dataset; DPAM forward)
+``aa_clip``     aa_clip   AA-CLIP (text and image adapters trained on the auxiliary dataset; scores images)
+``bayes_pfl``   bayes_pfl Bayes-PFL (prompt flows trained on the auxiliary dataset; Monte-Carlo text samples)
 ``pad_pam``     pad_pam   PA-CLIP's PAD+PAM on an AnomalyCLIP/AdaCLIP base (options ``base_type``, ``base_options``)
 ==============  ========  =============================================
 """
@@ -62,6 +64,8 @@ PRESETS = {
     "rareclip": ("rareclip", {}),
     "adaclip": ("adaclip", {}),
     "anomalyclip": ("anomalyclip", {}),
+    "aa_clip": ("aa_clip", {}),
+    "bayes_pfl": ("bayes_pfl", {}),
     "pad_pam": ("pad_pam", {}),
 }
 

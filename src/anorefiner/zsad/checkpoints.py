@@ -132,6 +132,23 @@ def load_weights_only(path: str | Path, what: str):
         raise ValueError(f"{what} {path}: not a weights-only torch file ({err})") from None
 
 
+def check_state(path: str | Path, what: str, expected: dict, got: dict, part: str = "", hint: str = "") -> None:
+    """``got`` has exactly ``expected``'s keys and each tensor its shape, else ``ValueError`` naming ``what``, the
+    file, ``part`` (a sub-dict's name) and the key; ``hint`` is added to a shape error (the widths expected)."""
+    import torch
+
+    prefix = f"{part}." if part else ""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{what} {path}: {part or 'the state dict'} lacks {missing[:5]} / has unexpected "
+                         f"{extra[:5]}")
+    for key, ref in expected.items():
+        value = got[key]
+        if not torch.is_tensor(value) or tuple(value.shape) != tuple(ref.shape):
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"{what} {path}: {prefix}{key} has shape {shape}, expected {tuple(ref.shape)}{hint}")
+
+
 def training_info(config, losses, rows, backbone, start: float, meta: dict | None = None, **extra) -> dict:
     """The ``meta`` dict of a trained backend's checkpoint (plain values only, so it loads weights-only):
     the options, per-epoch mean losses, the classes and number of training images, the backbone, the time, and

@@ -70,6 +70,10 @@ BACKEND_TYPES: dict[str, BackendType] = {
                                refinable=False),
     "adaclip": BackendType("adaclip", "AdaClipBackend", "AdaClipConfig", paper="AdaCLIP (ECCV 2024)", clip=True,
                            class_name=True, images=True, trainer="adaclip.train", refinable=False),
+    "aa_clip": BackendType("aa_clip", "AaClipBackend", "AaClipConfig", paper="AA-CLIP (CVPR 2025)", clip=True,
+                           class_name=True, images=True, trainer="aa_clip.train", refinable=False),
+    "bayes_pfl": BackendType("bayes_pfl", "BayesPflBackend", "BayesPflConfig", paper="Bayes-PFL (CVPR 2025)",
+                             clip=True, class_name=True, trainer="bayes_pfl.train"),
     "pad_pam": BackendType("pad_pam", "PadPamBackend", "PadPamConfig",
                            paper="PA-CLIP's PAD+PAM on another CLIP method (PA-CLIP Tab. 5-6)", clip=True,
                            class_name=True, images=True, refinable=False),
@@ -88,15 +92,16 @@ TTA_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.tta)
 # Which backends' maps depend on the run's seed, given their options (the workflow computes the others' maps
 # once and lets every seed read them). From what each module does with ``seed``: MuSc's groups are a seeded
 # permutation (``group_order: shuffled``) only when it scores in groups; WinCLIP draws its k-shot references
-# with it; APRIL-GAN, VCP-CLIP and AnomalyCLIP score each image with fixed weights (the seed only sets their
-# training, rule train_backend); PA-CLIP (coreset, CADA views), +PAD+PAM, RareCLIP (stream order), AdaCLIP
-# (KMeans) and everything else are treated as seed-dependent.
+# with it; APRIL-GAN, VCP-CLIP, AnomalyCLIP and AA-CLIP score each image with fixed weights (the seed only sets
+# their training, rule train_backend); PA-CLIP (coreset, CADA views), +PAD+PAM, RareCLIP (stream order), AdaCLIP
+# (KMeans), Bayes-PFL (Monte-Carlo flow samples) and everything else are treated as seed-dependent.
 _SEED_FREE = {
     "musc": lambda o: o.get("group_size") is None or o.get("group_order", "shuffled") != "shuffled",
     "winclip": lambda o: int(o.get("k_shot", 0) or 0) == 0,
     "april_gan": lambda o: True,
     "vcp_clip": lambda o: True,
     "anomalyclip": lambda o: True,
+    "aa_clip": lambda o: True,
 }
 
 

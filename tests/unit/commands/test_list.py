@@ -9,6 +9,7 @@ import yaml
 from anorefiner.cli import main
 from anorefiner.tables.declare import list_tables, load_declaration
 from anorefiner.zsad import PRESETS
+from anorefiner.zsad.checkpoints import OFFICIAL
 from anorefiner.zsad.registry import BACKEND_TYPES
 
 REPO = Path(__file__).resolve().parents[3]
@@ -35,10 +36,12 @@ def test_backends_without_config_lists_each_type_with_its_presets(capsys, tmp_pa
         _, paper, trains, weights, pgt, tta, names = rows[kind]
         assert paper == entry.paper and entry.paper
         assert trains == ("yes" if entry.trainer else "no")
-        assert weights.startswith("trained | official") == bool(entry.trainer)
+        assert weights.startswith("trained") == bool(entry.trainer)
+        assert weights.startswith("trained | official") == (kind in OFFICIAL)  # AA-CLIP, Bayes-PFL: trained only
         assert (pgt, tta) == ("yes" if entry.refinable else "no", "yes" if entry.tta else "no")
         assert names.split(", ") == [n for n, (k, _) in PRESETS.items() if k == kind]
     assert "git blob checked" in rows["april_gan"][3] and "a file you download" in rows["vcp_clip"][3]
+    assert rows["aa_clip"][3] == rows["bayes_pfl"][3] == "trained"
 
 
 def test_backends_with_config_lists_its_names_and_the_tta_backends(capsys):
@@ -85,7 +88,8 @@ def test_every_declared_table_and_row_is_listed(capsys):
     declared = [(n, r.label) for n in names for r in load_declaration(n, TABLES).rows]
     assert [tuple(_cells(line)[:2]) for line in lines] == declared
     table13 = {_cells(line)[1]: _cells(line)[2] for line in lines if line.startswith("table13 ")}
-    assert table13["AA-CLIP"].startswith("not implemented: ") and table13["RareCLIP"].startswith("runs: rareclip/")
+    assert table13["AA-CLIP"].startswith("runs: aa_clip/coarse") and table13["RareCLIP"].startswith("runs: rareclip/")
+    assert table13["Bayes-PFL"] == "runs: bayes_pfl/coarse, method coarse, seeds all"
 
 
 def test_unknown_table_names_the_declared_ones(capsys):

@@ -186,6 +186,30 @@ def test_trained_backends_are_priced(tmp_path):
                                     + 83 * vit["features_s_per_image"] * d["coarse_image_factor"]["adaclip"])
 
 
+def test_aa_clip_and_bayes_pfl_are_priced_over_both_training_stages(tmp_path):
+    """Their TrainConfig.epochs is the sum of the two stages (AA-CLIP 5 + 20, Bayes-PFL 25 + 5); both pay their
+    per-image work in coarse; nothing is left unpriced."""
+    from anorefiner.commands.plan import load_config
+
+    rates = load_rates()
+    config = load_config(Path(__file__).resolve().parents[3] / "config" / "config.yaml")
+    model = CostModel(config, rates, "gpu", tmp_path)
+    d = rates["devices"]["gpu"]
+    vit, t = d["backbones"]["ViT-L-14-336"], d["train_backend"]
+    n_visa = sum(rates["test_images"]["visa"].values())
+    for backend, epochs in (("aa_clip", 25), ("bayes_pfl", 30)):
+        seconds, disk = model.cost(Job("train_backend", {"backend": backend, "source": "trained", "dataset": "visa"}))
+        factor = t["image_epoch_factor"][backend]
+        assert seconds == pytest.approx(t["job_overhead_s"] + n_visa * epochs * vit["features_s_per_image"] * factor)
+        assert disk == rates["checkpoint_bytes"][backend] > 0
+        seconds, _ = model.cost(Job("coarse", {"dataset": "mvtec_ad", "backend": backend, "category": "bottle",
+                                               "seed": "0"}))
+        assert seconds == pytest.approx(d["coarse_job_overhead_s"] + 83 * vit["features_s_per_image"]
+                                        * d["coarse_image_factor"][backend])
+        assert rates["devices"]["cpu"]["coarse_image_factor"][backend] > 0
+    assert not model.notes
+
+
 def test_table1_plan_prices_every_rule(tmp_path):
     """TTA, training and the downloads cost something; no rule goes unpriced; estimates are marked."""
     out = tmp_path / "plan.json"

@@ -173,7 +173,15 @@ def test_write_table_and_audit(tmp_path, table1_metrics):
     audit = audit_markdown(rendered, 1.0)
     assert "| table1 | 1 | 1 | 10 | 0 | 180 | 0 |" in audit  # reproduced: MuSc AUROC-cls only; the rest not run
     assert "| table8 | 0 | 0 | 0 | 0 | 16 | 0 |" in audit
-    assert "## Largest differences" in audit and "## Not implemented" in audit
+    assert "## Largest differences" in audit and "## Not implemented" not in audit  # table13's rows run (issue 25)
+    decl_dir = tmp_path / "declarations"
+    decl_dir.mkdir()
+    (decl_dir / "t.yaml").write_text("title: T\npublished: null\ndatasets: [MVTec AD]\n"
+                                     "columns: {AUROC-cls: image_auroc}\nrows: [{row: A, not_implemented: a model}]\n")
+    t = render_table(load_declaration("t", decl_dir), CONFIG, load_metrics([]), str(table1_metrics))
+    write_table(t, load_declaration("t", decl_dir), tmp_path / "tables" / "t.csv", 1.0)
+    ni = audit_markdown(read_rendered([tmp_path / "tables" / "t.csv"]), 1.0)
+    assert "## Not implemented\n\n- a model — 1 cells (t:A)" in ni
     out = write_audit([csv_path], tmp_path / "tables" / "audit.md", 1.0)
     assert out.read_text().startswith("# Reproduction audit")
 

@@ -16,6 +16,7 @@ from .paclip.test_paclip import _feats
     ("winclip", {}, False), ("winclip", {"k_shot": 4}, True),
     ("april_gan", {}, False), ("vcp_clip", {}, False), ("anomalyclip", {}, False),
     ("rareclip", {}, True), ("adaclip", {}, True), ("paclip", {}, True), ("pad_pam", {}, True),
+    ("aa_clip", {}, False), ("bayes_pfl", {}, True),  # Bayes-PFL: Monte-Carlo flow samples from the run's seed
     ("byo", {}, True), ("something_new", {}, True),  # unknown: assumed seed-dependent
 ])
 def test_seed_dependence_by_type_and_options(kind, options, expected):
@@ -24,7 +25,7 @@ def test_seed_dependence_by_type_and_options(kind, options, expected):
 
 def test_every_registered_type_is_decided_on_purpose():
     free = {k for k in BACKEND_TYPES if not seed_dependent(k, {})}
-    assert free == {"musc", "winclip", "april_gan", "vcp_clip", "anomalyclip"}
+    assert free == {"musc", "winclip", "april_gan", "vcp_clip", "anomalyclip", "aa_clip"}
 
 
 def test_musc_maps_follow_the_decision():

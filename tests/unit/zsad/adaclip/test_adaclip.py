@@ -23,11 +23,6 @@ from ..reference import bilinear_align_corners
 
 
 @pytest.fixture(scope="module")
-def tiny56(tiny_clip):
-    return build_backbone(tiny_clip, 56, pretrained=None, seed=0)
-
-
-@pytest.fixture(scope="module")
 def tiny56_f64(tiny_clip):
     bb = build_backbone(tiny_clip, 56, pretrained=None, seed=1)
     bb.model.double()

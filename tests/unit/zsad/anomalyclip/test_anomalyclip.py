@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from anorefiner.backbones import build_backbone
 from anorefiner.zsad.anomalyclip.backend import (CHECKPOINT_KEY, AnomalyCLIPBackend, AnomalyCLIPConfig, PromptLearner,
                                          encode_text, full_map, image_scores, load_prompt_learner, patch_probs, smooth)
 from anorefiner.zsad.anomalyclip.dpam import (default_dpam_layer, dpam_start, dual_path_forward, global_feature,
@@ -19,21 +17,6 @@ from anorefiner.zsad.april_gan.backend import patch_map
 from anorefiner.zsad.april_gan.train import training_samples
 
 SMALL = {"n_ctx": 3, "depth": 3, "t_n_ctx": 2}
-
-
-@pytest.fixture(scope="module")
-def tiny56(tiny_clip):
-    return build_backbone(tiny_clip, 56, pretrained=None, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny64(tiny56):
-    """A float64 copy of the tiny CLIP (the same weights)."""
-    bb = copy.copy(tiny56)
-    bb.model = copy.deepcopy(tiny56.model).double()
-    bb.visual = bb.model.visual
-    bb.pos_embed = tiny56.pos_embed.double()
-    return bb
 
 
 # ---------------------------------------------------------------- float64 loop references

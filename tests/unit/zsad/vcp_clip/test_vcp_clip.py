@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from anorefiner.backbones import build_backbone
 from anorefiner.cache import extract_features, read_features
 from anorefiner.data.index import index_category
 from anorefiner.zsad.april_gan.train import training_samples
@@ -22,11 +21,6 @@ from anorefiner.zsad.vcp_clip.prompts import (ABNORMAL_PROMPT, NORMAL_PROMPT, Pr
                                               vcp_text)
 from anorefiner.zsad.vcp_clip.train import (TrainConfig, augment, check_checkpoint, draw_augmentation,
                                             mosaic_pick_anomalous, train_backend, train_vcp)
-
-
-@pytest.fixture(scope="module")
-def tiny56(tiny_clip):
-    return build_backbone(tiny_clip, 56, pretrained=None, seed=0)
 
 
 def _softmax(z):
