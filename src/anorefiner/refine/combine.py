@@ -54,7 +54,11 @@ def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.n
     a, c = np.asarray(ard, np.float64).ravel(), np.asarray(coarse_n, np.float64).ravel()
     if mode == "quantile":
         q = np.linspace(0.0, 1.0, 1001)
-        out = np.interp(a, np.quantile(a, q), np.quantile(c, q))
+        knots, inverse = np.unique(np.quantile(a, q), return_inverse=True)
+        # tied ARD values (a saturated sigmoid, a constant map) span several knots; np.interp would give them the
+        # top one's coarse quantile (a constant ARD: the coarse maximum), so they take the mean of those knots'
+        counts = np.bincount(inverse)
+        out = np.interp(a, knots, np.bincount(inverse, np.quantile(c, q)) / counts)
     elif mode == "isotonic":
         from sklearn.isotonic import IsotonicRegression
 

@@ -105,3 +105,19 @@ def test_calibration_keeps_the_ard_ranking_and_takes_the_coarse_scale():
     assert flat.std() < 0.5 * coarse.std()
     with pytest.raises(ValueError, match="pgt.calibration='platt'"):
         calibrate(coarse, ard, "platt")
+
+
+def test_tied_ard_values_take_the_middle_of_their_coarse_quantiles_not_the_top():
+    gen = np.random.default_rng(4)
+    coarse = gen.random((3, 8, 8))
+    # an ARD that says nothing (a constant map): a central coarse value, as the isotonic fit gives (the mean)
+    for mode in ("quantile", "isotonic"):
+        flat = calibrate(coarse, np.zeros_like(coarse), mode)
+        assert np.ptp(flat) == 0 and abs(float(flat.flat[0]) - coarse.mean()) < 0.02, mode
+    # 90 % of the pixels tied at 0 (a saturated sigmoid): they share the middle of the lower 90 % of the coarse
+    # quantiles, not its top
+    ard = np.where(gen.random(coarse.shape) < 0.9, 0.0, gen.random(coarse.shape))
+    tied = calibrate(coarse, ard, "quantile")[ard == 0]
+    q = np.linspace(0, 1, 1001)
+    lower = np.quantile(coarse.ravel(), q)[q <= (ard == 0).mean()]
+    assert np.ptp(tied) == 0 and abs(float(tied[0]) - lower.mean()) < 0.02
