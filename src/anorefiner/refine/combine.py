@@ -47,8 +47,9 @@ def combine(coarse_n, ard, rule: str = "mean"):
 
 
 def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.ndarray:
-    """The ARD maps of one group mapped onto the scale of its normalised coarse maps (module doc); ``"none"``
-    returns ``ard`` unchanged. Both are monotone in ``ard``, so the ARD's own ranking (its metrics) is kept."""
+    """The ARD maps of one group mapped onto the scale of its normalised coarse maps, within [0, 1] (module doc);
+    ``"none"`` returns ``ard`` unchanged. Both are monotone in ``ard``, so the ARD's own ranking (its metrics) is
+    kept."""
     if mode == "none":
         return ard
     a, c = np.asarray(ard, np.float64).ravel(), np.asarray(coarse_n, np.float64).ravel()
@@ -65,4 +66,7 @@ def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.n
         out = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(a, c).predict(a)
     else:
         raise ValueError(f"pgt.calibration={mode!r}: expected one of {CALIBRATIONS}")
-    return out.reshape(np.shape(ard)).astype(np.float32)
+    # onto [0, 1], the ARD's own range: under the frozen first-group scale coarse_n leaves it (transistor: up to
+    # 1.25), and a calibrated value above 1 would let the gate raise a pixel above its coarse score, below 0 lower
+    # it by more than half
+    return out.clip(0.0, 1.0).reshape(np.shape(ard)).astype(np.float32)

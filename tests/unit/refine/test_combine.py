@@ -121,3 +121,16 @@ def test_tied_ard_values_take_the_middle_of_their_coarse_quantiles_not_the_top()
     q = np.linspace(0, 1, 1001)
     lower = np.quantile(coarse.ravel(), q)[q <= (ard == 0).mean()]
     assert np.ptp(tied) == 0 and abs(float(tied[0]) - lower.mean()) < 0.02
+
+
+@pytest.mark.parametrize("mode", ["quantile", "isotonic"])
+def test_calibrated_ard_stays_in_the_ards_range_so_the_gate_never_raises_a_pixel(mode):
+    # under the frozen first-group scale later groups' coarse_n leaves [0, 1] (transistor seed 1: up to 1.25, where
+    # the isotonic fit reached 1.007 and the gate raised 2e-4 of the pixels above their coarse score)
+    gen = np.random.default_rng(5)
+    coarse = gen.random((3, 8, 8)) * 2.6 - 1.3
+    ard = 1 / (1 + np.exp(-4 * coarse - gen.normal(0, 0.3, coarse.shape)))
+    cal = calibrate(coarse, ard, mode)
+    assert 0.0 <= cal.min() and cal.max() <= 1.0
+    g = combine(coarse, cal, "gate")
+    assert np.all(g <= coarse + 1e-6) and np.all(g >= np.minimum(0.5 * coarse, coarse) - 1e-6)
