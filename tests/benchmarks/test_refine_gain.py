@@ -34,11 +34,14 @@ def test_refine_gain_reports_gain_groups_and_figures(tmp_path, demo_dataset):
     assert "| unguarded |" in summary
     rows = pd.read_csv(out / "results.csv")
     assert {"all", "group1", "group2"} <= set(rows.subset)
-    never = rows[(rows.variant == "never") & (rows.subset == "all") & (rows.metric == "pixel_ap")]
-    by_method = never.groupby("method").value.mean()
-    # nothing refined: combined = 0.5·coarse_n, an affine map of the coarse map: the same pixel AP up to the
-    # store's float16 rounding (measured 2e-4); an ARD in the mean moves it by far more
-    assert abs(by_method["combined"] - by_method["coarse"]) < 2e-3
+    # nothing refined: per group combined is a monotone map of the coarse map (0.5·coarse_n uncalibrated; under the
+    # default isotonic calibration coarse_n·(1 + the group's mean coarse_n)/2): per group the same pixel AP up to
+    # the store's float16 rounding (measured 2e-4); an ARD moves it by far more. Pooled over groups the factors
+    # differ a little (real bottle/transistor runs: 0.04 points)
+    for group in ("group1", "group2"):
+        never = rows[(rows.variant == "never") & (rows.subset == group) & (rows.metric == "pixel_ap")]
+        by_method = never.groupby("method").value.mean()
+        assert abs(by_method["combined"] - by_method["coarse"]) < 2e-3, group
     for variant in ("default", "never"):
         for seed in (0, 1):
             png = out / "tiles" / "offline" / variant / f"seed{seed}" / "groups.png"

@@ -12,9 +12,10 @@ Sec. 4.4 with Table 9 says the same: the ZSAD map has false positives, the ARD f
   transistor the ARD (trained on Perlin/DTD pseudo-anomalies) fired above 0.9 on leads, holes and case edges of
   half the good images, and those pixels outranked the real defects it missed (issue 26, docs/refiner_audit.md).
 
-Both rules give ``A_n / 2`` where the ARD says 0 (``A_n >= 0``), so a group kept coarse (the safeguard,
-``first_group_ard: zeros``, both ``combine(A_n, 0)``) sits on the scale of refined groups under either rule; both
-are monotone non-decreasing in each argument.
+Both rules give ``A_n / 2`` where the ARD says 0 (``A_n >= 0``), so without calibration a group kept coarse (the
+safeguard, ``first_group_ard: zeros``, both ``combine(A_n, 0)``) sits on the scale of refined groups under either
+rule; with calibration such a group gets ``combine(A_n, calibrate(A_n, 0))`` (a calibrated ARD is never 0). Both
+rules are monotone non-decreasing in each argument.
 
 Calibration before the combination (``PGTConfig.calibration``, issue 26; not in the paper): the ARD's sigmoid
 output (Dice-trained, so pushed to 0/1) is mapped onto the coarse map's scale, per group, from the group's own

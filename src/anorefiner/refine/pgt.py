@@ -274,11 +274,17 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
                      "images: combined %.4f, coarse %.4f)", k + 1,
                      "refined by the ARD" if use else "KEEPS ITS COARSE MAP: the ARD does not beat it",
                      verdict["n_holdout"], verdict["n_normals"], verdict["ap_combined"], verdict["ap_coarse"])
-        # a group the safeguard keeps coarse gets combine(coarse_n, 0) = 0.5·coarse_n: the coarse ranking on
-        # refined groups' scale
-        ard = calibrate(coarse_n, maps["ard"][g], p.calibration) if use else 0.0
-        maps["combined"][g] = combine(coarse_n, ard, p.combine)
+        if use:
+            maps["combined"][g] = combine(coarse_n, calibrate(coarse_n, maps["ard"][g], p.calibration), p.combine)
+        else:
+            maps["combined"][g] = unrefined(coarse_n)
         by_ard[g] = use
+
+    def unrefined(coarse_n: np.ndarray) -> np.ndarray:
+        """Combined map of a group no ARD refines (kept by the safeguard; group 1 under "zeros"): that of an ARD
+        saying nothing, calibrated as refined groups' ARDs are, so it keeps the coarse ranking on their scale
+        (uncalibrated 0.5·coarse_n; isotonic the group's mean coarse_n in place of the ARD)."""
+        return combine(coarse_n, calibrate(coarse_n, np.zeros_like(coarse_n), p.calibration), p.combine)
 
     for k, g in enumerate(groups):
         group_of[g] = k
@@ -293,7 +299,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         else:
             # group 1 (nothing trained yet): the coarse map, Sec. 3.2 (or nothing, see first_group_ard)
             maps["ard"][g] = coarse_n if p.first_group_ard == "coarse" else 0.0
-            maps["combined"][g] = coarse_n if p.first_group_ard == "coarse" else combine(coarse_n, 0.0, p.combine)
+            maps["combined"][g] = coarse_n if p.first_group_ard == "coarse" else unrefined(coarse_n)
         timings["refine_s"] += time.time() - t
         refine_self = k == 0 and p.first_group_ard == "self"
         LOG.info("pgt: group %d/%d (%d images) %s", k + 1, len(groups), len(g),
