@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
+
+from tests.unit.refine.test_pgt import _run, category  # noqa: F401 (the tiny PGT run and its fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "refine_gain.py"
@@ -46,3 +50,18 @@ def test_refine_gain_reports_gain_groups_and_figures(tmp_path, demo_dataset):
         for seed in (0, 1):
             png = out / "tiles" / "offline" / variant / f"seed{seed}" / "groups.png"
             assert png.is_file() and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("pgt", [{}, {"first_group_ard": "coarse"}, {"first_group_ard": "zeros"},
+                                 {"coarse_norm": "running_minmax"}, {"coarse_norm": "group_minmax"},
+                                 {"coarse_norm": "none", "combine": "mean", "calibration": "none"},
+                                 {"calibration": "quantile"}])
+def test_rebuilt_equals_the_combined_map_pgt_made(category, pgt):
+    """refine_gain.rebuilt (refine_derived's every rule, refine_gain's 'unguarded') redoes PGT's combination from
+    a run's stored maps: under the run's own rule it gives the run's combined map, for every group-1 rule and
+    coarse scale (it used the last scale for every group, and combined group 1's coarse stand-in with itself)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from refine_gain import rebuilt
+
+    ref = _run(category, pgt={"epochs": 1, "calibration": "isotonic", **pgt})
+    assert np.abs(rebuilt(ref) - ref.maps["combined"]).max() < 1e-6

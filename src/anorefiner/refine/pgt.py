@@ -254,6 +254,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     maps = {m: np.zeros((n, e, e), np.float32) for m in ("coarse", "ard", "combined")}
     group_of = np.zeros(n, np.int64)
     by_ard = np.zeros(n, bool)  # images whose combined map holds an ARD's output (not a stand-in)
+    scales: list[list[float]] = []  # per group: the coarse scale (lo, hi) its maps were combined on
     first_set = holdout = None
     fit_log: list[dict] = []  # per trained group: loss of the final weights in train and eval mode
     guard_log: list[dict] = []  # per refined group: the safeguard's check (PGTConfig.safeguard)
@@ -289,6 +290,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     for k, g in enumerate(groups):
         group_of[g] = k
         norm.update(coarse.maps[g])
+        scales.append([norm.lo, norm.hi])
         # "coarse" is upsampled as the metrics stage upsamples the backend's maps (MuSc's align_corners=True),
         # so its metrics equal the backend's; the coarse half of "combined" as PGTConfig.coarse_align_corners
         maps["coarse"][g] = resize_maps(coarse.maps[g], (e, e), align_corners=True)
@@ -351,7 +353,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     attrs = {"options": asdict(options), "seed": int(seed), "eval_resolution": e, "timings": timings,
              "n_groups": len(groups), "n_refined_by_ard": int(by_ard.sum()), "loss_history": trainer.loss_history,
              "fit": fit_log, "safeguard": guard_log,
-             "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi},
+             "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi, "groups": scales},
              "image_score_rule": {"coarse": "backend score", "ard": p.image_score, "combined": p.image_score},
              "labels_used": bool(p.contamination_ratio > 0)}
     return Refined(ids=list(feats.ids), maps=maps, scores=scores, groups=group_of, attrs=attrs,
