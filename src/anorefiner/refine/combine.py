@@ -58,7 +58,7 @@ def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.n
         q = np.linspace(0.0, 1.0, 1001)
         knots, inverse = np.unique(np.quantile(a, q), return_inverse=True)
         # tied ARD values (a saturated sigmoid, a constant map) span several knots; np.interp would give them the
-        # top one's coarse quantile (a constant ARD: the coarse maximum), so they take the mean of those knots'
+        # top one's coarse quantile (a constant ARD: the coarse maximum); they take the mean of those knots' instead
         counts = np.bincount(inverse)
         out = np.interp(a, knots, np.bincount(inverse, np.quantile(c, q)) / counts)
     elif mode == "isotonic":

@@ -261,6 +261,12 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     diagnostics: dict = {}  # per trained group: one pseudo-anomaly and the maps the ARD gives it
     timings = {"train_s": 0.0, "synthesis_s": 0.0, "refine_s": 0.0}
 
+    def unrefined(coarse_n: np.ndarray) -> np.ndarray:
+        """Combined map of a group no ARD refines (kept by the safeguard; group 1 under "zeros"): that of an ARD
+        saying nothing, calibrated as refined groups' ARDs are, so it keeps the coarse ranking on their scale
+        (uncalibrated 0.5·coarse_n; isotonic the group's mean coarse_n in place of the ARD)."""
+        return combine(coarse_n, calibrate(coarse_n, np.zeros_like(coarse_n), p.calibration), p.combine)
+
     def refine_group(k: int, g: np.ndarray, coarse_n: np.ndarray) -> None:
         """Group k's ARD and combined maps from the current ARD, unless the safeguard keeps its coarse map."""
         x, c = trainer.real_inputs(g, norm)
@@ -280,12 +286,6 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         else:
             maps["combined"][g] = unrefined(coarse_n)
         by_ard[g] = use
-
-    def unrefined(coarse_n: np.ndarray) -> np.ndarray:
-        """Combined map of a group no ARD refines (kept by the safeguard; group 1 under "zeros"): that of an ARD
-        saying nothing, calibrated as refined groups' ARDs are, so it keeps the coarse ranking on their scale
-        (uncalibrated 0.5·coarse_n; isotonic the group's mean coarse_n in place of the ARD)."""
-        return combine(coarse_n, calibrate(coarse_n, np.zeros_like(coarse_n), p.calibration), p.combine)
 
     for k, g in enumerate(groups):
         group_of[g] = k
