@@ -84,10 +84,24 @@ def merged_options(args, override: dict):
 
 
 def normalised(refined, maps=None):
-    """``maps`` (default: the stored ``coarse`` output) on PGT's coarse scale (``attrs["coarse_norm"]``)."""
+    """``maps`` (default: the stored ``coarse`` output) on PGT's coarse scale (``attrs["coarse_norm"]``), each
+    group's on the scale it was combined on (``groups``: one (lo, hi) per group; older stores hold only the last,
+    which is every group's under the default ``first_group``)."""
     norm = refined.attrs["coarse_norm"]
     maps = refined.maps["coarse"] if maps is None else maps
-    return (maps - norm["lo"]) / max(norm["hi"] - norm["lo"], 1e-12)
+    if norm["mode"] == "none":
+        return maps
+    groups = np.asarray(refined.groups)
+    scales = norm.get("groups")
+    if scales is None:
+        if norm["mode"] != "first_group":
+            raise ValueError(f"store made with pgt.coarse_norm={norm['mode']!r} records only its last coarse scale, "
+                             "not each group's: its combined maps cannot be rebuilt")
+        scales = [[norm["lo"], norm["hi"]]] * (int(groups.max()) + 1)
+    out = np.empty_like(maps)
+    for k, (lo, hi) in enumerate(scales):  # as CoarseNorm scales them, so the same float32 numbers
+        out[groups == k] = (maps[groups == k] - lo) / max(hi - lo, 1e-12)
+    return out
 
 
 def rebuilt(refined, rule: str | None = None, calibration: str | None = None):
@@ -103,7 +117,10 @@ def rebuilt(refined, rule: str | None = None, calibration: str | None = None):
         ard = ard.copy()
         for k in np.unique(groups):
             ard[groups == k] = calibrate(coarse_n[groups == k], ard[groups == k], calibration)
-    return combine(coarse_n, ard, rule)
+    out = combine(coarse_n, ard, rule)
+    if pgt.get("first_group_ard") == "coarse":  # the paper's group 1: its coarse map itself, under every rule
+        out[groups == 0] = coarse_n[groups == 0]
+    return out
 
 
 def unguarded(refined):

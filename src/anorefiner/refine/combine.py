@@ -12,9 +12,10 @@ Sec. 4.4 with Table 9 says the same: the ZSAD map has false positives, the ARD f
   transistor the ARD (trained on Perlin/DTD pseudo-anomalies) fired above 0.9 on leads, holes and case edges of
   half the good images, and those pixels outranked the real defects it missed (issue 26, docs/refiner_audit.md).
 
-Both rules give ``A_n / 2`` where the ARD says 0 (``A_n >= 0``), so a group kept coarse (the safeguard,
-``first_group_ard: zeros``, both ``combine(A_n, 0)``) sits on the scale of refined groups under either rule; both
-are monotone non-decreasing in each argument.
+Both rules give ``A_n / 2`` where the ARD says 0 (``A_n >= 0``), so without calibration a group kept coarse (the
+safeguard, ``first_group_ard: zeros``, both ``combine(A_n, 0)``) sits on the scale of refined groups under either
+rule; with calibration such a group gets ``combine(A_n, calibrate(A_n, 0))`` (a calibrated ARD is never 0). Both
+rules are monotone non-decreasing in each argument.
 
 Calibration before the combination (``PGTConfig.calibration``, issue 26; not in the paper): the ARD's sigmoid
 output (Dice-trained, so pushed to 0/1) is mapped onto the coarse map's scale, per group, from the group's own
@@ -47,18 +48,26 @@ def combine(coarse_n, ard, rule: str = "mean"):
 
 
 def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.ndarray:
-    """The ARD maps of one group mapped onto the scale of its normalised coarse maps (module doc); ``"none"``
-    returns ``ard`` unchanged. Both are monotone in ``ard``, so the ARD's own ranking (its metrics) is kept."""
+    """The ARD maps of one group mapped onto the scale of its normalised coarse maps, within [0, 1] (module doc);
+    ``"none"`` returns ``ard`` unchanged. Both are monotone in ``ard``, so the ARD's own ranking (its metrics) is
+    kept."""
     if mode == "none":
         return ard
     a, c = np.asarray(ard, np.float64).ravel(), np.asarray(coarse_n, np.float64).ravel()
     if mode == "quantile":
         q = np.linspace(0.0, 1.0, 1001)
-        out = np.interp(a, np.quantile(a, q), np.quantile(c, q))
+        knots, inverse = np.unique(np.quantile(a, q), return_inverse=True)
+        # tied ARD values (a saturated sigmoid, a constant map) span several knots; np.interp would give them the
+        # top one's coarse quantile (a constant ARD: the coarse maximum); they take the mean of those knots' instead
+        counts = np.bincount(inverse)
+        out = np.interp(a, knots, np.bincount(inverse, np.quantile(c, q)) / counts)
     elif mode == "isotonic":
         from sklearn.isotonic import IsotonicRegression
 
         out = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(a, c).predict(a)
     else:
         raise ValueError(f"pgt.calibration={mode!r}: expected one of {CALIBRATIONS}")
-    return out.reshape(np.shape(ard)).astype(np.float32)
+    # onto [0, 1], the ARD's own range: under the frozen first-group scale coarse_n leaves it (transistor: up to
+    # 1.25), and a calibrated value above 1 would let the gate raise a pixel above its coarse score, below 0 lower
+    # it by more than half
+    return out.clip(0.0, 1.0).reshape(np.shape(ard)).astype(np.float32)

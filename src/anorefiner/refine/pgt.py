@@ -254,11 +254,18 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     maps = {m: np.zeros((n, e, e), np.float32) for m in ("coarse", "ard", "combined")}
     group_of = np.zeros(n, np.int64)
     by_ard = np.zeros(n, bool)  # images whose combined map holds an ARD's output (not a stand-in)
+    scales: list[list[float]] = []  # per group: the coarse scale (lo, hi) its maps were combined on
     first_set = holdout = None
     fit_log: list[dict] = []  # per trained group: loss of the final weights in train and eval mode
     guard_log: list[dict] = []  # per refined group: the safeguard's check (PGTConfig.safeguard)
     diagnostics: dict = {}  # per trained group: one pseudo-anomaly and the maps the ARD gives it
     timings = {"train_s": 0.0, "synthesis_s": 0.0, "refine_s": 0.0}
+
+    def unrefined(coarse_n: np.ndarray) -> np.ndarray:
+        """Combined map of a group no ARD refines (kept by the safeguard; group 1 under "zeros"): that of an ARD
+        saying nothing, calibrated as refined groups' ARDs are, so it keeps the coarse ranking on their scale
+        (uncalibrated 0.5·coarse_n; isotonic the group's mean coarse_n in place of the ARD)."""
+        return combine(coarse_n, calibrate(coarse_n, np.zeros_like(coarse_n), p.calibration), p.combine)
 
     def refine_group(k: int, g: np.ndarray, coarse_n: np.ndarray) -> None:
         """Group k's ARD and combined maps from the current ARD, unless the safeguard keeps its coarse map."""
@@ -274,15 +281,16 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
                      "images: combined %.4f, coarse %.4f)", k + 1,
                      "refined by the ARD" if use else "KEEPS ITS COARSE MAP: the ARD does not beat it",
                      verdict["n_holdout"], verdict["n_normals"], verdict["ap_combined"], verdict["ap_coarse"])
-        # a group the safeguard keeps coarse gets combine(coarse_n, 0) = 0.5·coarse_n: the coarse ranking on
-        # refined groups' scale
-        ard = calibrate(coarse_n, maps["ard"][g], p.calibration) if use else 0.0
-        maps["combined"][g] = combine(coarse_n, ard, p.combine)
+        if use:
+            maps["combined"][g] = combine(coarse_n, calibrate(coarse_n, maps["ard"][g], p.calibration), p.combine)
+        else:
+            maps["combined"][g] = unrefined(coarse_n)
         by_ard[g] = use
 
     for k, g in enumerate(groups):
         group_of[g] = k
         norm.update(coarse.maps[g])
+        scales.append([norm.lo, norm.hi])
         # "coarse" is upsampled as the metrics stage upsamples the backend's maps (MuSc's align_corners=True),
         # so its metrics equal the backend's; the coarse half of "combined" as PGTConfig.coarse_align_corners
         maps["coarse"][g] = resize_maps(coarse.maps[g], (e, e), align_corners=True)
@@ -293,7 +301,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         else:
             # group 1 (nothing trained yet): the coarse map, Sec. 3.2 (or nothing, see first_group_ard)
             maps["ard"][g] = coarse_n if p.first_group_ard == "coarse" else 0.0
-            maps["combined"][g] = coarse_n if p.first_group_ard == "coarse" else combine(coarse_n, 0.0, p.combine)
+            maps["combined"][g] = coarse_n if p.first_group_ard == "coarse" else unrefined(coarse_n)
         timings["refine_s"] += time.time() - t
         refine_self = k == 0 and p.first_group_ard == "self"
         LOG.info("pgt: group %d/%d (%d images) %s", k + 1, len(groups), len(g),
@@ -345,7 +353,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
     attrs = {"options": asdict(options), "seed": int(seed), "eval_resolution": e, "timings": timings,
              "n_groups": len(groups), "n_refined_by_ard": int(by_ard.sum()), "loss_history": trainer.loss_history,
              "fit": fit_log, "safeguard": guard_log,
-             "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi},
+             "coarse_norm": {"mode": p.coarse_norm, "lo": norm.lo, "hi": norm.hi, "groups": scales},
              "image_score_rule": {"coarse": "backend score", "ard": p.image_score, "combined": p.image_score},
              "labels_used": bool(p.contamination_ratio > 0)}
     return Refined(ids=list(feats.ids), maps=maps, scores=scores, groups=group_of, attrs=attrs,

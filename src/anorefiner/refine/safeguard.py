@@ -15,9 +15,10 @@ alone. Before an ARD refines a group, :func:`check` scores two things no label w
 Pixel AP pooled over both, of the combined map (``PGTConfig.calibration`` and ``combine``, the calibration fitted
 on the check set's own maps) against the coarse map ``coarse_n``
 alone. Only if combined beats coarse by more than ``safeguard_margin`` does the ARD refine the group;
-otherwise the group keeps its coarse map, on the scale of refined groups' combined maps (``0.5·coarse_n``,
-what ``first_group_ard: zeros`` gives group 1: per image the coarse ranking, and pooled with refined groups
-no scale jump). The ARD's own map is still stored under ``ard`` (Table 9 measures the ARD alone).
+otherwise the group keeps its coarse map, on the scale of refined groups' combined maps (that of an ARD saying
+nothing, calibrated like theirs: ``0.5·coarse_n`` without calibration; what ``first_group_ard: zeros`` gives
+group 1: per image the coarse ranking, and pooled with refined groups no scale jump). The ARD's own map is still
+stored under ``ard`` (Table 9 measures the ARD alone).
 """
 
 from __future__ import annotations

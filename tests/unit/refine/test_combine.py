@@ -105,3 +105,32 @@ def test_calibration_keeps_the_ard_ranking_and_takes_the_coarse_scale():
     assert flat.std() < 0.5 * coarse.std()
     with pytest.raises(ValueError, match="pgt.calibration='platt'"):
         calibrate(coarse, ard, "platt")
+
+
+def test_tied_ard_values_take_the_middle_of_their_coarse_quantiles_not_the_top():
+    gen = np.random.default_rng(4)
+    coarse = gen.random((3, 8, 8))
+    # an ARD that says nothing (a constant map): a central coarse value, as the isotonic fit gives (the mean)
+    for mode in ("quantile", "isotonic"):
+        flat = calibrate(coarse, np.zeros_like(coarse), mode)
+        assert np.ptp(flat) == 0 and abs(float(flat.flat[0]) - coarse.mean()) < 0.02, mode
+    # 90 % of the pixels tied at 0 (a saturated sigmoid): they share the middle of the lower 90 % of the coarse
+    # quantiles, not its top
+    ard = np.where(gen.random(coarse.shape) < 0.9, 0.0, gen.random(coarse.shape))
+    tied = calibrate(coarse, ard, "quantile")[ard == 0]
+    q = np.linspace(0, 1, 1001)
+    lower = np.quantile(coarse.ravel(), q)[q <= (ard == 0).mean()]
+    assert np.ptp(tied) == 0 and abs(float(tied[0]) - lower.mean()) < 0.02
+
+
+@pytest.mark.parametrize("mode", ["quantile", "isotonic"])
+def test_calibrated_ard_stays_in_the_ards_range_so_the_gate_never_raises_a_pixel(mode):
+    # under the frozen first-group scale later groups' coarse_n leaves [0, 1] (transistor seed 1: up to 1.25, where
+    # the isotonic fit reached 1.007 and the gate raised 2e-4 of the pixels above their coarse score)
+    gen = np.random.default_rng(5)
+    coarse = gen.random((3, 8, 8)) * 2.6 - 1.3
+    ard = 1 / (1 + np.exp(-4 * coarse - gen.normal(0, 0.3, coarse.shape)))
+    cal = calibrate(coarse, ard, mode)
+    assert 0.0 <= cal.min() and cal.max() <= 1.0
+    g = combine(coarse, cal, "gate")
+    assert np.all(g <= coarse + 1e-6) and np.all(g >= np.minimum(0.5 * coarse, coarse) - 1e-6)

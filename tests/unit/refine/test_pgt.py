@@ -380,3 +380,18 @@ def test_calibration_changes_only_the_combined_map(category):
         expected = _expected(iso, coarse_n[g], calibrate(coarse_n[g], iso.maps["ard"][g], "isotonic"))
         assert np.allclose(iso.maps["combined"][g], expected, atol=1e-5)
     assert not np.allclose(iso.maps["combined"], plain.maps["combined"])
+
+
+def test_groups_no_ard_refines_sit_on_the_calibrated_groups_scale(category):
+    # under calibration a refined group's ARD is never 0 (isotonic: E[coarse_n | ARD], at least ~0.2 on transistor),
+    # so a group kept coarse (safeguard) or group 1 under "zeros" gets the calibrated map of an ARD that says
+    # nothing (isotonic: the group's mean coarse_n), not combine(coarse_n, 0) = coarse_n/2, which sat below every
+    # refined group (one kept group cost 1-7 points of pooled pixel AP on the stored bottle/transistor runs)
+    zeros = _run(category, pgt={"epochs": 1, "first_group_ard": "zeros", "calibration": "isotonic"})
+    never = _run(category, pgt={"epochs": 1, "safeguard": True, "safeguard_margin": 1.0, "calibration": "isotonic"})
+    lo, hi = zeros.attrs["coarse_norm"]["lo"], zeros.attrs["coarse_norm"]["hi"]
+    coarse_n = (zeros.maps["coarse"] - lo) / (hi - lo)
+    for ref, unrefined in ((zeros, [0]), (never, [0, 1])):
+        for k in unrefined:
+            g = ref.groups == k
+            assert np.allclose(ref.maps["combined"][g], _expected(ref, coarse_n[g], coarse_n[g].mean()), atol=1e-4)
