@@ -261,6 +261,10 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
         from .zsad.winclip.backend import train_good_source
 
         backend.reference_images = train_good_source(data_root, dataset, category)
+    if data_root and kind is not None and kind.shots:  # the few-shot methods' train/good shots
+        from .zsad.shots import TrainGood
+
+        backend.train_images = TrainGood(data_root, dataset, category)
     if backend_type == "paclip" and data_root and backbone is not None:
         backend.images = image_source(data_root, dataset, category, feats.ids)
     elif backend_type == "paclip" and backbone is None:

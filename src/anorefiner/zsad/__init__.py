@@ -2,9 +2,10 @@
 
 Layout: one package per method, named after its paper, as anomalib keeps ``models/image/<name>/``
 (``musc``, ``paclip``, ``pad_pam``, ``winclip``, ``april_gan``, ``vcp_clip``, ``rareclip``, ``adaclip``,
-``anomalyclip``, and ``byo`` for maps of any other method). Each holds ``backend.py`` (the backend class and
-its options), the method's own parts beside it (``prompts.py``, ``memory.py``, ``dpam.py``, ...) and, for a
-trained method, ``train.py`` (rule ``train_backend``); its ``__init__`` exports the public names. The
+``anomalyclip``, the few-shot ``promptad``, ``mvfa_ad`` and ``regad``, and ``byo`` for maps of any other
+method). Each holds ``backend.py`` (the backend class and its options), the method's own parts beside it
+(``prompts.py``, ``memory.py``, ``dpam.py``, ...) and, for a trained method, ``train.py`` (rule ``train_backend``,
+or ``train_fewshot`` for the few-shot ones); its ``__init__`` exports the public names. The
 modules at this top level are the machinery every method shares, never one method's parts:
 
 * :mod:`.registry`: the backend types, the one place a backend is added (``anorefiner list backends``);
@@ -12,6 +13,7 @@ modules at this top level are the machinery every method shares, never one metho
 * :mod:`.checkpoints`: official checkpoints, their download and checks, training provenance;
 * :mod:`.prompts`: CLIP prompt ensembles and cached text embeddings;
 * :mod:`.groups`: the groups of test images scored (and refined) together;
+* :mod:`.shots`: the few-shot methods' seeded ``train/good`` shots and their augmentations;
 * :mod:`.maps`: small helpers (a backend's device, tensors from cached arrays, Gaussian smoothing, min-max).
 
 A method package may import another method's package (VCP-CLIP, RareCLIP and AdaCLIP build on APRIL-GAN's
@@ -36,6 +38,9 @@ name            type      preset
 ``adaclip``     adaclip   AdaCLIP (hybrid prompts and heads trained on the auxiliary dataset; scores images)
 ``anomalyclip`` anomalyclip AnomalyCLIP (object-agnostic prompts trained on the auxiliary dataset; DPAM forward)
 ``pad_pam``     pad_pam   PA-CLIP's PAD+PAM on an AnomalyCLIP/AdaCLIP base (options ``base_type``, ``base_options``)
+``promptad``    promptad  PromptAD (prompts trained on k seeded train/good shots; ``k_shot: 0`` = text only)
+``mvfa_ad``     mvfa_ad   MVFA-AD (residual adapters trained on k seeded train/good shots, shot memory)
+``regad``       regad     RegAD (STN ResNet-18 trained on the other categories, k-shot Gaussian at test)
 ==============  ========  =============================================
 """
 
@@ -63,6 +68,9 @@ PRESETS = {
     "adaclip": ("adaclip", {}),
     "anomalyclip": ("anomalyclip", {}),
     "pad_pam": ("pad_pam", {}),
+    "promptad": ("promptad", {}),
+    "mvfa_ad": ("mvfa_ad", {}),
+    "regad": ("regad", {}),
 }
 
 
