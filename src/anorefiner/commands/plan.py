@@ -14,6 +14,9 @@ the demo generator or the published counts):
   ``refine.eval_resolution`` (an upper bound: the stores are gzip-compressed, 2.7x smaller in the smoke run);
 - tta: the base method's coarse cost plus ``n`` x the method's passes (``tta.image_factor`` forwards);
 - train_backend: auxiliary test images x epochs x the type's factor of a forward;
+- train_fewshot (PromptAD, MVFA-AD, RegAD, per scored category): the images one epoch sees (the k shots;
+  MVFA-AD's 11 views of each; RegAD's queries with their k supports over the other categories' train/good
+  images) x epochs x the type's factor of a forward, plus decoding them once;
 - metrics (CPU); download, weights and official_checkpoint: bytes / ``download_mb_per_s``; the rest negligible.
 
 Rules priced from rates not measured on the device (``measured`` in plan_rates.yaml) are marked ``*``.
@@ -43,13 +46,16 @@ REF_RESOLUTION = 518  # the rates' reference resolution (ARD, refinement, metric
 GEOMETRY = {
     "ViT-L-14-336": {"stride": 14, "channels_per_layer": 1024, "cls": 1024},
     "resnet50": {"stride": 8, "channels": 512 + 1024, "cls": 0},  # layer2 + layer3 (Table 8)
+    "resnet18": {"stride": 4, "channels": 64, "cls": 0},  # layer1 (RegAD: the cache only gives the image ids)
+    "ViT-B-16-plus-240": {"stride": 16, "channels_per_layer": 896, "cls": 896},  # WinCLIP, PromptAD
     "efficientnet_lite0": {"stride": 8, "channels": 40 + 112, "cls": 0},  # blocks.2 + blocks.4 (backbones/cnn.py)
 }
 # Rules with a cost model; table, audit, figures and the default target cost seconds and kilobytes.
 PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default",
-          "train_backend", "tta", "weights", "official_checkpoint", "all_tables"}
+          "train_backend", "train_fewshot", "tta", "weights", "official_checkpoint", "all_tables"}
 # Rows in pipeline order (Snakemake's dry run lists jobs in no fixed order).
-STAGE_ORDER = ["download", "demo_data", "weights", "official_checkpoint", "features", "train_backend", "coarse", "tta",
+STAGE_ORDER = ["download", "demo_data", "weights", "official_checkpoint", "features", "train_backend", "train_fewshot",
+               "coarse", "tta",
                "pgt", "metrics", "table", "audit", "figures", "all_tables", "default"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -300,6 +306,8 @@ class CostModel:
             return self.pgt(wc)
         if job.rule == "train_backend":
             return self.train_backend(wc)
+        if job.rule == "train_fewshot":
+            return self.train_fewshot(wc)
         if job.rule == "metrics":
             e = (self.config.get("evaluation") or {}).get("resolution") or REF_RESOLUTION
             return self.n(wc) * d["metrics_s_per_image"] * (e / REF_RESOLUTION) ** 2, self.rates["metric_file_bytes"]
@@ -373,6 +381,37 @@ class CostModel:
         bb = self.backbone(cfg["backbone"])
         per_image = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0] * float(factor)
         return train["job_overhead_s"] + n * epochs * per_image, size
+
+    def train_fewshot(self, wc) -> tuple[float, float]:
+        """A few-shot method's training for one category: the images of an epoch x epochs x the type's factor of a
+        forward, plus one forward-equivalent per distinct image (decoding); ``checkpoint_bytes`` on disk."""
+        from ..config import from_dict
+        from ..zsad.registry import backend_type
+
+        cfg = self.config["backends"][wc["backend"]]
+        kind = backend_type(cfg["type"])
+        size = float(self.rates.get("checkpoint_bytes", {}).get(cfg["type"], 0.0))
+        factor = self.dev.get("train_fewshot", {}).get("image_epoch_factor", {}).get(cfg["type"])
+        if factor is None:
+            note = f"backend type {cfg['type']!r} has no train_fewshot factor in {RATES_FILE.name}: not priced"
+            if note not in self.notes:
+                self.notes.append(note)
+            return 0.0, size
+        _, options_cls = kind.classes()
+        k = int((cfg.get("options") or {}).get("k_shot", options_cls.k_shot))
+        train = from_dict(kind.trainer_module().TrainConfig, (cfg.get("train") or {}).get(wc["dataset"], {}))
+        if kind.train_scope == "others":  # every query image with its k supports
+            counts = self.rates.get("train_images", {}).get(wc["dataset"], {})
+            others = [c for c in self.config["datasets"][wc["dataset"]]["categories"] if c != wc["category"]]
+            distinct = sum(int(counts.get(c, 0)) for c in others)
+            per_epoch = distinct * (1 + k)
+        else:
+            distinct = k
+            per_epoch = k * int(self.dev["train_fewshot"].get("views", {}).get(cfg["type"], 1))
+        bb = self.backbone(cfg["backbone"])
+        forward = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0]
+        seconds = self.dev["train_fewshot"]["job_overhead_s"] + (distinct + per_epoch * int(train.epochs) * factor) * forward
+        return seconds, size
 
     def pgt(self, wc) -> tuple[float, float]:
         from ..refine.pgt import PGTConfig
