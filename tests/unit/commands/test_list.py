@@ -35,7 +35,9 @@ def test_backends_without_config_lists_each_type_with_its_presets(capsys, tmp_pa
         _, paper, trains, weights, pgt, tta, names = rows[kind]
         assert paper == entry.paper and entry.paper
         assert trains == ("yes" if entry.trainer else "no")
-        assert weights.startswith("trained | official") == bool(entry.trainer)
+        assert weights.startswith("trained | official") == (entry.trainer is not None
+                                                            and entry.train_scope == "auxiliary")
+        assert weights.startswith("trained per category") == (entry.train_scope != "auxiliary")
         assert (pgt, tta) == ("yes" if entry.refinable else "no", "yes" if entry.tta else "no")
         assert names.split(", ") == [n for n, (k, _) in PRESETS.items() if k == kind]
     assert "git blob checked" in rows["april_gan"][3] and "a file you download" in rows["vcp_clip"][3]

@@ -111,7 +111,7 @@ def zero_shot_map(seg: list[torch.Tensor], text: torch.Tensor, grid, size: int, 
     """Sum over layers of ``softmax(bilinear(100 p @ T, size, align_corners=True))[abnormal]`` -> ``[N, size, size]``."""
     out = 0
     for p in seg:
-        p = F.normalize(p[:, 1:].float(), dim=-1)
+        p = F.normalize(p[:, 1:], dim=-1)
         logits = (temperature * p @ text.to(p).T).transpose(1, 2).reshape(p.shape[0], 2, *grid)
         up = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)
         out = out + torch.softmax(up, dim=1)[:, 1]
@@ -122,7 +122,7 @@ def few_shot_map(seg: list[torch.Tensor], memory: list[torch.Tensor], grid, size
     """Sum over layers of ``bilinear(min_m (1 - cos(memory_m, p)), size, align_corners=True)`` -> ``[N, size, size]``."""
     out = 0
     for p, mem in zip(seg, memory):
-        cos = F.normalize(p[:, 1:].float(), dim=-1) @ F.normalize(mem.float(), dim=-1).T
+        cos = F.normalize(p[:, 1:], dim=-1) @ F.normalize(mem.to(p), dim=-1).T
         dist = (1 - cos).min(dim=-1).values.reshape(p.shape[0], 1, *grid)
         out = out + F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
     return out

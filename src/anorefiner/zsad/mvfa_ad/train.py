@@ -54,10 +54,10 @@ def fewshot_loss(seg, det, text: torch.Tensor, mask: torch.Tensor, label: torch.
     """``train_few.py`` l.122-148 for a batch: sum over layers of the det BCE and the seg focal + dice."""
     loss = 0
     for s, d in zip(seg, det):
-        d = F.normalize(d[:, 1:].float(), dim=-1)
+        d = F.normalize(d[:, 1:], dim=-1)
         score = torch.softmax(temperature * d @ text.T, dim=-1)[..., 1].mean(-1)
         loss = loss + F.binary_cross_entropy_with_logits(score, label)
-        s = F.normalize(s[:, 1:].float(), dim=-1)
+        s = F.normalize(s[:, 1:], dim=-1)
         logits = (temperature * s @ text.T).transpose(1, 2).reshape(s.shape[0], 2, *grid)
         probs = torch.softmax(F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True), dim=1)
         loss = loss + focal_loss(probs, mask, config.focal_gamma, config.focal_smooth)
