@@ -134,7 +134,7 @@ def backend_options(backend_type: str, options: dict | str | None, *, dataset: s
         raise ConfigError(f"backend options must be a JSON object, got {options!r}")
     options = json.loads(json.dumps(options))  # a deep copy
     kind = BACKEND_TYPES.get(backend_type)
-    if backend_type == "musc" or (kind and kind.clip):
+    if backend_type == "musc" or (kind and (kind.clip or kind.shots)):
         options.setdefault("device", device)
     if kind and kind.class_name:
         options.setdefault("class_name", category)  # verbatim: the official prompts use meta.json's keys

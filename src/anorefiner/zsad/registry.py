@@ -26,7 +26,7 @@ else:
   provides ``train_fewshot(backbone, root, dataset, category, config, out, *, k_shot, seed, categories,
   text_cache) -> Path`` instead of ``train_backend``.
 * ``shots``: reads k ``train/good`` images of the scored category; the coarse stage sets ``backend.train_images``
-  (:class:`~anorefiner.zsad.shots.TrainGood`) when the data root is known.
+  (:class:`~anorefiner.zsad.shots.TrainGood`) when the data root is known, and fills option ``device``.
 * ``refinable``: PGT can refine its maps (it scores pseudo-anomaly features in ``score_queries``).
 * ``tta``: :func:`anorefiner.tta.build_tta_backend` adapts its CLIP tower at test time (rule ``tta``,
   AnoRefiner Table 1 "+ TIPI/SAR/DeYO").

@@ -68,3 +68,13 @@ def affine_warp_loop(img: np.ndarray, theta: np.ndarray) -> np.ndarray:
                     if 0 <= yy < h and 0 <= xx < w:
                         out[:, i, j] += wy * wx * img[:, yy, xx]
     return out
+
+
+def float64_backbone(name: str, resolution: int, seed: int):
+    """A random open_clip backbone in float64 (model and interpolated position embedding), for loop comparisons."""
+    from anorefiner.backbones import build_backbone
+
+    bb = build_backbone(name, resolution, pretrained=None, seed=seed)
+    bb.model.double()
+    bb.pos_embed = bb.pos_embed.double()
+    return bb

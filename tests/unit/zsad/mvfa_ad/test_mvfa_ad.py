@@ -14,15 +14,12 @@ from anorefiner.backbones import build_backbone
 from anorefiner.zsad.mvfa_ad.backend import MvfaAdapters, few_shot_map, preprocess, zero_shot_map
 from anorefiner.zsad.mvfa_ad.train import TrainConfig, fewshot_loss
 
-from ..reference import bilinear_align_corners
+from ..reference import bilinear_align_corners, float64_backbone
 
 
 @pytest.fixture(scope="module")
 def tiny64(tiny_clip):
-    bb = build_backbone(tiny_clip, 56, pretrained=None, seed=4)
-    bb.model.double()
-    bb.pos_embed = bb.pos_embed.double()
-    return bb
+    return float64_backbone(tiny_clip, 56, seed=4)
 
 
 def test_adapted_forward_matches_a_block_loop(tiny64):

@@ -14,15 +14,12 @@ from anorefiner.backbones import build_backbone
 from anorefiner.zsad.promptad.backend import harmonic, textual, upsample, visual, vv_forward
 from anorefiner.zsad.promptad.prompts import GENERIC_STATES, CLASS_STATES, PromptLearner, prompt_loss, text_features
 
-from ..reference import bilinear_half_pixel
+from ..reference import bilinear_half_pixel, float64_backbone
 
 
 @pytest.fixture(scope="module")
 def tiny64(tiny_clip):
-    bb = build_backbone(tiny_clip, 56, pretrained=None, seed=3)
-    bb.model.double()
-    bb.pos_embed = bb.pos_embed.double()
-    return bb
+    return float64_backbone(tiny_clip, 56, seed=3)
 
 
 def _slow_dual_path(bb, x, surgery, gallery):
