@@ -98,8 +98,6 @@ BACKEND_TYPES: dict[str, BackendType] = {
 
 #: backend types with a trainer (``anorefiner train-backend``)
 TRAINED_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.trainer)
-#: ... trained on an auxiliary dataset (rule ``train_backend``; the others per category: rule ``train_fewshot``)
-AUXILIARY_TYPES = tuple(k for k in TRAINED_TYPES if BACKEND_TYPES[k].train_scope == "auxiliary")
 #: backend types PGT can refine
 REFINABLE_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.refinable)
 #: backend types rule ``tta`` can adapt
