@@ -61,6 +61,11 @@ def networks(backbone, config: TrainConfig) -> dict[str, torch.nn.Module]:
         return {"STN": stn, "ENC": Encoder(stn.widths[-1]), "PRED": Predictor(stn.widths[-1])}
 
 
+def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
+    """``adjust_learning_rate`` (train.py l.317-322): the rate of epoch ``epoch`` (1-based; the last one is 0)."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
 def batches(sizes: dict[str, int], batch: int, k: int, rng: np.random.Generator) -> list[tuple[str, list, list]]:
     """``shuffle_dataset``: per category a shuffled order cut into query batches, each query with ``k`` supports
     of its category drawn uniformly among the other images; all batches in random order."""
@@ -96,7 +101,7 @@ def train_fewshot(backbone, root, dataset: str, category: str, config: TrainConf
     rng = np.random.default_rng(config.seed)
     losses, start = [], time.time()
     for epoch in range(1, config.epochs + 1):
-        lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+        lr = cosine_lr(config.lr, epoch, config.epochs)
         for opt in opts.values():
             for group in opt.param_groups:
                 group["lr"] = lr

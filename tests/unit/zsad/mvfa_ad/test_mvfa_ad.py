@@ -135,6 +135,8 @@ def test_training_and_backend_end_to_end(tiny_clip, demo_dataset, tmp_path):
     be.train_images = TrainGood(demo_dataset, "demo", "tiles")
     res = be.coarse(feats)
     assert res.maps.shape == (12, 4, 4) and be.last_info["map_size"] == 60
+    # the memory: every token of the 11 views of the 2 shots, class tokens included (train_few.py l.174)
+    assert [m.shape for m in be.memory()] == [(2 * 11 * (1 + 16), 32)] * 2
     # each half min-max normalised over the category: maps in [0, 1], some image reaches 1 only if both maxima meet
     assert res.maps.min() >= 0 and res.scores.max() <= 1 and (res.scores >= res.maps.reshape(12, -1).max(1)).all()
     with pytest.raises(ValueError, match="holds 2 shots, the backend wants 4"):

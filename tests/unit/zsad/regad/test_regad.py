@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from anorefiner.zsad.regad.backend import embedding_concat, gaussian, mahalanobis
-from anorefiner.zsad.regad.model import STN_MODES, inverse, theta_of
-from anorefiner.zsad.regad.train import batches
+from anorefiner.zsad.regad.model import STN_MODES, StnResNet, cos_loss, inverse, theta_of
+from anorefiner.zsad.regad.train import batches, cosine_lr
+
+from ..reference import affine_warp_loop
 
 MATRICES = {  # stn.py l.98-147, written out per mode for parameters p
     "affine": lambda p: [[p[0], p[1], p[2]], [p[3], p[4], p[5]]],
@@ -75,6 +77,50 @@ def test_gaussian_and_mahalanobis_match_loops():
             assert dist[b, p] == pytest.approx(math.sqrt(d @ inv @ d), rel=1e-9)
     with pytest.raises(ValueError, match="at least 2 support samples"):
         gaussian(emb[:1], 0.01)
+
+
+def test_registered_features_match_loops():
+    """stn.py l.245-274: each stage warped by its STN; the kept features warped back by the inverse transforms of
+    that stage and every earlier one (loops: the reflection-padded bilinear sampler, numpy's matrix inverse)."""
+    from anorefiner.backbones import build_backbone
+
+    bb = build_backbone("resnet18", 64, layers=["layer1"], pretrained=None, seed=0)
+    net = StnResNet(bb.model, 64).double().eval()
+    with torch.no_grad():
+        for i, stn in enumerate((net.stn1, net.stn2, net.stn3)):  # away from the identity start
+            stn.fc[2].bias.copy_(torch.tensor([0.1 * (i + 1), 0.9, 1.1]))
+            stn.fc[2].weight.normal_(0, 1e-4)
+        x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        out, back = net(x, registered=True)
+        h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        warped, thetas = [], []
+        for layer, stn in ((net.layer1, net.stn1), (net.layer2, net.stn2), (net.layer3, net.stn3)):
+            h = layer(h)
+            theta = theta_of("rotation_scale", stn.fc(stn.conv(h).flatten(1)))[0].numpy()
+            h = torch.from_numpy(affine_warp_loop(h[0].numpy(), theta))[None]
+            warped.append(h[0].numpy())
+            thetas.append(theta)
+    torch.testing.assert_close(out, h, rtol=1e-9, atol=1e-9)
+    inv = [np.linalg.inv(np.vstack([t, [0, 0, 1]]))[:2] for t in thetas]
+    for i, f in enumerate(warped):
+        for t in reversed(inv[: i + 1]):
+            f = affine_warp_loop(f, t)
+        np.testing.assert_allclose(back[i][0].numpy(), f, rtol=1e-9, atol=1e-9)
+
+
+def test_siamese_loss_and_schedule_match_loops():
+    g = torch.Generator().manual_seed(3)
+    p, z = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, 3, generator=g,
+                                                                                  dtype=torch.float64)
+    cos = [float(p[b, :, i, j] @ z[b, :, i, j] / (p[b, :, i, j].norm() * z[b, :, i, j].norm()))
+           for b in range(2) for i in range(3) for j in range(3)]
+    assert float(cos_loss(p, z)) == pytest.approx(-np.mean(cos), rel=1e-12)
+    z.requires_grad_(True)
+    cos_loss(p.requires_grad_(True), z).backward()
+    assert z.grad is None  # stop-gradient on the target
+    assert [cosine_lr(1e-4, e, 4) for e in (1, 2, 4)] == pytest.approx(
+        [1e-4 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (1, 2, 4)])
+    assert cosine_lr(1e-4, 4, 4) == pytest.approx(0.0, abs=1e-20)
 
 
 def test_training_batches_follow_shuffle_dataset():
