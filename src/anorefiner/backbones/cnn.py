@@ -104,7 +104,8 @@ def build_resnet(resolution, layers=None, pretrained=DEFAULT, device="cpu", seed
         tag = RESNET_DEFAULT_WEIGHTS if _means_imagenet(pretrained) else str(pretrained)
         enum = tv.models.ResNet18_Weights if name == "resnet18" else tv.models.ResNet50_Weights
         if tag not in enum.__members__:
-            raise ValueError(f"pretrained {pretrained!r} is not a {enum.__name__} member; available: {list(enum.__members__)}")
+            raise ValueError(f"pretrained {pretrained!r} is not a {enum.__name__} member; "
+                             f"available: {list(enum.__members__)}")
         state = torch.hub.load_state_dict_from_url(
             enum[tag].url, map_location="cpu", progress=True, check_hash=True, weights_only=True
         )

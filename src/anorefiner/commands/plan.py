@@ -410,8 +410,8 @@ class CostModel:
             per_epoch = k * int(self.dev["train_fewshot"].get("views", {}).get(cfg["type"], 1))
         bb = self.backbone(cfg["backbone"])
         forward = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0]
-        seconds = self.dev["train_fewshot"]["job_overhead_s"] + (distinct + per_epoch * int(train.epochs) * factor) * forward
-        return seconds, size
+        images = distinct + per_epoch * int(train.epochs) * factor
+        return self.dev["train_fewshot"]["job_overhead_s"] + images * forward, size
 
     def pgt(self, wc) -> tuple[float, float]:
         from ..refine.pgt import PGTConfig

@@ -26,6 +26,7 @@ score is the maximum of the 240-px map.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +100,42 @@ class MvfaAdapters(torch.nn.Module):
         return seg, det
 
 
+def build_adapters(backbone, text_dim: int, features, bottleneck: int | None = None, mix=(0.8, 0.1, 0.1),
+                   seed: int = 111) -> MvfaAdapters:
+    """Adapters after the 1-based ``features`` blocks, width ``bottleneck`` (None: the text width, 768 for
+    ViT-L/14), default initialisation drawn from ``seed``."""
+    bad = [f for f in features if not 1 <= int(f) <= len(backbone.blocks)]
+    if bad:
+        raise ValueError(f"mvfa_ad: feature layers {bad} are not blocks of the backbone (1..{len(backbone.blocks)})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return MvfaAdapters(backbone.width, int(bottleneck or text_dim), features, mix)
+
+
+def load_adapters(path, backbone, k_shot: int | None = None) -> tuple[MvfaAdapters, dict, dict]:
+    """``(adapters, meta, training options)`` of a checkpoint (rule train_fewshot); keys, shapes and k are
+    checked (``meta["shots"]``: the shots' ids)."""
+    from ..checkpoints import load_weights_only
+
+    obj = load_weights_only(path, "mvfa_ad checkpoint")
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(obj.get(k), dict) for k in ("seg_adapters", "det_adapters")):
+        raise ValueError(f"mvfa_ad checkpoint {path}: needs 'seg_adapters', 'det_adapters' and 'meta'")
+    trained = json.loads(meta["train_config"])
+    if k_shot is not None and int(meta.get("k_shot", -1)) != int(k_shot):
+        raise ValueError(f"mvfa_ad checkpoint {path} holds {meta.get('k_shot')} shots, the backend wants {k_shot}")
+    adapters = build_adapters(backbone, int(meta["text_dim"]), trained["features"], trained["bottleneck"],
+                              trained["mix"], trained["seed"])
+    state = {f"{part}.{k}": v for part in ("seg_adapters", "det_adapters") for k, v in obj[part].items()}
+    expected = {k: tuple(v.shape) for k, v in adapters.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        raise ValueError(f"mvfa_ad checkpoint {path}: adapter shapes {got} do not fit the backbone ({expected})")
+    adapters.load_state_dict(state)
+    shots = json.loads(meta["shots"]) if isinstance(meta["shots"], str) else list(meta["shots"])
+    return adapters.eval(), dict(meta, shots=shots), trained
+
+
 def preprocess(images: list[np.ndarray], size: int, resolution: int) -> torch.Tensor:
     """``medical_few.py`` transform_x: PIL bicubic to ``size`` x ``size``, ToTensor (no normalisation); then the
     top-left ``resolution`` pixels, all that the stride-14 patch embedding reads."""
@@ -108,7 +145,8 @@ def preprocess(images: list[np.ndarray], size: int, resolution: int) -> torch.Te
 
 
 def zero_shot_map(seg: list[torch.Tensor], text: torch.Tensor, grid, size: int, temperature: float) -> torch.Tensor:
-    """Sum over layers of ``softmax(bilinear(100 p @ T, size, align_corners=True))[abnormal]`` -> ``[N, size, size]``."""
+    """Sum over layers of ``softmax(bilinear(100 p @ T, size, align_corners=True))[abnormal]``: ``[N, size, size]``
+    from the seg tokens (class token first)."""
     out = 0
     for p in seg:
         p = F.normalize(p[:, 1:], dim=-1)
@@ -119,7 +157,8 @@ def zero_shot_map(seg: list[torch.Tensor], text: torch.Tensor, grid, size: int, 
 
 
 def few_shot_map(seg: list[torch.Tensor], memory: list[torch.Tensor], grid, size: int) -> torch.Tensor:
-    """Sum over layers of ``bilinear(min_m (1 - cos(memory_m, p)), size, align_corners=True)`` -> ``[N, size, size]``."""
+    """Sum over layers of ``bilinear(min_m (1 - cos(memory_m, p)), size, align_corners=True)``: ``[N, size, size]``
+    (the memory's rows need not be normalised)."""
     out = 0
     for p, mem in zip(seg, memory):
         cos = F.normalize(p[:, 1:], dim=-1) @ F.normalize(mem.to(p), dim=-1).T
@@ -134,7 +173,6 @@ class MvfaBackend:
     def __init__(self, config: MvfaConfig | None = None, backbone=None, name: str = "mvfa_ad", seed: int = 0,
                  images=None, train_images=None):
         from ..prompts import text_embeddings
-        from .train import load_adapters
 
         self.config = c = config or MvfaConfig()
         self.backbone, self.name, self.seed = backbone, name, int(seed)
@@ -146,7 +184,7 @@ class MvfaBackend:
                              "rule train_fewshot)")
         self.device = _resolve_device(c.device)
         self.adapters, meta, trained = load_adapters(c.checkpoint, backbone, c.k_shot)
-        self.size = int(trained.image_size)  # the training's resize: the maps are made at this size
+        self.size = int(trained["image_size"])  # the training's resize: the maps are made at this size
         self.adapters.to(self.device)
         self.shots = meta["shots"]
         self.text = text_embeddings(backbone, c.class_name, c.prompt_set, c.text_cache or None).to(self.device)

@@ -18,7 +18,6 @@ Checkpoint: ``{"seg_adapters": ..., "det_adapters": ..., "meta": {..., "shots": 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from ...log import LOG, progress
 from ..april_gan.train import dice_loss, focal_loss
 from ..checkpoints import check_finite_loss, load_weights_only, save_checkpoint, training_info
-from .backend import MvfaAdapters, MvfaConfig, preprocess
+from .backend import MvfaConfig, build_adapters, load_adapters, preprocess
 
 
 @dataclass
@@ -65,15 +64,6 @@ def fewshot_loss(seg, det, text: torch.Tensor, mask: torch.Tensor, label: torch.
     return loss
 
 
-def new_adapters(backbone, text_dim: int, config: TrainConfig) -> MvfaAdapters:
-    bad = [f for f in config.features if not 1 <= int(f) <= len(backbone.blocks)]
-    if bad:
-        raise ValueError(f"mvfa_ad: feature layers {bad} are not blocks of the backbone (1..{len(backbone.blocks)})")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return MvfaAdapters(backbone.width, int(config.bottleneck or text_dim), config.features, config.mix)
-
-
 def train_fewshot(backbone, root, dataset: str, category: str, config: TrainConfig, out, *, k_shot: int, seed: int,
                   categories=None, text_cache=None) -> Path:
     """Trainer interface (few-shot): train the adapters on the augmented k shots drawn by ``seed``."""
@@ -90,7 +80,8 @@ def train_fewshot(backbone, root, dataset: str, category: str, config: TrainConf
     device = backbone.device
     x = augment_mvfa(preprocess(source.load(shots), size, backbone.resolution))
     text = text_embeddings(backbone, category, opts.prompt_set, text_cache).to(device)
-    adapters = new_adapters(backbone, text.shape[1], config).to(device)
+    adapters = build_adapters(backbone, text.shape[1], config.features, config.bottleneck, config.mix,
+                              config.seed).to(device)
     opt_seg = torch.optim.Adam(adapters.seg_adapters.parameters(), lr=config.lr, betas=tuple(config.betas))
     opt_det = torch.optim.Adam(adapters.det_adapters.parameters(), lr=config.lr, betas=tuple(config.betas))
     mask = torch.zeros(1, size, size, device=device)  # normal shots: empty masks, label 0
@@ -120,28 +111,6 @@ def train_fewshot(backbone, root, dataset: str, category: str, config: TrainConf
     LOG.info("mvfa_ad adapters of %s/%s (%d shots x 11 views, seed %d, loss %.4f -> %.4f) -> %s", dataset, category,
              k_shot, seed, losses[0], losses[-1], out)
     return Path(out)
-
-
-def load_adapters(path, backbone, k_shot: int | None = None) -> tuple[MvfaAdapters, dict, TrainConfig]:
-    """``(adapters, meta, training config)`` of a checkpoint; keys, shapes and k are checked (``meta["shots"]``:
-    the shots' ids)."""
-    obj = load_weights_only(path, "mvfa_ad checkpoint")
-    meta = obj.get("meta") if isinstance(obj, dict) else None
-    if not isinstance(meta, dict) or not all(isinstance(obj.get(k), dict) for k in ("seg_adapters", "det_adapters")):
-        raise ValueError(f"mvfa_ad checkpoint {path}: needs 'seg_adapters', 'det_adapters' and 'meta'")
-    config = TrainConfig(**{k: v for k, v in json.loads(meta["train_config"]).items()
-                            if k in TrainConfig.__dataclass_fields__})
-    if k_shot is not None and int(meta.get("k_shot", -1)) != int(k_shot):
-        raise ValueError(f"mvfa_ad checkpoint {path} holds {meta.get('k_shot')} shots, the backend wants {k_shot}")
-    adapters = new_adapters(backbone, int(meta["text_dim"]), config)
-    state = {f"{part}.{k}": v for part in ("seg_adapters", "det_adapters") for k, v in obj[part].items()}
-    expected = {k: tuple(v.shape) for k, v in adapters.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if got != expected:
-        raise ValueError(f"mvfa_ad checkpoint {path}: adapter shapes {got} do not fit the backbone ({expected})")
-    adapters.load_state_dict(state)
-    shots = json.loads(meta["shots"]) if isinstance(meta["shots"], str) else list(meta["shots"])
-    return adapters.eval(), dict(meta, shots=shots), config
 
 
 def check_checkpoint(path, backbone=None) -> None:

@@ -1,8 +1,8 @@
 """PromptAD (Li et al., CVPR 2024), few-shot: prompts learned on the k normal shots plus a visual gallery.
 
 * :mod:`.prompts`: the prompt learner (semantic concatenation), its text features and losses;
-* :mod:`.backend`: :class:`PromptADBackend`, :class:`PromptADConfig`, the dual-path (v-v) image forward and the
-  maps and scores;
+* :mod:`.forward`: the images' preprocessing and the dual-path (v-v) image forward;
+* :mod:`.backend`: :class:`PromptADBackend`, :class:`PromptADConfig`, the maps and scores;
 * :mod:`.train`: training of the prompts on the shots (rule ``train_fewshot``).
 """
 

@@ -45,6 +45,7 @@ from ...log import LOG, progress
 from ..april_gan.backend import patch_map
 from ..maps import gaussian_smooth
 from ..maps import resolve_device as _resolve_device
+from .forward import PRE_RESIZE, SURGERY_BLOCKS, preprocess, vv_forward
 
 MAP_LEVEL = "token grid: area mean of the official 400-px map (harmonic fusion, bilinear, Gaussian) per patch"
 
@@ -56,66 +57,15 @@ class PromptADConfig:
     k_shot: int = 4  # 0 = textual branch only (PA-CLIP's "0-shot" row, see the module docstring)
     checkpoint: str = ""  # trained prompts of this category and seed (rule train_fewshot); none for k_shot 0
     class_name: str = ""  # the category folder name; the coarse command passes it (ad_prompts.py keys)
-    surgery_blocks: int = 12  # transformer.py l.684: the last 12 blocks get the v-v path
+    surgery_blocks: int = SURGERY_BLOCKS  # transformer.py l.684: the last 12 blocks get the v-v path
     gallery_blocks: tuple = (3, 8)  # transformer.py l.612-613: hooks on resblocks[2] and resblocks[7]
     map_size: int = 400  # train_*.py --resolution: maps are upsampled (and scored) at 400 px
     sigma: float = 4.0  # model.py l.364 gaussian_filter sigma
-    pre_resize: int = 1024  # dataset.py l.46: cv2.resize to 1024 x 1024 before the 240-px transform
+    pre_resize: int = PRE_RESIZE  # dataset.py l.46: cv2.resize to 1024 x 1024 before the 240-px transform
     bgr_test_images: bool = True  # train_*.py l.124-126 feed the test images in OpenCV's BGR order
     init_seed: int = 111  # k_shot 0: the prompt contexts' seed (train_*.py setup_seed(111))
     batch_size: int = 16
     device: str = "auto"
-
-
-def _attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Attention`` l.102-135 on ``[N, L, C]``: (v-v branch, original branch), both through ``out_proj``."""
-    attn = block.attn
-    n, length, c = x.shape
-    h = attn.num_heads
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).reshape(n, length, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    scale = (c // h) ** -0.5
-    ori = torch.softmax(q @ k.transpose(-2, -1) * scale, -1) @ v
-    vv = torch.softmax(v @ v.transpose(-2, -1) * scale, -1) @ v
-    merge = lambda y: attn.out_proj(y.transpose(1, 2).reshape(n, length, c))  # noqa: E731
-    return merge(vv), merge(ori)
-
-
-def vv_forward(backbone, batch: torch.Tensor, surgery_blocks: int = 12, gallery_blocks=(3, 8)) -> dict:
-    """The dual-path image forward: ``{"cls": [N, D], "tokens": [N, L, D], "gallery": [[N, L, W], ...]}``,
-    every vector L2-normalised (``model.py`` encode_image). ``gallery_blocks`` are 1-based (none: no gallery, as
-    training needs); a gallery block followed by a dual-path block is read after that block's attention (the
-    official in-place add)."""
-    v = backbone.visual
-    blocks = list(backbone.blocks)
-    n_blocks = len(blocks)
-    first = n_blocks - min(int(surgery_blocks), n_blocks)  # 0-based index of the first dual-path block
-    bad = [b for b in gallery_blocks if not 1 <= int(b) <= n_blocks]
-    if bad or first >= n_blocks:
-        raise ValueError(f"promptad: gallery blocks {list(gallery_blocks)} / surgery blocks {surgery_blocks} do not "
-                         f"fit the backbone's {n_blocks} blocks")
-    x = v.ln_pre(backbone.embed(batch))
-    if not backbone.batch_first:
-        raise ValueError("promptad needs open_clip blocks running batch-first (open_clip >= 3)")
-    wanted = {int(b) - 1 for b in gallery_blocks}
-    taken: dict[int, torch.Tensor] = {}
-    x_vv = None
-    with torch.no_grad():
-        for i, block in enumerate(blocks):
-            if i < first:
-                x = block(x)
-            else:
-                vv_res, ori_res = _attention(block, block.ln_1(x))
-                x_vv = (x if x_vv is None else x_vv) + vv_res
-                x = x + ori_res
-                if i - 1 in wanted:
-                    taken[i - 1] = x  # the previous block's hooked view, after this block's attention add
-                x = x + block.mlp(block.ln_2(x))
-            if i in wanted and (i < first - 1 or i == n_blocks - 1):
-                taken[i] = x
-        cls = v.ln_post(x[:, 0]) @ v.proj
-        tokens = v.ln_post(x_vv[:, 1:]) @ v.proj
-    return {"cls": F.normalize(cls, dim=-1), "tokens": F.normalize(tokens, dim=-1),
-            "gallery": [F.normalize(taken[b][:, 1:], dim=-1) for b in sorted(wanted)]}
 
 
 def textual(feats: torch.Tensor, text: torch.Tensor, scale) -> torch.Tensor:
@@ -137,17 +87,6 @@ def upsample(grid_map: torch.Tensor, grid: tuple[int, int], size: int) -> torch.
     """``[N, L]`` patch scores -> ``[N, size, size]``, bilinear, ``align_corners=False`` (``model.py`` l.357)."""
     m = grid_map.reshape(-1, 1, *grid).float()
     return F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-
-
-def preprocess(backbone, images: list[np.ndarray], pre_resize: int, bgr: bool) -> torch.Tensor:
-    """``dataset.py`` + ``model.transform``: (BGR,) bilinear to ``pre_resize`` (OpenCV INTER_LINEAR: no antialias,
-    rounded to uint8), then the backbone's own bicubic resize to 240 and CLIP normalisation."""
-    out = []
-    for img in images:
-        t = torch.from_numpy(np.array(img[..., ::-1] if bgr else img)).permute(2, 0, 1)[None].float()
-        t = F.interpolate(t, size=(pre_resize, pre_resize), mode="bilinear", align_corners=False)
-        out.append(t[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
-    return backbone.preprocess(out)
 
 
 class PromptADBackend:

@@ -26,6 +26,7 @@ import torch
 
 from ...log import LOG
 from ..checkpoints import check_finite_loss, load_weights_only, save_checkpoint, training_info
+from .forward import PRE_RESIZE, SURGERY_BLOCKS, preprocess, vv_forward
 from .prompts import PromptLearner, prompt_loss
 
 KEY = "promptad"
@@ -84,15 +85,13 @@ def train_fewshot(backbone, root, dataset: str, category: str, config: TrainConf
                   categories=None, text_cache=None) -> Path:
     """Trainer interface (few-shot): train both learners on the k shots drawn by ``seed``; write the checkpoint."""
     from ..shots import TrainGood
-    from .backend import PromptADConfig, preprocess, vv_forward
 
     if config.epochs < 1:
         raise ValueError(f"promptad training: epochs must be >= 1, got {config.epochs}")
     source = TrainGood(root, dataset, category)
     shots = source.draw(k_shot, seed, "promptad")
-    opts = PromptADConfig()
-    x = preprocess(backbone, source.load(shots), opts.pre_resize, bgr=False).to(backbone.device)
-    feats = vv_forward(backbone, x, opts.surgery_blocks, gallery_blocks=())  # the backend's forward, no gallery
+    x = preprocess(backbone, source.load(shots), PRE_RESIZE, bgr=False).to(backbone.device)
+    feats = vv_forward(backbone, x, SURGERY_BLOCKS, gallery_blocks=())  # the backend's default forward, no gallery
     scale = float(backbone.model.logit_scale.detach())
     start = time.time()
     state, losses = {}, {}

@@ -105,7 +105,7 @@ class RegADBackend:
 
     def __init__(self, config: RegADConfig | None = None, backbone=None, name: str = "regad", seed: int = 0,
                  images=None, train_images=None):
-        from .train import load_networks
+        from .model import load_networks
 
         self.config = c = config or RegADConfig()
         self.backbone, self.name, self.seed = backbone, name, int(seed)
@@ -118,7 +118,7 @@ class RegADBackend:
         self.device = _resolve_device(c.device)
         nets, meta, trained = load_networks(c.checkpoint, backbone)
         self.net = nets["STN"].to(self.device).eval()
-        self.size = int(trained.image_size)
+        self.size = int(trained["image_size"])
         self.last_info = {"map_level": MAP_LEVEL, "map_size": self.size, "k_shot": c.k_shot,
                           "checkpoint": str(c.checkpoint), "trained_on": meta.get("trained_on"),
                           "normalisation": "min-max over the category"}

@@ -143,7 +143,8 @@ class Predictor(nn.Module):
 
     def __init__(self, channels: int = 256):
         super().__init__()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
         self.conv2, self.relu2 = nn.Conv2d(channels, channels, 1, bias=False), nn.ReLU()
 
     def forward(self, x):
@@ -153,3 +154,37 @@ class Predictor(nn.Module):
 def cos_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``losses/norm_loss.py`` CosLoss (Mean=True): ``-cos(p, stopgrad(z))`` over channels, averaged."""
     return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+def networks(backbone, image_size: int = 224, stn_mode: str = "rotation_scale", seed: int = 668) -> dict:
+    """``{"STN", "ENC", "PRED"}`` from the backbone's (ImageNet) ResNet-18 stages; new layers drawn from ``seed``."""
+    if getattr(backbone, "name", None) != "resnet18":
+        raise ValueError(f"regad needs the resnet18 backbone (its stages start the network), got "
+                         f"{getattr(backbone, 'name', backbone)!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        stn = StnResNet(backbone.model, int(image_size), stn_mode)
+        return {"STN": stn, "ENC": Encoder(stn.widths[-1]), "PRED": Predictor(stn.widths[-1])}
+
+
+def load_networks(path, backbone) -> tuple[dict[str, nn.Module], dict, dict]:
+    """``(networks, meta, training options)`` of a checkpoint (rule train_fewshot), every key and shape checked."""
+    import json
+
+    from ..checkpoints import load_weights_only
+
+    obj = load_weights_only(path, "regad checkpoint")
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(obj.get(k), dict) for k in ("STN", "ENC", "PRED")):
+        raise ValueError(f"regad checkpoint {path}: needs 'STN', 'ENC', 'PRED' and 'meta'")
+    trained = json.loads(meta["train_config"])
+    nets = networks(backbone, trained["image_size"], trained["stn_mode"], trained["seed"])
+    for key, net in nets.items():
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in obj[key].items()}
+        if got != expected:
+            diff = sorted(set(got.items()) ^ set(expected.items()))[:4]
+            raise ValueError(f"regad checkpoint {path}: {key} does not fit the network (first differences {diff})")
+        net.load_state_dict(obj[key])
+    trained_on = meta.get("trained_on")
+    return nets, dict(meta, trained_on=json.loads(trained_on) if isinstance(trained_on, str) else trained_on), trained

@@ -21,7 +21,6 @@ Checkpoint: ``{"STN", "ENC", "PRED", "meta"}`` (the official keys), loaded weigh
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 from ...log import LOG, progress
 from ..checkpoints import check_finite_loss, load_weights_only, save_checkpoint, training_info
 from .backend import preprocess
-from .model import Encoder, Predictor, StnResNet, cos_loss
+from .model import cos_loss, load_networks, networks
 
 
 @dataclass
@@ -48,17 +47,6 @@ class TrainConfig:
     stn_mode: str = "rotation_scale"  # --stn_mode (the published checkpoints' mode)
     seed: int = 668  # --seed
     max_images: int | None = None  # per training category (smoke runs); None = every train/good image
-
-
-def networks(backbone, config: TrainConfig) -> dict[str, torch.nn.Module]:
-    """``{"STN", "ENC", "PRED"}`` with the backbone's (ImageNet) ResNet-18 stages; heads drawn from the seed."""
-    if getattr(backbone, "name", None) != "resnet18":
-        raise ValueError(f"regad needs the resnet18 backbone (its stages start the network), got "
-                         f"{getattr(backbone, 'name', backbone)!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        stn = StnResNet(backbone.model, config.image_size, config.stn_mode)
-        return {"STN": stn, "ENC": Encoder(stn.widths[-1]), "PRED": Predictor(stn.widths[-1])}
 
 
 def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
@@ -96,7 +84,8 @@ def train_fewshot(backbone, root, dataset: str, category: str, config: TrainConf
     for cat in others:
         paths = list(index_category(root, cat, dataset=dataset, split="train")["image_path"])[: config.max_images]
         images[cat] = (preprocess([load_image(p) for p in paths], config.image_size) * 255).round().to(torch.uint8)
-    nets = {k: v.to(device).train() for k, v in networks(backbone, config).items()}
+    nets = {k: v.to(device).train()
+            for k, v in networks(backbone, config.image_size, config.stn_mode, config.seed).items()}
     opts = {k: torch.optim.SGD(v.parameters(), lr=config.lr, momentum=config.momentum) for k, v in nets.items()}
     rng = np.random.default_rng(config.seed)
     losses, start = [], time.time()
@@ -130,26 +119,6 @@ def train_fewshot(backbone, root, dataset: str, category: str, config: TrainConf
     LOG.info("regad for %s/%s: trained on %d images of %s (%d epochs) -> %s", dataset, category, len(rows), others,
              config.epochs, out)
     return Path(out)
-
-
-def load_networks(path, backbone) -> tuple[dict[str, torch.nn.Module], dict, TrainConfig]:
-    """``(networks, meta, training config)`` of a checkpoint, every key and shape checked."""
-    obj = load_weights_only(path, "regad checkpoint")
-    meta = obj.get("meta") if isinstance(obj, dict) else None
-    if not isinstance(meta, dict) or not all(isinstance(obj.get(k), dict) for k in ("STN", "ENC", "PRED")):
-        raise ValueError(f"regad checkpoint {path}: needs 'STN', 'ENC', 'PRED' and 'meta'")
-    config = TrainConfig(**{k: v for k, v in json.loads(meta["train_config"]).items()
-                            if k in TrainConfig.__dataclass_fields__})
-    nets = networks(backbone, config)
-    for key, net in nets.items():
-        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in obj[key].items()}
-        if got != expected:
-            diff = sorted(set(got.items()) ^ set(expected.items()))[:4]
-            raise ValueError(f"regad checkpoint {path}: {key} does not fit the network (first differences {diff})")
-        net.load_state_dict(obj[key])
-    trained_on = meta.get("trained_on")
-    return nets, dict(meta, trained_on=json.loads(trained_on) if isinstance(trained_on, str) else trained_on), config
 
 
 def check_checkpoint(path, backbone=None) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from anorefiner.backbones import build_backbone
-from anorefiner.zsad.promptad.backend import harmonic, textual, upsample, visual, vv_forward
+from anorefiner.zsad.promptad.backend import harmonic, textual, upsample, visual
+from anorefiner.zsad.promptad.forward import vv_forward
 from anorefiner.zsad.promptad.prompts import GENERIC_STATES, CLASS_STATES, PromptLearner, prompt_loss, text_features
 
 from ..reference import bilinear_half_pixel, float64_backbone
@@ -95,7 +96,7 @@ def test_prompts_are_arranged_as_the_official_learner(tiny_clip):
     learner = PromptLearner(bb, "bottle", n_pro=p, n_ctx=n_ctx, n_pro_ab=ab, n_ctx_ab=1, seed=5)
     out = learner()
     states = GENERIC_STATES + CLASS_STATES["bottle"]
-    assert out["normal"].shape[0] == p and out["handle"].shape[0] == p * len(states) and out["learned"].shape[0] == p * ab
+    assert [out[k].shape[0] for k in ("normal", "handle", "learned")] == [p, p * len(states), p * ab]
     # model.py l.119-150: expand/reshape of the two banks, written as the loops they stand for
     normal_of_learned = [q for _ in range(ab) for q in range(p)]  # normal_ctx.unsqueeze(0).expand(n_pro_ab, ...)
     abnormal_of_learned = [a for _ in range(p) for a in range(ab)]  # abnormal_ctx.unsqueeze(0).expand(n_pro, ...)
@@ -204,7 +205,7 @@ def test_training_and_backend_end_to_end(tiny_clip, demo_dataset, tmp_path):
         assert be.last_info["shots"] == ([] if k == 0 else TrainGood(demo_dataset, "demo", "tiles").draw(2, 3))
     # 0 shots: the textual score of CLIP's own class embedding of the (BGR) test images; 2 shots: a harmonic
     # fusion ab / (a + b) of two scores in [0, 1], hence at most 0.5
-    from anorefiner.zsad.promptad.backend import preprocess
+    from anorefiner.zsad.promptad.forward import preprocess
 
     zero = get_backend("promptad", dict(opts, k_shot=0), backbone=bb, seed=3)
     x = preprocess(bb, [load_image(p) for p in paths], 64, bgr=True)
@@ -220,7 +221,7 @@ def test_training_and_backend_end_to_end(tiny_clip, demo_dataset, tmp_path):
 
 
 def test_test_images_go_in_bgr_as_the_official_code(tiny_clip):
-    from anorefiner.zsad.promptad.backend import preprocess
+    from anorefiner.zsad.promptad.forward import preprocess
 
     bb = build_backbone(tiny_clip, 56, pretrained=None, seed=1)
     img = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)

@@ -142,7 +142,8 @@ def test_training_and_backend_end_to_end(demo_dataset, tmp_path):
     from anorefiner.cache import extract_features, read_features
     from anorefiner.data.index import index_category, load_image
     from anorefiner.zsad import get_backend
-    from anorefiner.zsad.regad.train import TrainConfig, check_checkpoint, load_networks, train_fewshot
+    from anorefiner.zsad.regad.model import load_networks
+    from anorefiner.zsad.regad.train import TrainConfig, check_checkpoint, train_fewshot
     from anorefiner.zsad.shots import TrainGood
 
     bb = build_backbone("resnet18", 64, layers=["layer1"], pretrained=None, seed=0)
