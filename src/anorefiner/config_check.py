@@ -147,6 +147,9 @@ def check_training(name: str, cfg: dict) -> None:
             value = getattr(built, key, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
                 raise ConfigError(f"{where}.{key} must be > 0, got {value!r}")
+    if cfg.get("weights", "trained") == "official" and kind.train_scope != "auxiliary":
+        raise ConfigError(f"backends.{name}.weights: official: no official {cfg['type']} checkpoint is published with "
+                          f"a checksum (docs/backends.md); it is trained per category by rule train_fewshot")
     if cfg.get("weights", "trained") == "official":
         for aux in sorted(set((cfg.get("auxiliary") or {}).values())):
             _check_official(name, str(cfg["type"]), aux, ((cfg.get("official") or {}).get(aux) or {}).get("url"))

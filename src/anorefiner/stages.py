@@ -134,7 +134,7 @@ def backend_options(backend_type: str, options: dict | str | None, *, dataset: s
         raise ConfigError(f"backend options must be a JSON object, got {options!r}")
     options = json.loads(json.dumps(options))  # a deep copy
     kind = BACKEND_TYPES.get(backend_type)
-    if backend_type == "musc" or (kind and kind.clip):
+    if backend_type == "musc" or (kind and (kind.clip or kind.shots)):
         options.setdefault("device", device)
     if kind and kind.class_name:
         options.setdefault("class_name", category)  # verbatim: the official prompts use meta.json's keys
@@ -261,6 +261,10 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
         from .zsad.winclip.backend import train_good_source
 
         backend.reference_images = train_good_source(data_root, dataset, category)
+    if data_root and kind is not None and kind.shots:  # the few-shot methods' train/good shots
+        from .zsad.shots import TrainGood
+
+        backend.train_images = TrainGood(data_root, dataset, category)
     if backend_type == "paclip" and data_root and backbone is not None:
         backend.images = image_source(data_root, dataset, category, feats.ids)
     elif backend_type == "paclip" and backbone is None:

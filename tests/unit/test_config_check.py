@@ -107,12 +107,15 @@ def _official(name, aux="visa", **extra):
      r"backends\.april_gan\.official\.visa\.url: the official checkpoint file /nonexistent/visa_pretrained\.pth"),
     (_official("vcp_clip"), r"backends\.vcp_clip\.weights: official: .*Google Drive.*set backends\.vcp_clip\.official\.\w+\.url"),
     (_official("adaclip"), r"backends\.adaclip\.weights: official: .*by hand"),
+    (_official("regad_4shot"), r"backends\.regad_4shot\.weights: official: no official regad checkpoint"),
+    (lambda c: c["backends"]["promptad_4shot"]["train"]["mvtec_ad"].update(epochs=0),
+     r"backends\.promptad_4shot\.train\.mvtec_ad\.epochs must be > 0"),
     (lambda c: c["backbones"]["vit_l14_336"].update(pretrained="laion2b_s32b_b79k"),
      r"backbones\.vit_l14_336\.pretrained: pretrained 'laion2b_s32b_b79k' of 'ViT-L-14-336' has no pinned download"),
     (lambda c: c["backbones"]["vit_l14_336"].update(pretrained="/nonexistent/ViT-L-14-336px.pt"),
      r"backbones\.vit_l14_336\.pretrained: weights file '/nonexistent/ViT-L-14-336px\.pt' does not exist"),
 ], ids=["train_typo", "negative_epochs", "zero_lr", "dataset_root", "official_file", "vcp_clip_official",
-        "adaclip_official", "unpinned_tag", "missing_weights_file"])
+        "adaclip_official", "regad_official", "fewshot_epochs", "unpinned_tag", "missing_weights_file"])
 def test_training_datasets_and_files_name_the_key(edit, message):
     config = copy.deepcopy(_config())
     edit(config)

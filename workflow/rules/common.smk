@@ -146,7 +146,7 @@ def backend_options(wildcards):
     if cfg["type"] == "musc":
         opts.setdefault("k_list", dataset_cfg(wildcards.dataset).get("rscin_k", [1, 2, 3]))
     kind = BACKEND_TYPES.get(cfg["type"])
-    if kind is not None and kind.trainer:
+    if kind is not None and kind.trainer and backend_checkpoint(wildcards):
         opts["checkpoint"] = backend_checkpoint(wildcards)
     if kind is not None and kind.text_cache:
         opts.setdefault("text_cache", TEXT_CACHE)
@@ -174,19 +174,43 @@ def auxiliary_dataset(backend, dataset):
 
 
 def backend_checkpoint(wildcards):
-    """The trained weights a backend reads (APRIL-GAN's adapters, ...), or nothing."""
+    """The trained weights a backend reads (APRIL-GAN's adapters, a few-shot method's per-category file, ...), or
+    nothing."""
     cfg = backend_cfg(wildcards.backend)
     if cfg["type"] == "pad_pam":
         return backend_checkpoint(_base_wildcards(wildcards))
     if cfg["type"] not in TRAINED_TYPES:
         return []
+    scope = BACKEND_TYPES[cfg["type"]].train_scope
+    if scope != "auxiliary":
+        if fewshot_k(wildcards.backend) == 0:
+            return []  # PromptAD with 0 shots: nothing to train
+        draw = f"seed{wildcards.seed}" if scope == "shots" else "others"
+        return f"results/checkpoints/{wildcards.backend}/{wildcards.dataset}/{wildcards.category}/trained_{draw}.pt"
     source = cfg.get("weights", "trained")
     aux = auxiliary_dataset(wildcards.backend, wildcards.dataset)
     return f"results/checkpoints/{wildcards.backend}/{source}_{aux}.pt"
 
 
+def fewshot_k(backend):
+    """The shots of a few-shot backend (its options' k_shot, else the options dataclass default)."""
+    cfg = backend_cfg(backend)
+    _, options_cls = BACKEND_TYPES[cfg["type"]].classes()
+    return int((cfg.get("options") or {}).get("k_shot", options_cls.k_shot))
+
+
+def fewshot_args(wildcards):
+    """`train-backend` arguments of a few-shot training job: the category, k, and the shots' seed (draw
+    `seed<k>`) or the dataset's categories (draw `others`: RegAD trains on all but the scored one)."""
+    args = f"--category {wildcards.category} --k-shot {fewshot_k(wildcards.backend)}"
+    if wildcards.draw == "others":
+        return f"{args} --categories {' '.join(dataset_cfg(wildcards.dataset)['categories'])}"
+    return f"{args} --shots-seed {wildcards.draw[len('seed'):]}"
+
+
 def train_options(wildcards):
-    """The training options for this auxiliary dataset (backends.<name>.train.<dataset>) as JSON."""
+    """The training options for this auxiliary (few-shot: scored) dataset (backends.<name>.train.<dataset>) as
+    JSON."""
     section = backend_cfg(wildcards.backend).get("train", {})
     return json.dumps(section.get(wildcards.dataset, {}), sort_keys=True)
 

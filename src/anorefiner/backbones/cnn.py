@@ -1,4 +1,4 @@
-"""CNN backbones: ResNet-50 (paper Table 8) and EfficientNet-Lite0 (the offline demo's backbone).
+"""CNN backbones: ResNet-50 (paper Table 8), ResNet-18 (RegAD's) and EfficientNet-Lite0 (the offline demo's backbone).
 
 Both return the feature maps of intermediate stages, resized (bilinear) to the grid of the
 shallowest selected stage so that every layer shares ``h, w`` (docs/architecture.md "Backbone"),
@@ -82,18 +82,19 @@ class CNNBackbone(Backbone):
 
 
 def build_cnn(name: str, resolution: int, layers, pretrained, device, seed: int) -> CNNBackbone:
-    if name == "resnet50":
-        return build_resnet50(resolution, layers, pretrained, device, seed)
+    if name in ("resnet18", "resnet50"):
+        return build_resnet(resolution, layers, pretrained, device, seed, name=name)
     if name == "efficientnet_lite0":
         return build_efficientnet_lite0(resolution, layers, pretrained, device, seed)
-    raise ValueError(f"unknown CNN backbone {name!r}; choose resnet50 or efficientnet_lite0")
+    raise ValueError(f"unknown CNN backbone {name!r}; choose resnet18, resnet50 or efficientnet_lite0")
 
 
-def build_resnet50(resolution, layers=None, pretrained=DEFAULT, device="cpu", seed=0) -> CNNBackbone:
-    """torchvision ResNet-50; official weights via ``ResNet50_Weights`` (downloaded, hash-checked)."""
+def build_resnet(resolution, layers=None, pretrained=DEFAULT, device="cpu", seed=0, name="resnet50") -> CNNBackbone:
+    """torchvision ResNet-50 (or ``name="resnet18"``); official weights via ``ResNet50_Weights`` /
+    ``ResNet18_Weights`` (downloaded, hash-checked)."""
     tv = import_torchvision()
     with random_init(seed):
-        model = tv.models.resnet50(weights=None)
+        model = getattr(tv.models, name)(weights=None)
     if pretrained is None:
         weights = f"random(seed={seed})"
     elif is_local_weights(pretrained):
@@ -101,9 +102,10 @@ def build_resnet50(resolution, layers=None, pretrained=DEFAULT, device="cpu", se
         weights = f"sha256:{sha256_file(pretrained)}"
     else:
         tag = RESNET_DEFAULT_WEIGHTS if _means_imagenet(pretrained) else str(pretrained)
-        enum = tv.models.ResNet50_Weights
+        enum = tv.models.ResNet18_Weights if name == "resnet18" else tv.models.ResNet50_Weights
         if tag not in enum.__members__:
-            raise ValueError(f"pretrained {pretrained!r} is not a ResNet50_Weights member; available: {list(enum.__members__)}")
+            raise ValueError(f"pretrained {pretrained!r} is not a {enum.__name__} member; "
+                             f"available: {list(enum.__members__)}")
         state = torch.hub.load_state_dict_from_url(
             enum[tag].url, map_location="cpu", progress=True, check_hash=True, weights_only=True
         )
@@ -113,7 +115,7 @@ def build_resnet50(resolution, layers=None, pretrained=DEFAULT, device="cpu", se
     stages = [(n, getattr(model, n)) for n in RESNET_STRIDES]
     # torchvision's eval transforms for these weights resize bilinearly with ImageNet mean/std.
     return CNNBackbone(
-        "resnet50", resolution, model, stem, stages, RESNET_STRIDES,
+        name, resolution, model, stem, stages, RESNET_STRIDES,
         list(layers or RESNET_DEFAULT_LAYERS), IMAGENET_MEAN, IMAGENET_STD, "bilinear", weights, device,
     )
 

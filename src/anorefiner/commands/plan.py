@@ -16,6 +16,9 @@ the demo generator or the published counts):
 - train_backend: auxiliary test images x epochs x the type's factor of a forward;
 - train_seas: both SeaS stages, ``steps_per_defect_type`` optimiser steps per defect type each; pgt of a variant with
   ``synthesis.method: seas`` generates its pseudo-anomalies with the SeaS model (``seas`` rates);
+- train_fewshot (PromptAD, MVFA-AD, RegAD, per scored category): the images one epoch sees (the k shots;
+  MVFA-AD's 11 views of each; RegAD's queries with their k supports over the other categories' train/good
+  images) x epochs x the type's factor of a forward, plus decoding them once;
 - metrics (CPU); download, weights, sd_weights and official_checkpoint: bytes / ``download_mb_per_s``; the
   rest negligible.
 
@@ -46,15 +49,18 @@ REF_RESOLUTION = 518  # the rates' reference resolution (ARD, refinement, metric
 GEOMETRY = {
     "ViT-L-14-336": {"stride": 14, "channels_per_layer": 1024, "cls": 1024},
     "resnet50": {"stride": 8, "channels": 512 + 1024, "cls": 0},  # layer2 + layer3 (Table 8)
+    "resnet18": {"stride": 4, "channels": 64, "cls": 0},  # layer1 (RegAD: the cache only gives the image ids)
+    "ViT-B-16-plus-240": {"stride": 16, "channels_per_layer": 896, "cls": 896},  # WinCLIP, PromptAD
     "efficientnet_lite0": {"stride": 8, "channels": 40 + 112, "cls": 0},  # blocks.2 + blocks.4 (backbones/cnn.py)
 }
 # Rules with a cost model; table, audit, figures and the default target cost seconds and kilobytes.
 PRICED = {"features", "coarse", "pgt", "metrics", "download", "demo_data", "table", "audit", "figures", "default",
-          "train_backend", "tta", "weights", "official_checkpoint", "all_tables", "train_seas", "sd_weights"}
+          "train_backend", "train_fewshot", "tta", "weights", "official_checkpoint", "all_tables", "train_seas",
+          "sd_weights"}
 # Rows in pipeline order (Snakemake's dry run lists jobs in no fixed order).
 STAGE_ORDER = ["download", "demo_data", "weights", "sd_weights", "official_checkpoint", "features",
-               "train_backend", "train_seas", "coarse", "tta", "pgt", "metrics", "table", "audit", "figures",
-               "all_tables", "default"]
+               "train_backend", "train_fewshot", "train_seas", "coarse", "tta", "pgt", "metrics", "table", "audit",
+               "figures", "all_tables", "default"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -306,6 +312,8 @@ class CostModel:
             return self.train_backend(wc)
         if job.rule == "train_seas":
             return self.train_seas(wc)
+        if job.rule == "train_fewshot":
+            return self.train_fewshot(wc)
         if job.rule == "metrics":
             e = (self.config.get("evaluation") or {}).get("resolution") or REF_RESOLUTION
             return self.n(wc) * d["metrics_s_per_image"] * (e / REF_RESOLUTION) ** 2, self.rates["metric_file_bytes"]
@@ -399,6 +407,37 @@ class CostModel:
             wc["dataset"], wc["category"])
         return (rates["job_overhead_s"] + steps * (rates["generation_s_per_step"] + rates["mask_s_per_step"]),
                 float(self.rates["seas_model_bytes"]))
+
+    def train_fewshot(self, wc) -> tuple[float, float]:
+        """A few-shot method's training for one category: the images of an epoch x epochs x the type's factor of a
+        forward, plus one forward-equivalent per distinct image (decoding); ``checkpoint_bytes`` on disk."""
+        from ..config import from_dict
+        from ..zsad.registry import backend_type
+
+        cfg = self.config["backends"][wc["backend"]]
+        kind = backend_type(cfg["type"])
+        size = float(self.rates.get("checkpoint_bytes", {}).get(cfg["type"], 0.0))
+        factor = self.dev.get("train_fewshot", {}).get("image_epoch_factor", {}).get(cfg["type"])
+        if factor is None:
+            note = f"backend type {cfg['type']!r} has no train_fewshot factor in {RATES_FILE.name}: not priced"
+            if note not in self.notes:
+                self.notes.append(note)
+            return 0.0, size
+        _, options_cls = kind.classes()
+        k = int((cfg.get("options") or {}).get("k_shot", options_cls.k_shot))
+        train = from_dict(kind.trainer_module().TrainConfig, (cfg.get("train") or {}).get(wc["dataset"], {}))
+        if kind.train_scope == "others":  # every query image with its k supports
+            counts = self.rates.get("train_images", {}).get(wc["dataset"], {})
+            others = [c for c in self.config["datasets"][wc["dataset"]]["categories"] if c != wc["category"]]
+            distinct = sum(int(counts.get(c, 0)) for c in others)
+            per_epoch = distinct * (1 + k)
+        else:
+            distinct = k
+            per_epoch = k * int(self.dev["train_fewshot"].get("views", {}).get(cfg["type"], 1))
+        bb = self.backbone(cfg["backbone"])
+        forward = self.rate(bb)["features_s_per_image"] * self.scales(bb)[0]
+        images = distinct + per_epoch * int(train.epochs) * factor
+        return self.dev["train_fewshot"]["job_overhead_s"] + images * forward, size
 
     def pgt(self, wc) -> tuple[float, float]:
         from ..config_check import refiner_options

@@ -3,8 +3,10 @@
 The backend types with a trainer (:data:`anorefiner.zsad.registry.TRAINED_TYPES`, e.g. APRIL-GAN's
 linear adapters, :mod:`anorefiner.zsad.april_gan.train`) are trained on the auxiliary dataset's test
 split with masks; with ``--official`` the official checkpoint is downloaded and verified (git blob id or
-SHA-256, :mod:`anorefiner.zsad.checkpoints`) instead. Either way the output is checked by the trainer's
-``check_checkpoint`` (keys and shapes) and written atomically.
+SHA-256, :mod:`anorefiner.zsad.checkpoints`) instead. The few-shot types (PromptAD, MVFA-AD, RegAD; registry
+``train_scope``) train per scored category instead (``--category``): on the ``--k-shot`` train/good images drawn
+by ``--shots-seed``, or on the other ``--categories`` of the dataset. Either way the output is checked by the
+trainer's ``check_checkpoint`` (keys and shapes) and written atomically.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import json
 from ..zsad.registry import BACKEND_TYPES, TRAINED_TYPES
 
 NAME = "train-backend"
-HELP = (f"train a CLIP backend ({', '.join(BACKEND_TYPES[t].paper.split(' (')[0] for t in TRAINED_TYPES)}) on the "
-        "auxiliary dataset, or fetch its official checkpoint")
+HELP = (f"train a backend ({', '.join(BACKEND_TYPES[t].paper.split(' (')[0] for t in TRAINED_TYPES)}) on the "
+        "auxiliary dataset or a category's shots, or fetch its official checkpoint")
 
 
 def add_arguments(p) -> None:
@@ -31,6 +33,12 @@ def add_arguments(p) -> None:
     p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
                    help="open_clip ViTs: MLP activation (as the feature cache; default gelu)")
     p.add_argument("--options", default="{}", help="training options as JSON (the trainer's TrainConfig fields)")
+    p.add_argument("--category", default=None, help="few-shot types: the scored category (--dataset is its dataset)")
+    p.add_argument("--k-shot", type=int, default=None, help="few-shot types: the shots per category (the row's k)")
+    p.add_argument("--shots-seed", type=int, default=None,
+                   help="few-shot types trained on the shots (PromptAD, MVFA-AD): the run seed drawing them")
+    p.add_argument("--categories", nargs="*", default=None,
+                   help="RegAD: the dataset's categories (it trains on all but --category)")
     p.add_argument("--text-cache", default=None, help="folder of the per-class text embedding cache (results/text)")
     p.add_argument("--official", default=None,
                    help="'default' (the official repository's file for --dataset), a URL or a local file: "
@@ -58,11 +66,20 @@ def main(args) -> int:
     config = from_dict(trainer.TrainConfig, options, f"backends.{args.backend_type}.train.{args.dataset}")
     if not args.root:
         raise ConfigError("--root (the auxiliary dataset) is required unless --official is given")
+    scope = backend_type(args.backend_type).train_scope
+    if scope != "auxiliary" and (not args.category or args.k_shot is None):
+        raise ConfigError(f"{args.backend_type} trains per category: --category and --k-shot are required")
+    if scope == "shots" and args.shots_seed is None:
+        raise ConfigError(f"{args.backend_type} trains on the shots drawn by a seed: --shots-seed is required")
     seed_everything(config.seed)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     backbone = build_backbone(args.backbone, args.resolution, layers=args.layers or None, pretrained=pretrained,
                               device=args.device, activation=args.activation)
-    trainer.train_backend(backbone, args.root, args.dataset, config, args.out, text_cache=args.text_cache)
+    if scope == "auxiliary":
+        trainer.train_backend(backbone, args.root, args.dataset, config, args.out, text_cache=args.text_cache)
+    else:
+        trainer.train_fewshot(backbone, args.root, args.dataset, args.category, config, args.out, k_shot=args.k_shot,
+                              seed=args.shots_seed, categories=args.categories, text_cache=args.text_cache)
     trainer.check_checkpoint(args.out, backbone)  # the written file loads weights-only, keys and shapes checked
     return 0
 

@@ -2,16 +2,18 @@
 
 Layout: one package per method, named after its paper, as anomalib keeps ``models/image/<name>/``
 (``musc``, ``paclip``, ``pad_pam``, ``winclip``, ``april_gan``, ``vcp_clip``, ``rareclip``, ``adaclip``,
-``anomalyclip``, ``aa_clip``, ``bayes_pfl``, and ``byo`` for maps of any other method). Each holds ``backend.py``
-(the backend class and its options), the method's own parts beside it (``prompts.py``, ``memory.py``,
-``dpam.py``, ...) and, for a trained method, ``train.py`` (rule ``train_backend``); its ``__init__`` exports the
-public names. The modules at this top level are the machinery every method shares, never one method's parts:
+``anomalyclip``, ``aa_clip``, ``bayes_pfl``, the few-shot ``promptad``, ``mvfa_ad`` and ``regad``, and ``byo`` for maps of any other
+method). Each holds ``backend.py`` (the backend class and its options), the method's own parts beside it
+(``prompts.py``, ``memory.py``, ``dpam.py``, ...) and, for a trained method, ``train.py`` (rule ``train_backend``,
+or ``train_fewshot`` for the few-shot ones); its ``__init__`` exports the public names. The
+modules at this top level are the machinery every method shares, never one method's parts:
 
 * :mod:`.registry`: the backend types, the one place a backend is added (``anorefiner list backends``);
 * :mod:`.store`: the coarse store (maps and scores of one backend on one category);
 * :mod:`.checkpoints`: official checkpoints, their download and checks, training provenance;
 * :mod:`.prompts`: CLIP prompt ensembles and cached text embeddings;
 * :mod:`.groups`: the groups of test images scored (and refined) together;
+* :mod:`.shots`: the few-shot methods' seeded ``train/good`` shots and their augmentations;
 * :mod:`.maps`: small helpers (a backend's device, tensors from cached arrays, Gaussian smoothing, min-max).
 
 A method package may import another method's package (VCP-CLIP, RareCLIP and AdaCLIP build on APRIL-GAN's
@@ -38,6 +40,9 @@ name            type      preset
 ``aa_clip``     aa_clip   AA-CLIP (text and image adapters trained on the auxiliary dataset; scores images)
 ``bayes_pfl``   bayes_pfl Bayes-PFL (prompt flows trained on the auxiliary dataset; Monte-Carlo text samples)
 ``pad_pam``     pad_pam   PA-CLIP's PAD+PAM on an AnomalyCLIP/AdaCLIP base (options ``base_type``, ``base_options``)
+``promptad``    promptad  PromptAD (prompts trained on k seeded train/good shots; ``k_shot: 0`` = text only)
+``mvfa_ad``     mvfa_ad   MVFA-AD (residual adapters trained on k seeded train/good shots, shot memory)
+``regad``       regad     RegAD (STN ResNet-18 trained on the other categories, k-shot Gaussian at test)
 ==============  ========  =============================================
 """
 
@@ -67,6 +72,9 @@ PRESETS = {
     "aa_clip": ("aa_clip", {}),
     "bayes_pfl": ("bayes_pfl", {}),
     "pad_pam": ("pad_pam", {}),
+    "promptad": ("promptad", {}),
+    "mvfa_ad": ("mvfa_ad", {}),
+    "regad": ("regad", {}),
 }
 
 

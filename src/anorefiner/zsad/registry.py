@@ -18,6 +18,15 @@ else:
     auxiliary dataset's test split with masks under ``root`` and write the checkpoint atomically;
   - ``check_checkpoint(path, backbone=None) -> None``: raise ``ValueError`` naming the file and the key
     when the keys or shapes are not the backend's (official files are checked before they are used).
+* ``train_scope``: what the trainer trains on. ``"auxiliary"``: the auxiliary dataset's test split with masks,
+  one checkpoint per auxiliary dataset (rule ``train_backend``). The few-shot methods train per scored category
+  (rule ``train_fewshot``, checkpoint ``results/checkpoints/<backend>/<dataset>/<category>/trained_<draw>.pt``):
+  ``"shots"`` on the k ``train/good`` images drawn by the run's seed (``<draw>`` = ``seed<k>``), ``"others"`` on
+  the ``train/good`` images of the dataset's *other* categories (``<draw>`` = ``others``). Their trainer module
+  provides ``train_fewshot(backbone, root, dataset, category, config, out, *, k_shot, seed, categories,
+  text_cache) -> Path`` instead of ``train_backend``.
+* ``shots``: reads k ``train/good`` images of the scored category; the coarse stage sets ``backend.train_images``
+  (:class:`~anorefiner.zsad.shots.TrainGood`) when the data root is known, and fills option ``device``.
 * ``refinable``: PGT can refine its maps (it scores pseudo-anomaly features in ``score_queries``).
 * ``tta``: :func:`anorefiner.tta.build_tta_backend` adapts its CLIP tower at test time (rule ``tta``,
   AnoRefiner Table 1 "+ TIPI/SAR/DeYO").
@@ -40,6 +49,8 @@ class BackendType:
     text_cache: bool = False
     images: bool = False
     trainer: str | None = None  # module anorefiner.zsad.<trainer>
+    train_scope: str = "auxiliary"  # "auxiliary", "shots" or "others" (see the module docstring)
+    shots: bool = False
     refinable: bool = True
     tta: bool = False
 
@@ -79,9 +90,17 @@ BACKEND_TYPES: dict[str, BackendType] = {
                            class_name=True, images=True, refinable=False),
     "winclip": BackendType("winclip", "WinClipBackend", "WinClipConfig", paper="WinCLIP (Jeong et al., CVPR 2023)",
                            clip=True, class_name=True, text_cache=True, images=True, refinable=False),
+    "promptad": BackendType("promptad", "PromptADBackend", "PromptADConfig", paper="PromptAD (Li et al., CVPR 2024)",
+                            clip=True, class_name=True, images=True, trainer="promptad.train", train_scope="shots",
+                            shots=True, refinable=False),
+    "mvfa_ad": BackendType("mvfa_ad", "MvfaBackend", "MvfaConfig", paper="MVFA-AD (Huang et al., CVPR 2024)",
+                           clip=True, class_name=True, text_cache=True, images=True, trainer="mvfa_ad.train",
+                           train_scope="shots", shots=True, refinable=False),
+    "regad": BackendType("regad", "RegADBackend", "RegADConfig", paper="RegAD (Huang et al., ECCV 2022)", images=True,
+                         trainer="regad.train", train_scope="others", shots=True, refinable=False),
 }
 
-#: backend types whose weights rule ``train_backend`` trains (or fetches)
+#: backend types with a trainer (``anorefiner train-backend``)
 TRAINED_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.trainer)
 #: backend types PGT can refine
 REFINABLE_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.refinable)
@@ -94,7 +113,8 @@ TTA_TYPES = tuple(k for k, v in BACKEND_TYPES.items() if v.tta)
 # permutation (``group_order: shuffled``) only when it scores in groups; WinCLIP draws its k-shot references
 # with it; APRIL-GAN, VCP-CLIP, AnomalyCLIP and AA-CLIP score each image with fixed weights (the seed only sets
 # their training, rule train_backend); PA-CLIP (coreset, CADA views), +PAD+PAM, RareCLIP (stream order), AdaCLIP
-# (KMeans), Bayes-PFL (Monte-Carlo flow samples) and everything else are treated as seed-dependent.
+# (KMeans), Bayes-PFL (Monte-Carlo flow samples) and everything else are treated as seed-dependent. The few-shot
+# methods draw their shots with it; PromptAD with 0 shots has none (its prompts start from a fixed seed).
 _SEED_FREE = {
     "musc": lambda o: o.get("group_size") is None or o.get("group_order", "shuffled") != "shuffled",
     "winclip": lambda o: int(o.get("k_shot", 0) or 0) == 0,
@@ -102,6 +122,7 @@ _SEED_FREE = {
     "vcp_clip": lambda o: True,
     "anomalyclip": lambda o: True,
     "aa_clip": lambda o: True,
+    "promptad": lambda o: int(o.get("k_shot", 4) or 0) == 0,
 }
 
 

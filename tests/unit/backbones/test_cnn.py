@@ -73,6 +73,24 @@ def test_resnet50_layer2_layer3_resized_to_layer2_grid():
     assert bb.identity["preprocess"]["mean"] == [0.485, 0.456, 0.406]
 
 
+def test_resnet18_is_torchvisions_with_its_own_weights_enum(tmp_path):
+    """RegAD's network starts from a ResNet-18: the same builder, torchvision's resnet18 stages."""
+    bb = build_backbone("resnet18", 64, layers=["layer1"], pretrained=None, seed=3)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    layers, _ = bb.forward(x)
+    m = bb.model
+    with torch.no_grad():
+        l1 = m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))
+    assert bb.name == "resnet18" and layers["layer1"].shape == (1, 16, 16, 64) and bb.grid == (16, 16)
+    torch.testing.assert_close(layers["layer1"], l1.permute(0, 2, 3, 1))
+    path = tmp_path / "w.pt"
+    torch.save(m.state_dict(), path)
+    again = build_backbone("resnet18", 64, layers=["layer1"], pretrained=str(path))
+    torch.testing.assert_close(again.forward(x)[0]["layer1"], layers["layer1"])
+    with pytest.raises(ValueError, match="not a ResNet18_Weights member"):
+        build_backbone("resnet18", 64, pretrained="IMAGENET_BOGUS")
+
+
 def test_local_weights_file_with_timm_names_loads_and_is_hashed(tmp_path):
     bb = build_backbone("efficientnet_lite0", 32, pretrained=None, seed=5)
     path = tmp_path / "lite0.pt"

@@ -38,6 +38,7 @@ def test_backends_without_config_lists_each_type_with_its_presets(capsys, tmp_pa
         assert trains == ("yes" if entry.trainer else "no")
         assert weights.startswith("trained") == bool(entry.trainer)
         assert weights.startswith("trained | official") == (kind in OFFICIAL)  # AA-CLIP, Bayes-PFL: trained only
+        assert weights.startswith("trained per category") == (entry.train_scope != "auxiliary")
         assert (pgt, tta) == ("yes" if entry.refinable else "no", "yes" if entry.tta else "no")
         assert names.split(", ") == [n for n, (k, _) in PRESETS.items() if k == kind]
     assert "git blob checked" in rows["april_gan"][3] and "a file you download" in rows["vcp_clip"][3]

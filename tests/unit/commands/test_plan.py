@@ -316,3 +316,28 @@ def test_docs_quote_the_current_plan_of_table1(tmp_path, capsys):
                      "tables/table1.csv"]) == 0
     printed = capsys.readouterr().out
     assert quoted.split("\n", 1)[1].strip() == printed.strip()
+
+
+def test_fewshot_training_is_priced_per_category(tmp_path):
+    """train_fewshot: the images an epoch sees x epochs x the type's factor of a forward, plus decoding them once."""
+    from anorefiner.commands.plan import load_config
+
+    rates = load_rates()
+    config = load_config(REPO / "config" / "config.yaml")
+    model = CostModel(config, rates, "gpu", tmp_path)
+    d = rates["devices"]["gpu"]
+    t = d["train_fewshot"]
+    wc = {"backend": "regad_4shot", "dataset": "mvtec_ad", "category": "bottle", "draw": "others"}
+    seconds, disk = model.cost(Job("train_fewshot", wc))
+    r18 = d["backbones"]["resnet18"]
+    others = sum(n for c, n in rates["train_images"]["mvtec_ad"].items() if c != "bottle")
+    assert others == 3629 - 209
+    forward = r18["features_s_per_image"]  # the backbone's own resolution (224)
+    want = t["job_overhead_s"] + (others + others * 5 * 50 * t["image_epoch_factor"]["regad"]) * forward
+    assert seconds == pytest.approx(want) and disk == rates["checkpoint_bytes"]["regad"]
+    wc = {"backend": "mvfa_ad_4shot", "dataset": "mvtec_ad", "category": "bottle", "draw": "seed0"}
+    vit = d["backbones"]["ViT-L-14-336"]
+    forward = vit["features_s_per_image"] * (238 / 518) ** 2
+    want = t["job_overhead_s"] + (4 + 4 * 11 * 50 * t["image_epoch_factor"]["mvfa_ad"]) * forward
+    assert model.cost(Job("train_fewshot", wc))[0] == pytest.approx(want)
+    assert not [n for n in model.notes if "not priced" in n]

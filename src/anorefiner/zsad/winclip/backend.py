@@ -26,7 +26,6 @@ per-window loop. The store keeps the 15x15 map (anomalib upsamples it bilinearly
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,19 +94,12 @@ def visual_association(emb: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 
 
 def train_good_source(root, dataset: str, category: str):
-    """``(k, seed) -> k`` uint8 train/good images of the category, drawn without replacement by ``seed``."""
-    from ...data.index import index_category, load_image
+    """``(k, seed) -> k`` uint8 train/good images of the category, drawn without replacement by ``seed``
+    (:class:`..shots.TrainGood`: the shots every few-shot backend draws at that seed)."""
+    from ..shots import TrainGood
 
-    paths = list(index_category(root, category, dataset=dataset, split="train")["image_path"])
-
-    def draw(k: int, seed: int):
-        if k > len(paths):
-            raise ValueError(f"winclip k_shot={k} but {category!r} has {len(paths)} train/good images")
-        pick = sorted(np.random.default_rng([int(seed), 77]).choice(len(paths), size=k, replace=False).tolist())
-        LOG.info("winclip %d-shot references: %s", k, [Path(paths[i]).name for i in pick])
-        return [load_image(paths[i]) for i in pick]
-
-    return draw
+    source = TrainGood(root, dataset, category)
+    return lambda k, seed: source.load(source.draw(k, seed, "winclip"))
 
 
 class WinClipBackend:
