@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from . import add_pos_embed_argument
 from ..zsad.registry import BACKEND_TYPES, TRAINED_TYPES
 
 NAME = "train-backend"
@@ -30,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--pretrained", default="default", help="open_clip tag, weights file, or 'none' (random, seed 0)")
     p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
                    help="open_clip ViTs: MLP activation (as the feature cache; default gelu)")
+    add_pos_embed_argument(p)
     p.add_argument("--options", default="{}", help="training options as JSON (the trainer's TrainConfig fields)")
     p.add_argument("--text-cache", default=None, help="folder of the per-class text embedding cache (results/text)")
     p.add_argument("--official", default=None,
@@ -61,7 +63,7 @@ def main(args) -> int:
     seed_everything(config.seed)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     backbone = build_backbone(args.backbone, args.resolution, layers=args.layers or None, pretrained=pretrained,
-                              device=args.device, activation=args.activation)
+                              device=args.device, activation=args.activation, pos_embed=args.pos_embed)
     trainer.train_backend(backbone, args.root, args.dataset, config, args.out, text_cache=args.text_cache)
     trainer.check_checkpoint(args.out, backbone)  # the written file loads weights-only, keys and shapes checked
     return 0
