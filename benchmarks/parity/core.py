@@ -11,7 +11,9 @@ it was written for and the git blob ids of the official files it runs (:data:`PI
   stage, description)]`` documented project choices whose effect is reported separately (never fails).
 
 The spec holds the shared inputs: a seeded random CLIP in OpenAI's file format (:func:`openai_format_clip`;
-``clip``, and ``clip_state`` the same weights as a plain state dict for ours),
+``clip``, and ``clip_state`` the same weights as a plain state dict for ours) or, for an adapter whose official
+code loads open_clip's own pretrained files (``DEFAULTS["clip_format"] = "open_clip"``, anomalib's WinCLIP), a
+plain open_clip state dict that both sides read (:func:`open_clip_format_clip`),
 test images of several sizes, greyscale included (:func:`test_images`), the seed and sizes. Differences are
 ``max |ours - official|``, that over ``max |official|`` (relative) and over the official range (max - min), per
 stage; a stage passes when the relative difference is at most the tolerance (1e-4).
@@ -88,22 +90,27 @@ def load_adapter(path: Path):
 
 
 # ------------------------------------------------------------------ shared inputs
-def openai_format_clip(model: str, seed: int, out: Path) -> Path:
-    """A seeded random CLIP ``model`` in OpenAI's file format: a TorchScript archive whose ``state_dict()`` holds
-    the OpenAI keys (open_clip's ``CLIP`` module tree) in fp16, as OpenAI's ``ViT-*.pt`` files do. The official
-    loaders ``torch.jit.load`` it and rebuild their model from that state dict. :func:`state_dict_copy` writes the
-    same tensors as a plain state dict, which the project loads as local weights."""
+def _seeded_clip_state(model: str, seed: int) -> dict:
+    """The state dict of open_clip's ``model`` (the project's tiny test model included) with weights drawn by
+    ``seed``."""
     sys.path.insert(0, str(SRC))
     from anorefiner._compat import import_open_clip
     from anorefiner.backbones.clip_vit import register_tiny_clip
 
     open_clip = import_open_clip()
-    register_tiny_clip()  # the project's tiny test model too
+    register_tiny_clip()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip = open_clip.create_model(model, pretrained=None)
+        return open_clip.create_model(model, pretrained=None).state_dict()
+
+
+def openai_format_clip(model: str, seed: int, out: Path) -> Path:
+    """A seeded random CLIP ``model`` in OpenAI's file format: a TorchScript archive whose ``state_dict()`` holds
+    the OpenAI keys (open_clip's ``CLIP`` module tree) in fp16, as OpenAI's ``ViT-*.pt`` files do. The official
+    loaders ``torch.jit.load`` it and rebuild their model from that state dict. :func:`state_dict_copy` writes the
+    same tensors as a plain state dict, which the project loads as local weights."""
     root = torch.nn.Module()  # a module tree with one buffer per state-dict key, scripted: no code, just weights
-    for key, value in clip.state_dict().items():
+    for key, value in _seeded_clip_state(model, seed).items():
         *path, leaf = key.split(".")
         node = root
         for part in path:
@@ -112,6 +119,14 @@ def openai_format_clip(model: str, seed: int, out: Path) -> Path:
             node = getattr(node, part)
         node.register_buffer(leaf, value.detach().half())
     torch.jit.save(torch.jit.script(root), str(out))
+    return Path(out)
+
+
+def open_clip_format_clip(model: str, seed: int, out: Path) -> Path:
+    """A seeded random CLIP ``model`` as open_clip's pretrained files hold it (``torch.save`` of the ``CLIP``
+    module's state dict, fp32), the file ``open_clip.create_model(model, pretrained=<tag>)`` loads after its
+    download: the official side gets it in place of the download, ours as local weights."""
+    torch.save({k: v.detach().clone() for k, v in _seeded_clip_state(model, seed).items()}, out)
     return Path(out)
 
 
@@ -169,7 +184,8 @@ def run_official(adapter_path: Path, root: Path, spec: dict, work: Path, python:
     spec_file, out = work / "spec.json", work / "official.pt"
     spec_file.write_text(json.dumps(spec, indent=1))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [python, str(Path(__file__).resolve()), str(adapter_path), str(root), str(spec_file), str(out)]
+    cmd = [python, str(Path(__file__).resolve()), str(Path(adapter_path).resolve()), str(Path(root).resolve()),
+           str(spec_file.resolve()), str(out.resolve())]  # the child runs in the clone
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"official side failed ({' '.join(cmd)}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -246,13 +262,18 @@ def run(adapter_path: Path, root: Path, work: Path, spec: dict, python: str = sy
     completed in place (images, CLIP files, ``shims``: what the official side needed)."""
     adapter = load_adapter(adapter_path)
     verify_pins(root, adapter.PINNED, adapter.REPO, adapter.COMMIT, getattr(adapter, "LFS", None))
+    work = Path(work).resolve()  # the official side runs in the clone: every path it reads is absolute
     work.mkdir(parents=True, exist_ok=True)
     if "images" not in spec:
         spec["images"] = test_images(work / "images", spec["seed"], spec.get("n_images", 3))
+    clip_format = spec.get("clip_format", "openai")
+    open_clip_file = clip_format == "open_clip"
     if spec.get("model") and "clip" not in spec:
-        spec["clip"] = str(openai_format_clip(spec["model"], spec["seed"], work / f"{spec['model']}-openai.pt"))
+        make = open_clip_format_clip if open_clip_file else openai_format_clip
+        spec["clip"] = str(make(spec["model"], spec["seed"], work / f"{spec['model']}-{clip_format}.pt"))
     if spec.get("clip"):  # ours loads local weights as a plain state dict
-        spec["clip_state"] = str(state_dict_copy(Path(spec["clip"]), work / "clip-state-dict.pt"))
+        spec["clip_state"] = spec["clip"] if open_clip_file else str(
+            state_dict_copy(Path(spec["clip"]), work / "clip-state-dict.pt"))
     spec["work"] = str(work)
     official = run_official(adapter_path, root, spec, work, python)
     spec["shims"] = official.pop("shims")

@@ -9,12 +9,14 @@ modules, as that method also reads a dataset folder and computes metrics. Shims 
 ``download_pretrained_from_url`` returns the local file; stubs for cv2 / openpyxl (plots and spreadsheets, not
 called); ``Tensor.to('cuda')`` kept on the CPU.
 
-Ours: ``build_backbone`` with the same weights, :func:`~anorefiner.zsad.musc.backend.score` (patch maps) and
-:func:`~anorefiner.zsad.rscin.rscin`. Six images (MSM needs a few references per image). Reported separately:
+Ours: ``build_backbone`` with the same weights and the position-embedding resize of the project's MuSc rows
+(:attr:`~anorefiner.zsad.registry.BackendType.pos_embed`, ``bicubic_no_antialias``: config/config.yaml's
+``vit_l14_336_musc``), :func:`~anorefiner.zsad.musc.backend.score` (patch maps) and
+:func:`~anorefiner.zsad.musc.rscin.rscin`. Six images (MSM needs a few references per image). Reported separately:
 the image score's maximum taken on the patch-level map (the store's), not on the upsampled map; and the whole
-path with the position embedding resized as MuSc's vendored ``open_clip/model.py`` ``resize_pos_embed`` does:
-it takes ``antialias=True`` but never passes it to ``F.interpolate`` (l.413, 436-441), so MuSc's official features
-come from plain bicubic, unlike the backbone's antialiased resize (found by this check; not fixed yet).
+path with the backbone's default antialiased resize, which the MuSc rows used before this check found that
+MuSc's vendored ``open_clip/model.py`` ``resize_pos_embed`` takes ``antialias=True`` but never passes it to
+``F.interpolate`` (l.413, 436-441): what that cost.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ STAGES = [
 ]
 CHOICES = [
     ("scores_patch_max", "scores", "RsCIN of the patch-level maxima (the store's maps), as the backend"),
-    ("block_tokens_plain_bicubic", "block_tokens", "tokens with the position embedding resized as MuSc's open_clip"),
-    ("maps_plain_bicubic", "maps", "maps with that position embedding (bicubic_no_antialias)"),
-    ("scores_plain_bicubic", "scores", "scores with that position embedding"),
+    ("block_tokens_antialiased", "block_tokens", "tokens with the backbone's default antialiased resize"),
+    ("maps_antialiased", "maps", "maps with that position embedding (the MuSc rows before the fix)"),
+    ("scores_antialiased", "scores", "scores with that position embedding"),
 ]
 
 
@@ -114,14 +116,16 @@ def ours(spec: dict, official: dict) -> dict:
     import numpy as np
 
     from anorefiner.backbones import build_backbone
-    from anorefiner.backbones.clip_vit import with_pos_embed
+    from anorefiner.backbones.clip_vit import DEFAULT_POS_EMBED, with_pos_embed
     from anorefiner.data.index import load_image
     from anorefiner.metrics.evaluate import resize_maps
     from anorefiner.zsad.musc.backend import score
-    from anorefiner.zsad.rscin import rscin
+    from anorefiner.zsad.registry import BACKEND_TYPES
+    from anorefiner.zsad.musc.rscin import rscin
 
     size = spec["image_size"]
-    bb = build_backbone(spec["model"], size, layers=quarter_layers(spec["model"]), pretrained=spec["clip_state"])
+    bb = build_backbone(spec["model"], size, layers=quarter_layers(spec["model"]), pretrained=spec["clip_state"],
+                        pos_embed=BACKEND_TYPES["musc"].pos_embed)
     x = bb.preprocess([load_image(p) for p in spec["images"]])
     n, (h, w) = len(x), bb.grid
 
@@ -138,7 +142,7 @@ def ours(spec: dict, official: dict) -> dict:
     out = {"preprocessing": x, "block_tokens": tokens, "patch_maps": patch, "maps": full,
            "scores": rscin(full.reshape(n, -1).max(1), g, K_LIST),
            "scores_patch_max": rscin(patch.numpy().reshape(n, -1).max(1), g, K_LIST).astype(np.float64)}
-    tokens, _, full, g = path(with_pos_embed(bb, "bicubic_no_antialias"))
-    out.update({"block_tokens_plain_bicubic": tokens, "maps_plain_bicubic": full,
-                "scores_plain_bicubic": rscin(full.reshape(n, -1).max(1), g, K_LIST)})
+    tokens, _, full, g = path(with_pos_embed(bb, DEFAULT_POS_EMBED))
+    out.update({"block_tokens_antialiased": tokens, "maps_antialiased": full,
+                "scores_antialiased": rscin(full.reshape(n, -1).max(1), g, K_LIST)})
     return out

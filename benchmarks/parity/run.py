@@ -25,7 +25,7 @@ from pathlib import Path
 from core import HERE, TOLERANCE, PinError, format_rows, load_adapter, run
 
 ADAPTERS = {name: HERE / f"{name}.py" for name in (
-    "adaclip", "april_gan", "anomalyclip", "musc", "rareclip", "vcp_clip", "bayes_pfl", "aa_clip")}
+    "adaclip", "april_gan", "anomalyclip", "musc", "rareclip", "vcp_clip", "bayes_pfl", "aa_clip", "winclip")}
 
 
 def main(argv: list[str] | None = None) -> int:

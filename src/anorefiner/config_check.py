@@ -180,7 +180,8 @@ def _check_official(name: str, kind: str, aux: str, url: str | None) -> None:
 
 def check_inputs(config: dict) -> None:
     """Files and folders the config names: datasets' ``root`` and backbones' ``pretrained`` (a local file, a
-    packaged tag or a tag with a pinned download, :mod:`anorefiner.backbones.weights`)."""
+    packaged tag or a tag with a pinned download, :mod:`anorefiner.backbones.weights`); CNN backbones set no
+    open_clip option (``activation``, ``pos_embed``)."""
     from pathlib import Path
 
     from .backbones.weights import needs_fetch
@@ -190,11 +191,17 @@ def check_inputs(config: dict) -> None:
         if root and not Path(root).is_dir():
             raise ConfigError(f"datasets.{name}.root: folder {root} does not exist (the extracted dataset; or null "
                               f"to download it)")
+    from .backbones import CNN_NAMES
+
     for key, bb in (config.get("backbones") or {}).items():
         try:
             needs_fetch(bb["name"], bb.get("pretrained"))
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"backbones.{key}.pretrained: {err}") from None
+        for option in ("activation", "pos_embed"):
+            if bb.get(option) is not None and bb["name"] in CNN_NAMES:
+                raise ConfigError(f"backbones.{key}.{option}: {bb[option]!r} is an open_clip ViT option; "
+                                  f"{bb['name']!r} is a CNN")
 
 
 def check_workflow_config(config: dict) -> None:

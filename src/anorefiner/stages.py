@@ -160,28 +160,33 @@ def make_backend(backend_name: str, backend_type: str, options: dict, *, backbon
 
 
 def cache_backbone(feature_attrs: dict, name: str, resolution: int | None = None, pretrained="default",
-                   device="auto", activation: str | None = None):
-    """The backbone that made a feature cache (its layers and activation); other weights, resolution or
-    activation is an error."""
+                   device="auto", activation: str | None = None, pos_embed: str | None = None):
+    """The backbone that made a feature cache (its layers, activation and position-embedding resize, read from
+    the cache unless given); other weights, resolution, activation or resize is an error."""
     from .backbones import build_backbone
+    from .backbones.clip_vit import pos_embed_mode
 
     resolution = resolution or feature_attrs.get("resolution")
     if not resolution:
         raise ValueError(f"backbone {name!r}: no resolution given and the feature cache records none")
-    cached = feature_attrs.get("activation")
-    if activation is not None and cached is not None and str(activation) != str(cached):
-        raise ValueError(f"feature cache attribute 'activation' is {cached!r} but {activation!r} was asked for: "
-                         "re-extract the features or fix the configuration")
+    cached = {"activation": feature_attrs.get("activation"),
+              "pos_embed": pos_embed_mode(feature_attrs.get("pos_embed"))}
+    asked = {"activation": activation, "pos_embed": pos_embed}
+    for key, value in asked.items():
+        if value is not None and cached[key] is not None and str(value) != str(cached[key]):
+            raise ValueError(f"feature cache attribute {key!r} is {cached[key]!r} but {value!r} was asked for: "
+                             "re-extract the features or fix the configuration")
     pretrained = None if str(pretrained).lower() == "none" else pretrained
     backbone = build_backbone(name, int(resolution), layers=feature_attrs.get("layers"), pretrained=pretrained,
-                              device=device, activation=activation or cached)
+                              device=device, activation=activation or cached["activation"],
+                              pos_embed=pos_embed or cached["pos_embed"])
     check_backbone(feature_attrs, backbone)
     return backbone
 
 
 def check_backbone(feature_attrs: dict, backbone) -> None:
     """Pseudo-anomaly features (PGT) and CADA views (PA-CLIP) must come from the cache's backbone."""
-    for key in ("backbone", "resolution", "weights", "activation"):
+    for key in ("backbone", "resolution", "weights", "activation", "pos_embed"):
         cached = feature_attrs.get(key)
         if cached is not None and str(cached) != str(backbone.identity.get(key)):
             raise ValueError(f"feature cache attribute {key!r} is {cached!r} but the backbone given has "

@@ -162,3 +162,23 @@ print(shims.APPLIED)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stub anorefiner_no_such_module.sub" in proc.stdout and "stub json" not in proc.stdout
+
+
+WINCLIP_ADAPTER = Path(__file__).resolve().parent / "fake_winclip_adapter.py"
+
+
+def test_winclip_adapter_runs_against_a_fake_anomalib(tmp_path):
+    """benchmarks/parity/winclip.py's own official() and ours() on the fake anomalib and the tiny CLIP in open_clip's
+    file format (the official side loads it through the download shim): every stage passes, the PIL preprocessing
+    is reported apart, and the weights file is the one both sides read."""
+    root = tmp_path / "site-packages"
+    shutil.copytree(Path(__file__).resolve().parent / "fake_anomalib", root,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    spec = dict(core.load_adapter(WINCLIP_ADAPTER).DEFAULTS, seed=0)
+    rows, ok = core.run(WINCLIP_ADAPTER, root, tmp_path / "work", spec)
+    by = {r["stage"]: r for r in rows}
+    assert ok, core.format_rows("fake winclip", rows)
+    assert by["preprocessing"]["rel"] < 1e-6 and by["maps_fewshot"]["ok"] and by["scores_fewshot"]["ok"]
+    assert by["maps_pil"]["ok"] is None and by["maps_pil"]["abs"] > 1e-6  # PIL's uint8 resize: reported only
+    assert spec["clip_state"] == spec["clip"] and torch.load(spec["clip"], weights_only=True)["visual.proj"].ndim == 2
+    assert "open_clip download -> the local weights file" in spec["shims"] and len(spec["images"]) == 5

@@ -114,8 +114,11 @@ def _official(name, aux="visa", **extra):
      r"backbones\.vit_l14_336\.pretrained: pretrained 'laion2b_s32b_b79k' of 'ViT-L-14-336' has no pinned download"),
     (lambda c: c["backbones"]["vit_l14_336"].update(pretrained="/nonexistent/ViT-L-14-336px.pt"),
      r"backbones\.vit_l14_336\.pretrained: weights file '/nonexistent/ViT-L-14-336px\.pt' does not exist"),
+    (lambda c: c["backbones"]["resnet50"].update(pos_embed="bicubic_no_antialias"),
+     r"backbones\.resnet50\.pos_embed: 'bicubic_no_antialias' is an open_clip ViT option; 'resnet50' is a CNN"),
 ], ids=["train_typo", "negative_epochs", "zero_lr", "dataset_root", "official_file", "vcp_clip_official",
-        "adaclip_official", "regad_official", "fewshot_epochs", "unpinned_tag", "missing_weights_file"])
+        "adaclip_official", "regad_official", "fewshot_epochs", "unpinned_tag", "missing_weights_file",
+        "cnn_pos_embed"])
 def test_training_datasets_and_files_name_the_key(edit, message):
     config = copy.deepcopy(_config())
     edit(config)
@@ -150,3 +153,25 @@ def test_dry_run_refuses_training_typo_and_says_how_to_run_the_demo(tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "--replace-workflow-config" in text and "profiles/demo" in text, text[-2000:]
     assert "TTA" not in text and "musc_star_tipi" not in text
+
+
+def test_musc_rows_read_features_resized_as_musc_official_code():
+    """Every MuSc backend on a CLIP backbone (MuSc, MuSc*, their TTA rows, hence PGT on their maps) reads a backbone
+    entry with MuSc's own position-embedding resize (plain bicubic, its vendored open_clip); APRIL-GAN, VCP-CLIP and
+    PA-CLIP keep the antialiased default."""
+    from anorefiner.backbones import CNN_NAMES
+    from anorefiner.zsad.registry import BACKEND_TYPES
+
+    for name in ("config.yaml", "smoke_paper.yaml"):
+        config = _config(name)
+        backends = config["backends"]
+        kinds = {k: backends[b["base"]]["type"] if b["type"] == "tta" else b["type"] for k, b in backends.items()}
+        musc = [k for k, kind in kinds.items() if kind == "musc"
+                and config["backbones"][backends[k]["backbone"]]["name"] not in CNN_NAMES]
+        assert {"musc", "musc_star"} <= set(musc)
+        for key in musc:
+            assert config["backbones"][backends[key]["backbone"]].get("pos_embed") == "bicubic_no_antialias", key
+        for key in ("april_gan", "vcp_clip", "paclip"):
+            if key in backends:
+                assert config["backbones"][backends[key]["backbone"]].get("pos_embed", "bicubic") == "bicubic"
+    assert BACKEND_TYPES["musc"].pos_embed == "bicubic_no_antialias" and BACKEND_TYPES["april_gan"].pos_embed == "bicubic"

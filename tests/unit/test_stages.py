@@ -195,3 +195,24 @@ def test_refine_refuses_coarse_maps_of_other_features(demo_dataset, tmp_path):
                       backend_type="musc", backend_opts=opts, options=RefinerOptions(), seed=0,
                       eval_resolution=32, out=tmp_path / "r.h5")
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_cache_backbone_takes_the_position_embedding_resize_of_the_cache(demo_dataset, tiny_clip, tmp_path):
+    """PGT's and the coarse stage's backbone is rebuilt with the cache's resize (MuSc's official plain bicubic);
+    asking for another one, or giving a backbone resized otherwise, is an error naming the attribute."""
+    import torch
+
+    from anorefiner.backbones import build_backbone
+    from anorefiner.cache import extract_features, read_attrs
+    from anorefiner.data.index import index_category
+
+    index = index_category(demo_dataset, "tiles", dataset="demo").head(2)
+    musc = build_backbone(tiny_clip, 56, pretrained=None, pos_embed="bicubic_no_antialias")  # 3x3 -> 4x4 grid
+    attrs = read_attrs(extract_features(index, musc, tmp_path / "f.h5", batch_size=2))
+    assert attrs["pos_embed"].startswith("bicubic_no_antialias")
+    again = stages.cache_backbone(attrs, tiny_clip, pretrained="none", device="cpu")
+    assert again.pos_embed_mode == "bicubic_no_antialias" and torch.equal(again.pos_embed, musc.pos_embed)
+    with pytest.raises(ValueError, match="attribute 'pos_embed' is 'bicubic_no_antialias' but 'bicubic' was asked"):
+        stages.cache_backbone(attrs, tiny_clip, pretrained="none", device="cpu", pos_embed="bicubic")
+    with pytest.raises(ValueError, match="attribute 'pos_embed' is 'bicubic_no_antialias .*'bicubic antialias"):
+        stages.check_backbone(attrs, build_backbone(tiny_clip, 56, pretrained=None))

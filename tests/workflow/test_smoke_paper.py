@@ -25,11 +25,12 @@ def check_smoke_outputs(workdir: Path) -> None:
     cats = cfg["datasets"]["demo"]["categories"]
     n = cfg["datasets"]["demo"]["generator"]["n_test"]
     for cat in cats:
-        with h5py.File(workdir / f"results/features/demo/vit_l14_336@518/{cat}.h5") as f:
+        with h5py.File(workdir / f"results/features/demo/vit_l14_336_musc@518-bicubic_no_antialias/{cat}.h5") as f:
             assert sorted(f["layers"]) == ["12", "18", "24", "6"]
             assert all(f[f"layers/{k}"].shape == (n, 37, 37, 1024) for k in f["layers"])
             attrs = {k: json.loads(v) for k, v in f.attrs.items() if k != "n_done"}
         assert attrs["weights"].startswith("random") and attrs["activation"] == "gelu"
+        assert attrs["pos_embed"].startswith("bicubic_no_antialias (24, 24)->(37, 37)")  # MuSc's official resize
         assert attrs["backbone"] == "ViT-L-14-336" and attrs["resolution"] == 518
         for backend in ("musc", "musc_star"):
             with h5py.File(workdir / f"results/coarse/demo/{backend}/{cat}/seed0.h5") as f:

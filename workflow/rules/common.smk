@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 
+from anorefiner.commands import POS_EMBED_CHOICES
+
+# A feature cache's folder names the backbone key, the resolution and, unless it is the default (antialiased
+# bicubic), the position-embedding resize (`vit_l14_336_musc@518-bicubic_no_antialias`): see feature_dir.
+_RESIZE_SUFFIXES = "|".join(m for m in POS_EMBED_CHOICES if m != POS_EMBED_CHOICES[0])
+
+
 wildcard_constraints:
+    resize=rf"(-({_RESIZE_SUFFIXES}))?",
     dataset=r"[A-Za-z0-9_]+",
     category=r"[A-Za-z0-9_]+",
     backbone=r"[A-Za-z0-9_]+",
@@ -122,11 +130,24 @@ def weights_source(wildcards):
     return f"--model {wildcards.model} --pretrained {wildcards.tag}"
 
 
+def feature_dir(key):
+    """`<key>@<resolution>[-<pos_embed>]`: the folder of backbone `key`'s feature caches. The position-embedding
+    resize is part of it when it is not the default, so a cache made with one resize is never read as another
+    (MuSc's official features resize without antialias, backbones.vit_l14_336_musc)."""
+    bb = backbone_cfg(key)
+    mode = bb.get("pos_embed")
+    return f"{key}@{bb['resolution']}" + (f"-{mode}" if mode and mode != POS_EMBED_CHOICES[0] else "")
+
+
 def features_of(wildcards):
     """The feature cache a backend reads for one category."""
     key = backend_cfg(wildcards.backend)["backbone"]
-    res = backbone_cfg(key)["resolution"]
-    return f"results/features/{wildcards.dataset}/{key}@{res}/{wildcards.category}.h5"
+    return f"results/features/{wildcards.dataset}/{feature_dir(key)}/{wildcards.category}.h5"
+
+
+def resize_arg(wildcards):
+    """`--pos-embed X` for the features job: the resize its output folder names (nothing: the default)."""
+    return f"--pos-embed {wildcards.resize[1:]}" if wildcards.resize else ""
 
 
 def backend_backbone(wildcards):
@@ -137,6 +158,13 @@ def activation_arg(key):
     """`--activation X` for an open_clip backbone that sets it (the features are checked against it)."""
     act = backbone_cfg(key).get("activation")
     return f"--activation {act}" if act else ""
+
+
+def pos_embed_arg(key):
+    """`--pos-embed X` for an open_clip backbone that sets it (rules building the backbone: tta, train_backend;
+    coarse and pgt take it from the feature cache)."""
+    mode = backbone_cfg(key).get("pos_embed")
+    return f"--pos-embed {mode}" if mode else ""
 
 
 def backend_options(wildcards):

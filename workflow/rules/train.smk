@@ -18,6 +18,7 @@ rule train_backend:
         layers=lambda wc: " ".join(backend_backbone(wc).get("layers", [])),
         pretrained=lambda wc: pretrained_arg(backend_cfg(wc.backend)["backbone"]),
         activation=lambda wc: activation_arg(backend_cfg(wc.backend)["backbone"]),
+        pos_embed=lambda wc: pos_embed_arg(backend_cfg(wc.backend)["backbone"]),
         options=train_options,
         text_cache=TEXT_CACHE,
         device=device_arg(),
@@ -35,7 +36,7 @@ rule train_backend:
     shell:
         "{params.cli} train-backend --backend-type {params.type} --root {params.root} --dataset {wildcards.dataset}"
         " --backbone {params.backbone} --resolution {params.resolution} --layers {params.layers}"
-        " --pretrained {params.pretrained} {params.activation} --options '{params.options}'"
+        " --pretrained {params.pretrained} {params.activation} {params.pos_embed} --options '{params.options}'"
         " --text-cache {params.text_cache} --device {params.device} --out {output} > {log} 2>&1"
 
 

@@ -28,6 +28,7 @@ rule tta:
         layers=lambda wc: " ".join(backend_backbone(wc).get("layers", [])),
         pretrained=lambda wc: pretrained_arg(backend_cfg(wc.backend)["backbone"]),
         activation=lambda wc: activation_arg(backend_cfg(wc.backend)["backbone"]),
+        pos_embed=lambda wc: pos_embed_arg(backend_cfg(wc.backend)["backbone"]),
         device=device_arg(),
     log:
         "logs/tta/{dataset}/{backend}/{category}/seed{seed}.log",
@@ -45,5 +46,5 @@ rule tta:
         " --method {params.method} --base-type {params.base_type} --base-name {params.base}"
         " --base-options '{params.base_options}' --options '{params.options}'"
         " --backbone {params.backbone} --resolution {params.resolution} --layers {params.layers}"
-        " --pretrained {params.pretrained} {params.activation} --seed {wildcards.seed}"
+        " --pretrained {params.pretrained} {params.activation} {params.pos_embed} --seed {wildcards.seed}"
         " --backend-name {wildcards.backend} --device {params.device} --out {output} > {log} 2>&1"

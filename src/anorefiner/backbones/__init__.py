@@ -132,6 +132,7 @@ def build_backbone(
     device: str | torch.device = "cpu",
     seed: int = 0,
     activation: str | None = None,
+    pos_embed: str | None = None,
 ) -> Backbone:
     """Build a backbone by name (see module docstring).
 
@@ -141,19 +142,23 @@ def build_backbone(
     weights file, or ``None`` for random weights drawn with ``seed``.
     ``activation``: open_clip ViTs only, ``"gelu"`` (default: what the official code runs at 518 px,
     see :mod:`.clip_vit`) or ``"quick_gelu"``; ``None`` means the default.
+    ``pos_embed``: open_clip ViTs only, the position-embedding resize (:data:`.clip_vit.POS_EMBED_RESIZE`;
+    ``None``: antialiased bicubic; MuSc's official features: ``"bicubic_no_antialias"``).
     """
     if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     device = resolve_device(device)
     if name in CNN_NAMES:
-        if activation is not None:
-            raise ValueError(f"backbone {name!r}: 'activation' is an open_clip ViT option (got {activation!r})")
+        for key, value in (("activation", activation), ("pos_embed", pos_embed)):
+            if value is not None:
+                raise ValueError(f"backbone {name!r}: {key!r} is an open_clip ViT option (got {value!r})")
         from .cnn import build_cnn
 
         return build_cnn(name, int(resolution), layers, pretrained, device, seed)
-    from .clip_vit import DEFAULT_ACTIVATION, ClipViT
+    from .clip_vit import DEFAULT_ACTIVATION, DEFAULT_POS_EMBED, ClipViT
 
-    return ClipViT(name, int(resolution), layers, pretrained, device, seed, activation or DEFAULT_ACTIVATION)
+    return ClipViT(name, int(resolution), layers, pretrained, device, seed, activation or DEFAULT_ACTIVATION,
+                   pos_embed or DEFAULT_POS_EMBED)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -15,6 +15,12 @@ plain ``nn.GELU`` at 518 px, so every published number of these methods comes fr
 alternative. The activation is part of :attr:`ClipViT.identity`, hence of every feature cache's
 attributes, and readers check it.
 
+Position-embedding resize (``pos_embed``, :func:`interpolate_pos_embed`): the official forks differ in how
+they resize the 24×24 grid to 37×37. Antialiased bicubic (the default) is APRIL-GAN's, VCP-CLIP's and
+RareCLIP's; MuSc's vendored open_clip drops the antialias argument, so MuSc's features need
+``"bicubic_no_antialias"`` (a backbone entry of its own in config/config.yaml, docs/fidelity.md). Like the
+activation it is part of :attr:`ClipViT.identity` and of the feature cache's attributes, which readers check.
+
 :func:`register_tiny_clip` registers ``anorefiner-tiny-clip`` (width-64 ViT, 4 blocks, patch 14,
 a 2-block width-32 text tower), a random-weights model for tests and CPU smoke runs.
 """
@@ -57,6 +63,8 @@ def register_tiny_clip() -> str:
 
 #: Position-embedding resize modes of :func:`interpolate_pos_embed` (which official code uses which: its docstring).
 POS_EMBED_RESIZE = ("bicubic", "bicubic_no_antialias", "bilinear")
+#: The backbone's own resize (``backbones.<key>.pos_embed`` unset): APRIL-GAN's, VCP-CLIP's and RareCLIP's open_clip.
+DEFAULT_POS_EMBED = "bicubic"
 
 
 def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
@@ -71,8 +79,10 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
       kernel, so it differs from plain bicubic even when upsampling;
     * ``"bicubic_no_antialias"``: plain bicubic (cubic convolution, a = -0.75, borders replicated), AdaCLIP's
       own ``resize_pos_embed`` (``caoyunkang/AdaCLIP@e27ee32`` ``method/clip_model.py`` l.382-412, called by
-      ``method/custom_clip.py`` ``create_model``); also what MuSc's vendored open_clip computes (its
-      ``resize_pos_embed`` drops the ``antialias`` argument; docs/fidelity.md);
+      ``method/custom_clip.py`` ``create_model``) and MuSc's: its vendored open_clip's ``resize_pos_embed``
+      (``xrli-U/MuSc@b76b93d`` ``models/backbone/open_clip/model.py`` l.413-441) takes ``antialias=True`` but
+      calls ``F.interpolate(mode='bicubic', align_corners=False)`` without it (torch's default: no antialias),
+      on the fp32 state dict (``openai.py`` l.86-87 ``model.float()``, ``factory.py`` l.168);
     * ``"bilinear"``: plain bilinear, no antialias (AnomalyCLIP's own resize, ``AnomalyCLIP.py`` L363-370).
     """
     if mode not in POS_EMBED_RESIZE:
@@ -90,6 +100,17 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
     grid = F.interpolate(grid, size=tuple(new_grid), mode=interp, align_corners=False, antialias=mode == "bicubic")
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], c).to(pos.dtype)
     return torch.cat([cls_pos, grid], dim=0)
+
+
+def pos_embed_mode(identity_value) -> str | None:
+    """The resize mode recorded in a backbone identity's (or a feature cache's) ``pos_embed`` text
+    (:attr:`ClipViT.identity`), or None when there is none (CNNs, caches from before it was recorded)."""
+    if not isinstance(identity_value, str) or not identity_value:
+        return None
+    if identity_value.startswith("bicubic antialias"):
+        return DEFAULT_POS_EMBED
+    first = identity_value.split()[0]
+    return first if first in POS_EMBED_RESIZE else None
 
 
 def with_pos_embed(backbone, mode: str):
@@ -127,6 +148,7 @@ class ClipViT(Backbone):
         device: torch.device = torch.device("cpu"),
         seed: int = 0,
         activation: str = DEFAULT_ACTIVATION,
+        pos_embed: str = DEFAULT_POS_EMBED,
     ):
         open_clip = import_open_clip()
         register_tiny_clip()
@@ -134,6 +156,8 @@ class ClipViT(Backbone):
         self._tokenizer = None
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
+        if pos_embed not in POS_EMBED_RESIZE:
+            raise ValueError(f"position embedding resize {pos_embed!r} is not one of {POS_EMBED_RESIZE}")
         if name not in open_clip.list_models():
             raise ValueError(
                 f"unknown backbone {name!r}: not 'resnet50'/'efficientnet_lite0' and not an open_clip model "
@@ -195,8 +219,9 @@ class ClipViT(Backbone):
         self.native_grid = tuple(int(g) for g in visual.grid_size)
         g = resolution // self.patch_stride
         with torch.no_grad():
-            self.pos_embed = interpolate_pos_embed(visual.positional_embedding.detach(), self.native_grid, (g, g))
-        self.pos_embed_mode = "bicubic"  # with_pos_embed gives a copy resized otherwise
+            self.pos_embed = interpolate_pos_embed(visual.positional_embedding.detach(), self.native_grid, (g, g),
+                                                   mode=pos_embed)
+        self.pos_embed_mode = pos_embed  # with_pos_embed gives a copy resized otherwise
         self.width = int(visual.class_embedding.shape[0])
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_pos_embed_argument
+
 NAME = "features"
 HELP = "extract backbone patch tokens of a category's test images into an HDF5 feature cache"
 
@@ -25,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
                         help="open_clip ViTs: MLP activation (default gelu, as the official MuSc/APRIL-GAN code "
                              "runs OpenAI weights at 518 px; recorded in the cache attrs)")
+    add_pos_embed_argument(parser)
     from ..cache import COMPRESSIONS, DTYPES
 
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass of the backbone")
@@ -48,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     index = index_category(args.root, args.category, dataset=args.dataset)
     layers = args.layers or None  # "--layers" with no values (config without layers): the default
     backbone = build_backbone(args.backbone, args.resolution, layers=layers, pretrained=pretrained,
-                              device=args.device, activation=args.activation)
+                              device=args.device, activation=args.activation, pos_embed=args.pos_embed)
     stages.features(index, backbone, args.out, batch_size=args.batch_size, dtype=args.dtype,
                     compression=args.compression, workers=args.workers)
     return 0

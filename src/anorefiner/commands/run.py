@@ -15,6 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
+from . import add_pos_embed_argument
+
 NAME = "run"
 HELP = "one category end to end (features -> coarse -> PGT -> metrics) for your own MVTec-layout images"
 
@@ -39,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="musc", help=_backend_help())
     p.add_argument("--backend-options", default="{}", help="backend options as JSON")
     p.add_argument("--resolution", type=int, default=None, help=f"backbone input size (default {DEFAULT_RESOLUTION})")
+    add_pos_embed_argument(p, default="the backend's official one: bicubic_no_antialias for musc, else antialiased")
     p.add_argument("--eval-resolution", type=int, default=256, help="resolution of the stored maps and metrics")
     p.add_argument("--preset", choices=["paper", "cpu"], default="paper",
                    help="refiner defaults: the paper's, or a lighter ARD for CPUs (--options override both)")
@@ -64,6 +67,17 @@ def _backend_help() -> str:
     return (f"zero-shot backend preset: {', '.join(preset_names(REFINABLE_TYPES))}; the trained ones "
             f"({', '.join(trained)}) need --backend-options '{{\"checkpoint\": FILE}}' ('anorefiner train-backend'), "
             f"byo needs '{{\"maps_path\": FILE}}'")
+
+
+def backbone_pos_embed(backbone: str, backend_type: str, given: str | None) -> str | None:
+    """``--pos-embed`` if given, else the backend type's official resize for an open_clip backbone (MuSc's features
+    resize without antialias, :attr:`~anorefiner.zsad.registry.BackendType.pos_embed`); None for a CNN."""
+    from ..backbones import CNN_NAMES
+    from ..zsad.registry import backend_type as kind
+
+    if given is not None or backbone in CNN_NAMES:
+        return given
+    return kind(backend_type).pos_embed
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -110,7 +124,8 @@ def main(args) -> int:
     timings: dict[str, float] = {}
 
     t = time.time()
-    backbone = build_backbone(args.backbone, resolution, device=device)
+    backbone = build_backbone(args.backbone, resolution, device=device,
+                              pos_embed=backbone_pos_embed(args.backbone, backend_type, args.pos_embed))
     stages.features(index, backbone, paths["features"], reuse=reuse)
     timings["features_s"] = time.time() - t
     t = time.time()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+from . import add_pos_embed_argument
 from ..zsad.registry import BACKEND_TYPES, TRAINED_TYPES
 
 NAME = "train-backend"
@@ -32,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--pretrained", default="default", help="open_clip tag, weights file, or 'none' (random, seed 0)")
     p.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
                    help="open_clip ViTs: MLP activation (as the feature cache; default gelu)")
+    add_pos_embed_argument(p)
     p.add_argument("--options", default="{}", help="training options as JSON (the trainer's TrainConfig fields)")
     p.add_argument("--category", default=None, help="few-shot types: the scored category (--dataset is its dataset)")
     p.add_argument("--k-shot", type=int, default=None, help="few-shot types: the shots per category (the row's k)")
@@ -74,7 +76,7 @@ def main(args) -> int:
     seed_everything(config.seed)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     backbone = build_backbone(args.backbone, args.resolution, layers=args.layers or None, pretrained=pretrained,
-                              device=args.device, activation=args.activation)
+                              device=args.device, activation=args.activation, pos_embed=args.pos_embed)
     if scope == "auxiliary":
         trainer.train_backend(backbone, args.root, args.dataset, config, args.out, text_cache=args.text_cache)
     else:

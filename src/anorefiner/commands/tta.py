@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+from . import add_pos_embed_argument
+
 NAME = "tta"
 HELP = "test-time adaptation (tipi, sar, deyo) of a zero-shot backend's CLIP tower, group by group -> coarse store"
 
@@ -28,6 +30,7 @@ def add_arguments(p) -> None:
                    help="'default' (OpenAI), a tag, a weights file or 'none' (random)")
     p.add_argument("--activation", default=None, choices=["gelu", "quick_gelu"],
                    help="open_clip ViTs: MLP activation (as the feature cache; default gelu)")
+    add_pos_embed_argument(p)
     p.add_argument("--seed", type=int, default=0, help="run seed: groups, DeYO shuffles, TIPI starts")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto (CUDA when present), cpu or cuda")
@@ -60,7 +63,7 @@ def main(args) -> int:
     seed_everything(args.seed)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     backbone = build_backbone(args.backbone, args.resolution, layers=args.layers or None, pretrained=pretrained,
-                              device=device, seed=args.seed, activation=args.activation)
+                              device=device, seed=args.seed, activation=args.activation, pos_embed=args.pos_embed)
     backend = build_tta_backend(args.base_type, args.base_name, base_options, backbone, config, args.seed, device)
 
     index = index_category(args.root, args.category, dataset=args.dataset, split="test")

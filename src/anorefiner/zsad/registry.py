@@ -30,6 +30,9 @@ else:
 * ``refinable``: PGT can refine its maps (it scores pseudo-anomaly features in ``score_queries``).
 * ``tta``: :func:`anorefiner.tta.build_tta_backend` adapts its CLIP tower at test time (rule ``tta``,
   AnoRefiner Table 1 "+ TIPI/SAR/DeYO").
+* ``pos_embed``: the position-embedding resize of the CLIP features its official code computes
+  (:data:`anorefiner.backbones.clip_vit.POS_EMBED_RESIZE`): ``anorefiner run``'s default for an open_clip
+  backbone, and what the workflow's backbone entry for it should set (``backbones.<key>.pos_embed``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class BackendType:
     shots: bool = False
     refinable: bool = True
     tta: bool = False
+    pos_embed: str = "bicubic"
 
     def classes(self):
         """``(backend class, options dataclass)``."""
@@ -66,7 +70,9 @@ class BackendType:
 
 
 BACKEND_TYPES: dict[str, BackendType] = {
-    "musc": BackendType("musc", "MuscBackend", "MuscConfig", paper="MuSc (Li et al., ICLR 2024)", tta=True),
+    # MuSc's vendored open_clip resizes without antialias (models/backbone/open_clip/model.py l.436-441)
+    "musc": BackendType("musc", "MuscBackend", "MuscConfig", paper="MuSc (Li et al., ICLR 2024)", tta=True,
+                        pos_embed="bicubic_no_antialias"),
     "paclip": BackendType("paclip", "PACLIPBackend", "PACLIPConfig", paper="PA-CLIP (pseudo-anomaly-aware CLIP)",
                           clip=True),
     "byo": BackendType("byo", "ByoBackend", "ByoConfig", paper="bring your own maps (from a file)"),

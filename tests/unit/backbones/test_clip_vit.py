@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from anorefiner.backbones import build_backbone
-from anorefiner.backbones.clip_vit import default_vit_layers, interpolate_pos_embed, with_pos_embed
+from anorefiner.backbones.clip_vit import (POS_EMBED_RESIZE, default_vit_layers, interpolate_pos_embed,
+                                           pos_embed_mode, with_pos_embed)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,8 @@ def _cubic(t: float, a: float = -0.75) -> list[float]:
 
 def _bicubic_half_pixel(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Float64 loop: plain bicubic resize, align_corners=False (source = (i + 0.5) * in/out - 0.5, unclamped),
-    neighbours clamped to the border; AdaCLIP's ``resize_pos_embed`` (F.interpolate bicubic, no antialias)."""
+    neighbours clamped to the border; AdaCLIP's and MuSc's ``resize_pos_embed`` (F.interpolate bicubic, no
+    antialias)."""
     h, w = grid.shape
     out = np.zeros(size)
     for i in range(size[0]):
@@ -239,3 +241,42 @@ def test_with_pos_embed_gives_a_copy_with_the_other_resize(tiny_clip):
     assert "bicubic_no_antialias" in other.identity["pos_embed"] and "antialias" in bb.identity["pos_embed"]
     x = torch.randn(1, 3, 70, 70, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(other.forward(x)[1], bb.forward(x)[1])  # the copy's forward uses its embedding
+
+
+def test_musc_resize_is_torch_plain_bicubic_on_the_fp32_grid(tiny_clip):
+    """A backbone built with ``pos_embed="bicubic_no_antialias"`` (MuSc's backbone entry) holds what MuSc's vendored
+    open_clip computes: ``F.interpolate(mode="bicubic", align_corners=False)`` with torch's default (no antialias)
+    on the fp32 patch grid (xrli-U/MuSc@b76b93d models/backbone/open_clip/model.py l.436-441), bitwise; and the
+    float64 loop of plain bicubic to float32 rounding. The default backbone keeps the antialiased resize."""
+    musc = build_backbone(tiny_clip, 98, pretrained=None, seed=0, pos_embed="bicubic_no_antialias")
+    native = musc.visual.positional_embedding.detach()
+    (gh, gw), c = musc.native_grid, native.shape[1]
+    grid = native[1:].float().reshape(1, gh, gw, c).permute(0, 3, 1, 2)
+    torch_plain = F.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False)
+    torch_plain = torch_plain.permute(0, 2, 3, 1).reshape(49, c)
+    assert musc.grid == (7, 7) and musc.pos_embed_mode == "bicubic_no_antialias"
+    assert torch.equal(musc.pos_embed[1:], torch_plain) and torch.equal(musc.pos_embed[0], native[0])
+    grid64 = native[1:].double().reshape(gh, gw, c).numpy()
+    for ch in (0, 17, c - 1):
+        ref = _bicubic_half_pixel(grid64[:, :, ch], (7, 7))
+        np.testing.assert_allclose(musc.pos_embed[1:, ch].reshape(7, 7).double().numpy(), ref, rtol=0, atol=1e-6)
+    default = build_backbone(tiny_clip, 98, pretrained=None, seed=0)
+    assert not torch.allclose(default.pos_embed, musc.pos_embed, atol=1e-4)
+    assert torch.equal(with_pos_embed(default, "bicubic_no_antialias").pos_embed, musc.pos_embed)
+    assert musc.identity["pos_embed"].startswith("bicubic_no_antialias ")
+    assert pos_embed_mode(musc.identity["pos_embed"]) == "bicubic_no_antialias"
+    assert pos_embed_mode(default.identity["pos_embed"]) == "bicubic"
+    assert [pos_embed_mode(v) for v in (None, "", "nearest (2, 2)->(3, 3)")] == [None, None, None]
+
+
+def test_pos_embed_option_is_validated(tiny_clip):
+    with pytest.raises(ValueError, match="position embedding resize 'nearest' is not one of"):
+        build_backbone(tiny_clip, 56, pretrained=None, pos_embed="nearest")
+    with pytest.raises(ValueError, match="'pos_embed' is an open_clip ViT option"):
+        build_backbone("efficientnet_lite0", 64, pos_embed="bicubic")
+
+
+def test_cli_choices_are_the_backbone_modes():
+    from anorefiner.commands import POS_EMBED_CHOICES
+
+    assert POS_EMBED_CHOICES == POS_EMBED_RESIZE and POS_EMBED_CHOICES[0] == "bicubic"

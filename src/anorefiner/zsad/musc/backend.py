@@ -262,6 +262,18 @@ class MuscConfig:
     device: str = "auto"  # "auto" = cuda when available
 
 
+def _warn_unofficial_resize(attrs: dict, name: str) -> None:
+    """Say so when a ViT cache's position embedding was not resized as MuSc's official code does (plain bicubic,
+    :attr:`~anorefiner.zsad.registry.BackendType.pos_embed`): its maps then differ from the official ones."""
+    from ...backbones.clip_vit import pos_embed_mode
+    from ..registry import BACKEND_TYPES
+
+    got, official = pos_embed_mode(attrs.get("pos_embed")), BACKEND_TYPES["musc"].pos_embed
+    if got is not None and got != official:
+        LOG.warning("%s: the features' position embedding was resized with %r, MuSc's official code uses %r "
+                    "(backbones.<key>.pos_embed; docs/fidelity.md)", name, got, official)
+
+
 class MuscBackend:
     """The MuSc family as a :class:`~anorefiner.zsad.Backend` (``coarse`` + ``score_queries``)."""
 
@@ -298,6 +310,7 @@ class MuscBackend:
 
         c = self.config
         layers = self._layers(feats)
+        _warn_unofficial_resize(feats.attrs, self.name)
         n = len(feats.ids)
         maps = np.zeros((n,) + next(iter(layers.values())).shape[1:3], dtype=np.float32)
         groups = self.groups(n)

@@ -3,6 +3,11 @@
 Facts from ``anomalib@b723368 src/anomalib/models/image/winclip/`` (specs/backends.md section 4):
 
 * backbone ``ViT-B-16-plus-240`` with ``laion400m_e31`` weights at 240 px (15x15 grid);
+* pre-processing (option ``resize``): the image as a float tensor in [0, 1], torchvision's
+  ``Resize((240, 240), bicubic, antialias=True)`` on it, CLIP's normalisation (``lightning_model.py``
+  ``configure_pre_processor``, ``anomalib/data/utils/image.py`` ``read_image``): :func:`tensor_preprocess`.
+  The backbone's own preprocessing resizes the uint8 image with PIL, which clamps and rounds to uint8 (up to
+  5/255 apart on noisy images; docs/fidelity.md);
 * text: the WinCLIP prompt set (7 normal / 4 anomalous states x 21 templates), mean of the
   un-normalised embeddings per group (:mod:`.prompts`, set ``winclip``);
 * class score of an embedding e: ``softmax(cos(e, T) / 0.07)[anomalous]`` (``utils.py`` class_scores);
@@ -35,6 +40,26 @@ from ...log import LOG
 from ..maps import resolve_device as _resolve_device
 
 
+#: ``resize`` option: anomalib's float-tensor resize (:func:`tensor_preprocess`), or the backbone's PIL resize.
+RESIZE_MODES = ("tensor", "pil")
+
+
+def tensor_preprocess(images, size: int, mean, std) -> torch.Tensor:
+    """uint8 ``[H,W,3]`` images -> ``[N,3,size,size]`` as anomalib's WinCLIP pre-processor: ``x * (1/255)`` in
+    float32, bicubic resize with antialias and ``align_corners=False`` (no clamping, no rounding), then
+    ``(x - mean) / std``."""
+    out = []
+    for i, img in enumerate(images):
+        img = np.asarray(img)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"winclip: image {i} must be uint8 [H,W,3] RGB, got dtype {img.dtype} shape {img.shape}")
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(torch.float32).mul_(1.0 / 255)
+        out.append(F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0])
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (torch.stack(out) - mean) / std
+
+
 @dataclass
 class WinClipConfig:
     """Options of the ``winclip`` backend (config ``backends.<name>.options``)."""
@@ -44,6 +69,7 @@ class WinClipConfig:
     scales: tuple = (2, 3)  # anomalib default window sizes (in patches)
     temperature: float = 0.07  # anomalib torch_model.py
     k_shot: int = 0  # 0 = zero-shot; PA-CLIP's "4-shot" row uses 4 seeded train/good images
+    resize: str = "tensor"  # anomalib's pre-processor (float tensor); "pil": the backbone's (see module doc)
     batch_size: int = 8  # images per window pass (a batch of 8 at 240 px = 2920 short sequences)
     text_cache: str = ""  # per-class text cache folder ("" = none); the workflow: results/text
     device: str = "auto"
@@ -122,14 +148,23 @@ class WinClipBackend:
             raise ValueError(f"winclip k_shot needs the last block's tokens; the backbone taps {backbone.layers}")
         if not c.scales or any(int(k) < 1 for k in c.scales):
             raise ValueError(f"winclip option scales must be positive window sizes, got {c.scales}")
+        if c.resize not in RESIZE_MODES:
+            raise ValueError(f"winclip option resize must be one of {RESIZE_MODES}, got {c.resize!r}")
         self.device = _resolve_device(c.device)
         from ..prompts import text_embeddings
 
         self.text = text_embeddings(backbone, c.class_name, c.prompt_set, c.text_cache or None)
         self.grid = tuple(backbone.grid)
         self.windows = [window_indices(self.grid, int(k)) for k in c.scales]
-        self.last_info: dict = {"scales": list(c.scales), "k_shot": int(c.k_shot)}
+        self.last_info: dict = {"scales": list(c.scales), "k_shot": int(c.k_shot), "resize": c.resize}
         self._refs = None
+
+    def preprocess(self, images) -> torch.Tensor:
+        """uint8 images -> the backbone's input batch, resized as option ``resize`` says."""
+        bb = self.backbone
+        if self.config.resize == "pil":
+            return bb.preprocess(images)
+        return tensor_preprocess(images, bb.resolution, bb.mean, bb.std)
 
     def encode(self, batch: torch.Tensor):
         """Preprocessed images -> (image embeddings ``[B,D]``, windows per scale, ln_post patch tokens)."""
@@ -149,7 +184,7 @@ class WinClipBackend:
             if self.reference_images is None:
                 raise ValueError("winclip k_shot > 0 needs the category's train/good images (--data-root)")
             imgs = self.reference_images(self.config.k_shot, self.seed)
-            _, wins, patches = self.encode(self.backbone.preprocess(imgs))
+            _, wins, patches = self.encode(self.preprocess(imgs))
             self._refs = ([w.reshape(-1, w.shape[-1]) for w in wins], patches.reshape(-1, patches.shape[-1]))
         return self._refs
 
@@ -182,7 +217,7 @@ class WinClipBackend:
         maps, scores = [], []
         for a in progress(range(0, n, self.config.batch_size), desc="winclip", unit="batch"):
             idx = list(range(a, min(n, a + self.config.batch_size)))
-            m, s = self.score_batch(self.backbone.preprocess(self.images(idx)))
+            m, s = self.score_batch(self.preprocess(self.images(idx)))
             maps.append(m.float().cpu())
             scores.append(s.float().cpu())
         LOG.info("winclip: %d images, scales %s, %d-shot", n, list(self.config.scales), self.config.k_shot)

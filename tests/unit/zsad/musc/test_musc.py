@@ -198,3 +198,18 @@ def test_reference_indices_are_the_groups_the_backend_scored_against():
     both = star.reference_indices(100, [7, 42])
     assert set(both.tolist()) == set(g7.tolist()) | set(g42.tolist())
     assert np.array_equal(get_backend("paclip", {}).reference_indices(5, [1]), np.arange(5))
+
+
+@pytest.mark.parametrize("resize, warns", [("bicubic antialias (24, 24)->(37, 37), class position kept", True),
+                                           ("bicubic_no_antialias (24, 24)->(37, 37), class position kept", False),
+                                           (None, False)])
+def test_coarse_says_when_the_features_are_not_resized_as_musc_official(resize, warns, caplog):
+    """MuSc's vendored open_clip resizes without antialias: a cache resized otherwise is scored, with a warning."""
+    import logging
+
+    attrs = {"pos_embed": resize} if resize else {}
+    feats = Features(ids=[str(i) for i in range(4)], layers=_tokens(n=4, g=3), cls=None, attrs=attrs)
+    with caplog.at_level(logging.WARNING, logger="anorefiner"):
+        get_backend("musc", {"r_list": [1], "rscin": False}).coarse(feats)
+    assert ("MuSc's official code uses 'bicubic_no_antialias'" in caplog.text) == warns
+

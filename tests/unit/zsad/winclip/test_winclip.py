@@ -10,8 +10,8 @@ from anorefiner.backbones import build_backbone
 from anorefiner.cache import extract_features, read_features
 from anorefiner.data.index import index_category, load_image
 from anorefiner.zsad import get_backend
-from anorefiner.zsad.winclip.backend import (class_scores, harmonic_aggregation, train_good_source, visual_association,
-                                     window_embeddings, window_indices)
+from anorefiner.zsad.winclip.backend import (class_scores, harmonic_aggregation, tensor_preprocess, train_good_source,
+                                             visual_association, window_embeddings, window_indices)
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +101,65 @@ def test_backend_end_to_end(tiny, demo_dataset, tmp_path, k_shot):
     n = len(feats.ids)
     assert result.maps.shape == (n, 5, 5) and result.scores.shape == (n,)
     assert np.isfinite(result.maps).all() and (result.maps > 0).all() and (result.maps < 1).all()
-    if k_shot == 0:
-        # zero-shot map = harmonic mean of [image score, scale-2 map, scale-3 map]: bounded by their extremes
-        image_emb = tiny.image_embedding(torch.as_tensor(feats.cls), normalize=False)
+    if k_shot == 0:  # image score = the class score of the image embedding (of anomalib's pre-processing)
+        x = tensor_preprocess(backend.images(range(n)), 70, tiny.mean, tiny.std)
+        image_emb = tiny.encode_sequences(tiny.embed(x))
         np.testing.assert_allclose(result.scores, class_scores(image_emb, backend.text, 0.07).numpy(), rtol=1e-4)
     with pytest.raises(NotImplementedError, match="PGT cannot score"):
         backend.score_queries({}, None, feats, [0], [None])
+
+
+def _aa_bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` float64 weights of an antialiased bicubic resize (PIL's filter, which torch's
+    ``antialias=True`` follows): Keys' cubic with a = -0.5, support 2 * max(scale, 1) around the half-pixel centre,
+    each row normalised to sum 1."""
+    def cubic(x, a=-0.5):
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x < 2 else 0.0
+
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - 2 * stretch + 0.5), 0), min(int(centre + 2 * stretch + 0.5), n_in)
+        for j in range(lo, hi):
+            w[i, j] = cubic((j - centre + 0.5) / stretch)
+        w[i] /= w[i].sum()
+    return w
+
+
+@pytest.mark.parametrize("shape", [(90, 130), (30, 24), (56, 84)])
+def test_anomalib_preprocessing_matches_a_float64_loop(shape):
+    """anomalib's WinCLIP pre-processing (float image, antialiased bicubic, CLIP normalisation), not PIL's uint8
+    resize, which clamps the overshoot and rounds: the two differ by a few grey levels."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    got = tensor_preprocess([img], 70, mean, std)[0].double().numpy()
+    wy, wx = _aa_bicubic_weights(shape[0], 70), _aa_bicubic_weights(shape[1], 70)
+    for c in range(3):
+        ref = (wy @ (img[:, :, c] / 255.0) @ wx.T - mean[c]) / std[c]
+        np.testing.assert_allclose(got[c], ref, rtol=0, atol=2e-5)
+    from PIL import Image
+
+    pil = np.asarray(Image.fromarray(img).resize((70, 70), Image.BICUBIC), np.float64) / 255
+    assert np.abs(got[0] * std[0] + mean[0] - pil[:, :, 0]).max() > 1 / 255  # not the backbone's PIL resize
+    with pytest.raises(ValueError, match="image 0 must be uint8"):
+        tensor_preprocess([img.astype(np.float32)], 70, mean, std)
+
+
+def test_resize_option_picks_the_preprocessing(tiny):
+    img = np.random.default_rng(1).integers(0, 256, size=(50, 60, 3), dtype=np.uint8)
+    anomalib = get_backend("winclip", {"class_name": "tiles"}, backbone=tiny)
+    assert anomalib.last_info["resize"] == "tensor"
+    assert torch.equal(anomalib.preprocess([img]), tensor_preprocess([img], 70, tiny.mean, tiny.std))
+    pil = get_backend("winclip", {"class_name": "tiles", "resize": "pil"}, backbone=tiny)
+    assert torch.equal(pil.preprocess([img]), tiny.preprocess([img]))
+    with pytest.raises(ValueError, match="resize must be one of"):
+        get_backend("winclip", {"class_name": "tiles", "resize": "nearest"}, backbone=tiny)
 
 
 def test_bad_requests_are_named(tiny, demo_dataset):
