@@ -8,7 +8,6 @@ as ``[N,h,w,C]`` tensors; there is no class token (MuSc drops RsCIN for CNNs, su
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
