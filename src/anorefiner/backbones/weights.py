@@ -150,7 +150,7 @@ def fetch_weights(source: WeightSource, out: str | os.PathLike, options=None) ->
     else:
         partial = download_partial(source.url, out.with_name(name + ".partial"), options or DownloadOptions(),
                                    "Download it by hand and pass its path as --url (or set the backbone's "
-                                   f"`pretrained` to a state-dict file).")
+                                   "`pretrained` to a state-dict file).")
     digest = _check_sha256(partial, source.sha256, name, move_aside=not local)
     tensors = _tensors(partial, source.torchscript)
     with atomic_path(out, suffix=".safetensors") as tmp:
