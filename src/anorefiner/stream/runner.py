@@ -55,9 +55,12 @@ def run_stream(inputs, out, *, backbone, backend_name: str, backend, options, co
     stream = Stream(out, backbone=backbone, backend_name=backend_name, backend=backend, options=options,
                     config=config or StreamConfig(), seed=seed, textures=textures, device=device, category=category)
     try:
-        return stream.run(inputs)
-    finally:
-        stream.close()
+        summary = stream.run(inputs)
+    except BaseException:
+        stream.close(wait=False)  # an error or Ctrl-C: do not wait for queued training (restart redoes it)
+        raise
+    stream.close()
+    return summary
 
 
 class Stream:
@@ -91,7 +94,7 @@ class Stream:
         self.size = tuple(config.image_size) if config.image_size else None
         self.n_accepted = self.n_scored = 0
         self.service: ARDService | None = None
-        self.summary = {"scored": 0, "skipped": 0, "groups_trained": 0}
+        self.summary = {"scored": 0, "skipped": 0, "groups_trained": 0}  # in this run
         self._restore()
 
     # ------------------------------------------------------------------ setup
@@ -173,13 +176,8 @@ class Stream:
                                   done=done)
         else:
             source = read_list(inputs, done=done)
-        if self._enough():
-            return self.summary
-        for path, t_arrival in source:
-            self.accept(path, t_arrival)
-            if self._enough():
-                break
-        else:
+        ended = not self._enough() and self._consume(source)
+        if ended:  # the input ended: score what waits for more images, if it can be
             for j in self.scorer.ready(self.n_accepted, self.n_scored, final=True):
                 self.answer(j)
         if self.pending:
@@ -187,7 +185,16 @@ class Stream:
                         "the stream continues", len(self.pending), [p for p, _, _ in self.pending.values()])
         if self.service is not None:
             self.service.drain()
+            self.summary["groups_trained"] = self.service.n_trained
         return self.summary
+
+    def _consume(self, source) -> bool:
+        """Take images until the source ends (True) or ``max_images`` are scored (False)."""
+        for path, t_arrival in source:
+            self.accept(path, t_arrival)
+            if self._enough():
+                return False
+        return True
 
     def _enough(self) -> bool:
         return self.config.max_images is not None and self.n_scored >= self.config.max_images
@@ -281,8 +288,7 @@ class Stream:
             self.norm.update(self.coarse.maps[np.arange(self.u)])
             self._start_service()
         self.service.submit(k, t_done)
-        self.summary["groups_trained"] += 1
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self.service is not None:
-            self.service.close()
+            self.service.close(wait)

@@ -55,6 +55,7 @@ class ARDService:
         self.groups_log = self.state_dir.parent / "groups.jsonl"
         self.threads = int(threads)
         self.trained_through = -1  # last group whose ARD is in service
+        self.n_trained = 0  # groups trained by this process
         self.served: ServedARD | None = None
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -82,9 +83,10 @@ class ARDService:
     def submit(self, group: int, t_complete: float) -> None:
         with self._cond:
             self._pending += 1
-        if self._pending > 1:
+            waiting = self._pending
+        if waiting > 1:
             LOG.warning("stream: %d groups wait for training (training is slower than the line): the ARD in service "
-                        "falls behind", self._pending)
+                        "falls behind", waiting)
         self._queue.put((int(group), float(t_complete)))
 
     def current(self) -> ServedARD | None:
@@ -106,9 +108,11 @@ class ARDService:
                 self._cond.wait()
         self.check()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread after the queued groups (``wait``); else leave it (a daemon) to die with the process."""
         self._queue.put(None)
-        self._thread.join()
+        if wait:
+            self._thread.join()
 
     def check(self) -> None:
         if self.error is not None:
@@ -140,14 +144,18 @@ class ARDService:
         normals = select_pseudo_normals(self.trainer.coarse.maps, groups[k], p.n_pseudo_normal)
         refs = _references(groups, k, p.query_references, (k + 1) * self.u, self.scorer, normals)
         data = self.trainer.make_training_set(normals, refs, stream=k)
+        t1 = time.time()
         history = self.trainer.train(data, self.norm, stream=k)
+        t2 = time.time()
         fit = self.trainer.check_fit(data, self.norm) if history else {}
         self._publish(k)
+        self.n_trained += 1
         t_served = self.served.t_in_service
         self._save(k)
         record = {"group": k + 1, "images": [int(groups[k][0]), int(groups[k][-1])],
                   "normals": [int(i) for i in normals], "loss_first": history[0] if history else None,
                   "loss_last": history[-1] if history else None, "fit": fit, "train_s": round(t_served - t0, 3),
+                  "pseudo_anomalies_s": round(t1 - t0, 3), "epochs_s": round(t2 - t1, 3),
                   "complete_to_service_s": round(t_served - t_complete, 3)}
         with open(self.groups_log, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
