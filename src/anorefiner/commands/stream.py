@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None, help=f"backbone input size (default {DEFAULT_RESOLUTION})")
     p.add_argument("--pretrained", default="default", help="backbone weights ('none' = random, for tests)")
     p.add_argument("--backend", default="musc",
-                   help="online backend preset: musc (window of earlier images), april_gan, vcp_clip "
-                        "(class_minmax: false), winclip, anomalyclip, adaclip (the last three with --no-refine)")
+                   help="online backend preset: musc (window of earlier images), april_gan, vcp_clip, bayes_pfl "
+                        "(these two with class_minmax: false); aa_clip (class_minmax: false), winclip, anomalyclip, "
+                        "adaclip with --no-refine")
     p.add_argument("--backend-options", default="{}", help="backend options as JSON")
     p.add_argument("--dataset", default="mvtec_ad", help="dataset name the backend's defaults follow")
     p.add_argument("--preset", choices=["paper", "cpu"], default="paper",

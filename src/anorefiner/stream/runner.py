@@ -8,10 +8,11 @@ coarse map (:mod:`.scorer`), then the answer (:meth:`Stream.answer`):
   (Sec. 3.2, ``pgt.first_group_ard: coarse``), in the backend's own units, since the coarse scale
   (``pgt.coarse_norm: first_group``) is fixed by group 1 as a whole, which is incomplete while its images are
   answered. The offline run's group 1 ``combined`` (``coarse``) is the same map on that scale, an affine map of it;
-* later images: ``combine(coarse_n, ARD)`` (:mod:`anorefiner.refine.combine`, ``pgt.combine``) with the newest ARD
-  in service (``"map": "refined"``, ``ard_group``); while none is (its training not finished yet)
-  ``combine(coarse_n, 0)``, the coarse map on the refined maps' scale (``"map": "coarse_scaled"``, the offline
-  ``first_group_ard: zeros`` rule).
+* later images: ``combine(coarse_n, calibrated ARD)`` (:mod:`anorefiner.refine.combine`, ``pgt.combine``) with the
+  newest ARD in service (``"map": "refined"``, ``ard_group``); ``pgt.calibration`` is fitted on the group the ARD
+  was trained on (offline PGT fits it on the group it refines, not arrived yet here). While no ARD is in service
+  (its training not finished yet): the map of an ARD saying nothing, the coarse map on the refined maps' scale
+  (``"map": "coarse_scaled"``, offline PGT's rule for a group no ARD refines, calibrated per image).
 
 Outputs and the log: :mod:`.results`. When group k is complete the ARD service (:mod:`.service`) trains on it in
 the background. Restart (same ``OUT``): scored images are read back from the log, the features the next images
@@ -32,7 +33,7 @@ import torch
 from ..io import write_json_atomic
 from ..log import LOG
 from ..metrics.evaluate import resize_maps
-from ..refine.combine import combine
+from ..refine.combine import calibrate, combine
 from ..refine.pgt import image_scores
 from ..refine.trainer import CoarseNorm, Trainer
 from .config import StreamConfig, check_pgt_online
@@ -158,14 +159,16 @@ class Stream:
                 self.service.submit(k, time.time())
 
     def _keep_from(self, trained: int) -> int:
-        """Oldest image whose rows are still needed: by the next image's coarse map and the untrained groups."""
-        oldest = self.n_scored if not self.config.refine else min(self.n_scored, self.u * (trained + 1))
+        """Oldest image whose rows are still needed: by the next image's coarse map, the untrained groups and the
+        last trained one (its calibration is fitted again on a restart)."""
+        oldest = self.n_scored if not self.config.refine else min(self.n_scored, self.u * max(trained, 0))
         return self.scorer.oldest_needed(oldest)
 
     def _start_service(self) -> None:
         trainer = Trainer(self.feats, self.coarse, self.paths, self.backbone, self.scorer, self.options, self.seed,
                           self.textures, self.device)
-        self.service = ARDService(trainer, self.scorer, self.norm, self.options, self.state_dir, self.train_threads)
+        self.service = ARDService(trainer, self.scorer, self.norm, self.options, self.state_dir, self.train_threads,
+                                  self.config.eval_resolution)
 
     # ------------------------------------------------------------------ loop
     def run(self, inputs) -> dict:
@@ -248,14 +251,14 @@ class Stream:
         if k == 0 or not self.config.refine:
             kind, final, score = "coarse", maps["coarse"], coarse_score
         else:
-            # the coarse half of the final map, as Trainer.coarse_at makes it offline
-            coarse_n = self.norm(resize_maps(patch[None], (e, e), p.coarse_align_corners))[0]
+            coarse_n = self.service.trainer.coarse_at(patch[None], e, self.norm)[0]
             if served is not None:
                 x, c = served.refiner.real_inputs(np.asarray([j]), self.norm)
                 maps["ard"] = served.refiner.refine(x, c, e)[0]
-                kind, final = "refined", combine(coarse_n, maps["ard"], p.combine)
-            else:
-                kind, final = "coarse_scaled", combine(coarse_n, 0.0, p.combine)
+                kind, final = "refined", combine(coarse_n, served.calibration(maps["ard"]), p.combine)
+            else:  # an ARD saying nothing, calibrated as offline PGT does for a group no ARD refines (per image)
+                nothing = calibrate(coarse_n, np.zeros_like(coarse_n), p.calibration)
+                kind, final = "coarse_scaled", combine(coarse_n, nothing, p.combine)
             score = coarse_score if p.image_score == "coarse" else float(image_scores(final[None], p)[0])
         maps["final"] = final
         stem = output_stem(j, path)

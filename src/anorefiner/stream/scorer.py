@@ -3,8 +3,9 @@
 Two kinds of backends score online (:func:`online_scorer` refuses the others, naming them and why):
 
 * :class:`ImageScorer`: backends whose map of an image does not depend on the other test images: APRIL-GAN,
-  VCP-CLIP with ``class_minmax: false`` (its official min-max runs over the whole class stack), WinCLIP
-  (zero-shot), AnomalyCLIP, AdaCLIP. The backend's own ``coarse`` runs on a one-image feature set.
+  VCP-CLIP, Bayes-PFL and AA-CLIP with ``class_minmax: false`` (their official min-max runs over the whole class
+  stack), WinCLIP (zero-shot), AnomalyCLIP, AdaCLIP. The backend's own ``coarse`` runs on a one-image feature set
+  (Bayes-PFL draws each image's flow samples by its position in the scored set: here always position 0).
 * :class:`MuscWindowScorer`: MuSc scores an image against other images of the category (mutual scoring). Online
   its references are the ``window`` images before it (:class:`~anorefiner.stream.config.StreamConfig`); the
   first ``min_references + 1`` images wait until that many have arrived and are then scored against each
@@ -24,13 +25,19 @@ import torch
 from ..zsad import PRESETS
 from ..zsad.registry import backend_type
 
-# Backend types that cannot score an image online, and why (``online_scorer`` raises with this text).
+# Backend types that score an image online (module doc); every other type is refused.
+ONLINE = ("musc", "april_gan", "vcp_clip", "bayes_pfl", "aa_clip", "winclip", "anomalyclip", "adaclip")
+# Why the others cannot (``online_scorer`` raises with this text).
 NOT_ONLINE = {
     "paclip": "PA-CLIP builds its memory (coreset) from the whole test set of the category",
     "byo": "bring-your-own maps are read from a file made offline",
     "pad_pam": "PA-CLIP's PAD/PAM compare each image with the rest of the test set",
     "rareclip": "RareCLIP's rarity memory over the stream is not checkpointed by the stream mode yet, so a "
                 "restart could not resume it (not implemented)",
+    "promptad": "few-shot: it needs train/good shots of the category, which the stream does not take (not implemented)",
+    "mvfa_ad": "few-shot: it needs train/good shots of the category, which the stream does not take (not implemented)",
+    "regad": "few-shot: it is trained per category and needs its shots, which the stream does not take "
+             "(not implemented)",
 }
 
 
@@ -40,25 +47,20 @@ def online_scorer(backend_name: str, backend, *, window: int, min_references: in
     Raises ``ValueError`` naming the backend when it cannot score online.
     """
     kind = PRESETS[backend_name][0] if backend_name in PRESETS else backend_name
-    if kind in NOT_ONLINE:
-        raise ValueError(f"backend {backend_name!r} cannot score a stream: {NOT_ONLINE[kind]}. Online backends: "
-                         f"{', '.join(online_types())}")
+    if kind not in ONLINE:
+        why = NOT_ONLINE.get(kind, "it was not checked for scoring one image at a time")
+        raise ValueError(f"backend {backend_name!r} cannot score a stream: {why}. Online backends: "
+                         f"{', '.join(ONLINE)}")
     if kind == "musc":
         return MuscWindowScorer(backend, window=window, min_references=min_references)
     config = getattr(backend, "config", None)
-    if kind == "vcp_clip" and getattr(config, "class_minmax", False):
-        raise ValueError(f"backend {backend_name!r} (vcp_clip) with option class_minmax: true min-max normalises "
-                         "over the whole class stack, which a stream never has; set class_minmax: false")
+    if getattr(config, "class_minmax", False):
+        raise ValueError(f"backend {backend_name!r} ({kind}) with option class_minmax: true min-max normalises over "
+                         "the whole class stack, which a stream never has; set class_minmax: false")
     if kind == "winclip" and int(getattr(config, "k_shot", 0) or 0) > 0:
         raise ValueError(f"backend {backend_name!r} (winclip) with k_shot > 0 needs train/good reference images; "
                          "the stream runs the zero-shot mode only (k_shot: 0)")
     return ImageScorer(backend, images=backend_type(kind).images, refinable=backend_type(kind).refinable)
-
-
-def online_types() -> list[str]:
-    from ..zsad.registry import BACKEND_TYPES
-
-    return [k for k in BACKEND_TYPES if k not in NOT_ONLINE]
 
 
 class _Scorer:

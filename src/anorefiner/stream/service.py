@@ -25,21 +25,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..io import atomic_path
 from ..log import LOG
+from ..refine.combine import calibration_map
 from ..refine.pgt import _references, select_pseudo_normals
 
 
 @dataclass
 class ServedARD:
-    """An ARD in service: a frozen copy of the trainer's model after group ``group`` (0-based)."""
+    """An ARD in service: a frozen copy of the trainer's model after group ``group`` (0-based), and the
+    calibration (``pgt.calibration``) fitted on that group's real images."""
 
     group: int
     refiner: object  # a shallow copy of the Trainer holding the frozen model: .real_inputs, .refine
+    calibration: Callable  # ARD maps -> calibrated ARD maps (identity for calibration "none")
     t_in_service: float
 
 
@@ -47,8 +51,9 @@ class ARDService:
     """The training thread (module doc). ``trainer``: a :class:`~anorefiner.refine.trainer.Trainer` over the
     stream's rows; ``scorer``: the online scorer (PGT's ``backend``); ``norm``: the frozen coarse scale."""
 
-    def __init__(self, trainer, scorer, norm, options, state_dir: str | Path, threads: int):
+    def __init__(self, trainer, scorer, norm, options, state_dir: str | Path, threads: int, eval_resolution: int):
         self.trainer, self.scorer, self.norm, self.options = trainer, scorer, norm, options
+        self.eval_resolution = int(eval_resolution)
         self.u = int(options.pgt.group_size)
         self.state_dir = Path(state_dir)
         self.checkpoint = self.state_dir / "ard.pt"
@@ -168,10 +173,23 @@ class ARDService:
     def _publish(self, k: int) -> None:
         refiner = copy.copy(self.trainer)
         refiner.model = copy.deepcopy(self.trainer.model).eval()
+        calibration = self._calibration(refiner, k)
         with self._cond:
-            self.served = ServedARD(group=k, refiner=refiner, t_in_service=time.time())
+            self.served = ServedARD(group=k, refiner=refiner, calibration=calibration, t_in_service=time.time())
             self.trained_through = k
             self._cond.notify_all()
+
+    def _calibration(self, refiner, k: int) -> Callable:
+        """``pgt.calibration`` fitted on group k's real images with the ARD trained on them. Offline PGT fits it on
+        the group it refines, whose images have not arrived here yet: the stream applies the fit of the ARD's own
+        group to the next images (docs/stream.md)."""
+        mode = self.options.pgt.calibration
+        if mode == "none":
+            return calibration_map(None, None, mode)
+        g, e = np.arange(k * self.u, (k + 1) * self.u), self.eval_resolution
+        x, c = refiner.real_inputs(g, self.norm)
+        return calibration_map(refiner.coarse_at(self.trainer.coarse.maps[g], e, self.norm), refiner.refine(x, c, e),
+                               mode)
 
     def _save(self, k: int) -> None:
         state = {"group": k, "group_size": self.u, "model": self.trainer.model.state_dict(),

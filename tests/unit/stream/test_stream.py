@@ -21,13 +21,16 @@ from anorefiner.zsad.store import Coarse
 TINY = {
     "ard": {"feat_channels": 16, "anomaly_channels": 8, "aa_channels": 12, "head_channels": 8},
     "pgt": {"group_size": 4, "n_pseudo_normal": 2, "n_anomalies_per_normal": 2, "epochs": 2, "batch_size": 2,
-            "group_order": "index", "first_group_ard": "coarse"},
+            "group_order": "index", "first_group_ard": "coarse", "calibration": "none"},
 }
 WINDOW, MIN_REFS, E = 5, 2, 32
 
 
-def _options():
-    return from_dict(RefinerOptions, json.loads(json.dumps(TINY)))
+def _options(**pgt):
+    options = from_dict(RefinerOptions, json.loads(json.dumps(TINY)))
+    for key, value in pgt.items():
+        setattr(options.pgt, key, value)
+    return options
 
 
 def _textures():
@@ -35,19 +38,20 @@ def _textures():
     return [gen.integers(0, 255, size=(32, 32, 3), dtype=np.uint8) for _ in range(3)]
 
 
-def _stream(tiles, out, **config):
+def _stream(tiles, out, n=12, pgt=None, **config):
     cfg = StreamConfig(window=WINDOW, min_references=MIN_REFS, eval_resolution=E, overlay=False, **config)
-    return run_stream(list(tiles["paths"]), out, backbone=tiles["backbone"], backend_name="musc",
-                      backend=tiles["backend"], options=_options(), config=cfg, seed=0, textures=_textures())
+    return run_stream(list(tiles["paths"][:n]), out, backbone=tiles["backbone"], backend_name="musc",
+                      backend=tiles["backend"], options=_options(**(pgt or {})), config=cfg, seed=0,
+                      textures=_textures())
 
 
-def _offline(tiles):
+def _offline(tiles, n=12, **pgt):
     """Offline PGT of the same grouping: features of each image, MuSc maps by the window rule written out
     with MuSc's own functions (the first MIN_REFS + 1 images: MuSc on that set), then run_pgt."""
     from anorefiner.data.index import load_image
     from anorefiner.zsad.musc.backend import score, score_queries
 
-    bb, paths = tiles["backbone"], tiles["paths"]
+    bb, paths = tiles["backbone"], tiles["paths"][:n]
     parts = [bb.forward(bb.preprocess([load_image(p)]))[0] for p in paths]
     layers = {k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]}
     feats = Features(ids=[str(i) for i in range(len(paths))], layers=layers)
@@ -61,7 +65,7 @@ def _offline(tiles):
     coarse = Coarse(ids=feats.ids, maps=maps, scores=maps.reshape(len(maps), -1).max(1))
     # the same backend as the stream's: MuSc, with its window as the pseudo-anomalies' references
     backend = MuscWindowScorer(tiles["backend"], window=WINDOW, min_references=MIN_REFS)
-    return coarse, run_pgt(feats, coarse, paths, bb, backend, _options(), seed=0, textures=_textures(),
+    return coarse, run_pgt(feats, coarse, paths, bb, backend, _options(**pgt), seed=0, textures=_textures(),
                            eval_resolution=E)
 
 
@@ -92,6 +96,27 @@ def test_streamed_maps_equal_offline_pgt_of_the_same_grouping(tiles, tmp_path):
     assert np.abs(ref.maps["ard"][later]).max() > 0.05
     groups = [json.loads(line) for line in (tmp_path / "out" / "groups.jsonl").read_text().splitlines()]
     assert [g["group"] for g in groups] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["isotonic", "quantile"])
+def test_calibration_is_fitted_on_the_ards_own_group_and_applied_to_the_next(tiles, tmp_path, mode):
+    """pgt.calibration online: offline PGT fits it on the group it refines; the stream, which has not seen that group
+    yet, fits it on the group the ARD was trained on. The ARD of group 1 on group 1's own images is offline PGT's
+    'ard' output under first_group_ard 'self' (same training)."""
+    from anorefiner.refine.combine import calibration_map
+
+    _stream(tiles, tmp_path / "out", n=8, pgt={"calibration": mode}, wait_for_ard=True)
+    _, ref = _offline(tiles, n=8, first_group_ard="self")
+    log = ResultsLog(tmp_path / "out" / "results.jsonl").scored
+    got = [read_maps(tmp_path / "out" / e["maps"]) for e in log[4:]]
+    lo, hi = ref.attrs["coarse_norm"]["lo"], ref.attrs["coarse_norm"]["hi"]
+    coarse_n = (ref.maps["coarse"] - lo) / (hi - lo)
+    fitted = calibration_map(coarse_n[:4], ref.maps["ard"][:4], mode)
+    c, a = coarse_n[4:], ref.maps["ard"][4:]
+    expected = np.where(c >= 0, 0.5 * c * (1.0 + fitted(a)), c)  # the gate, written out
+    np.testing.assert_allclose(np.stack([g["ard"] for g in got]), a, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.stack([g["final"] for g in got]), expected, rtol=0, atol=1e-4)
+    assert not np.allclose(expected, np.where(c >= 0, 0.5 * c * (1.0 + a), c), atol=1e-2)  # calibration matters
 
 
 def test_bad_input_is_logged_and_skipped_and_folder_order_is_mtime_then_name(tiles, tmp_path):
@@ -142,16 +167,19 @@ def test_a_cut_off_last_log_line_is_dropped_on_restart(tmp_path):
 
 
 def test_backends_that_cannot_score_online_are_refused():
+    from anorefiner.zsad.aa_clip import AaClipConfig
     from anorefiner.zsad.vcp_clip import VcpClipConfig
 
-    for name in ("paclip", "byo", "rareclip"):
-        with pytest.raises(ValueError, match=f"backend '{name}' cannot score a stream"):
+    for name, why in (("paclip", "whole test set"), ("byo", "file"), ("rareclip", "not checkpointed"),
+                      ("promptad", "few-shot")):
+        with pytest.raises(ValueError, match=f"backend '{name}' cannot score a stream: .*{why}"):
             online_scorer(name, types.SimpleNamespace(name=name), window=30, min_references=4)
-    vcp = types.SimpleNamespace(name="vcp_clip", config=VcpClipConfig())
-    with pytest.raises(ValueError, match="class_minmax: false"):
-        online_scorer("vcp_clip", vcp, window=30, min_references=4)
-    vcp.config.class_minmax = False
-    assert online_scorer("vcp_clip", vcp, window=30, min_references=4).refinable
+    for name, config in (("vcp_clip", VcpClipConfig()), ("aa_clip", AaClipConfig())):
+        backend = types.SimpleNamespace(name=name, config=config)
+        with pytest.raises(ValueError, match=f"'{name}' .*class_minmax: false"):
+            online_scorer(name, backend, window=30, min_references=4)
+        config.class_minmax = False
+        assert online_scorer(name, backend, window=30, min_references=4).refinable == (name == "vcp_clip")
 
 
 def test_pgt_options_that_need_a_whole_group_are_refused(tiles, tmp_path):
