@@ -16,10 +16,14 @@ from anorefiner.stream.results import ResultsLog, read_maps
 from .test_stream import E, MIN_REFS, TINY, WINDOW, _options, _textures
 
 
+# the project's default calibration: the restarted run must fit it again exactly
+OPTIONS = {**TINY, "pgt": {**TINY["pgt"], "calibration": "isotonic"}}
+
+
 def _command(out):
     return [sys.executable, "-m", "anorefiner", "stream", "--input", "-", "--category", "tiles", "--pretrained",
             "none", "--resolution", "64", "--backend", "musc", "--backend-options", '{"rscin": false}',
-            "--options", json.dumps(TINY), "--device", "cpu", "--wait-for-ard", "--out", str(out),
+            "--options", json.dumps(OPTIONS), "--device", "cpu", "--wait-for-ard", "--out", str(out),
             "--stream-options", json.dumps({"window": WINDOW, "min_references": MIN_REFS, "eval_resolution": E})]
 
 
@@ -57,8 +61,9 @@ def test_killed_stream_restarts_without_losing_or_repeating_an_image(tiles, tmp_
 
     ref = tmp_path / "ref"
     run_stream(list(tiles["paths"]), ref, backbone=tiles["backbone"], backend_name="musc", backend=tiles["backend"],
-               options=_options(), config=StreamConfig(window=WINDOW, min_references=MIN_REFS, eval_resolution=E,
-                                                       wait_for_ard=True, overlay=False), seed=0,
+               options=_options(calibration="isotonic"),
+               config=StreamConfig(window=WINDOW, min_references=MIN_REFS, eval_resolution=E, wait_for_ard=True,
+                                   overlay=False), seed=0,
                textures=load_textures("offline", 0, "tiles"))
     expected = ResultsLog(ref / "results.jsonl").entries
     assert [e["ard_group"] for e in log] == [e["ard_group"] for e in expected]
