@@ -9,8 +9,8 @@ its ARD being in service (``groups.jsonl``). Baseline, in the same run and on th
 order: the offline pipeline (features of all images, MuSc over the whole set, PGT with ``group_order: index``)
 whose wall time / N is its per-image cost; the ratios are printed.
 
-    OMP_NUM_THREADS=2 python benchmarks/stream.py --data-root ../shared/data/mvtec_ad --category bottle \
-        --n-images 45 --group-size 15 --rate 1 --preset cpu --out benchmarks/out/stream
+    OMP_NUM_THREADS=1 python benchmarks/stream.py --data-root ../shared/data/mvtec_ad --category bottle \
+        --n-images 24 --group-size 8 --rate 0.5 --preset cpu --out benchmarks/out/stream
 
 JSON summary: ``OUT/summary.json``; the stream's own outputs: ``OUT/stream/``.
 """
@@ -35,9 +35,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True, help="MVTec-layout root holding the category")
     p.add_argument("--category", default="bottle")
-    p.add_argument("--n-images", type=int, default=45, help="test images replayed (a seeded shuffle)")
-    p.add_argument("--rate", type=float, default=1.0, help="arrivals per second")
-    p.add_argument("--group-size", type=int, default=15, help="PGT's u (the paper: 30)")
+    p.add_argument("--n-images", type=int, default=24, help="test images replayed (a seeded shuffle)")
+    p.add_argument("--rate", type=float, default=0.5, help="arrivals per second")
+    p.add_argument("--group-size", type=int, default=8, help="PGT's u (the paper: 30; smaller: a short run trains)")
     p.add_argument("--window", type=int, default=30, help="MuSc: earlier images each one is scored against")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--resolution", type=int, default=256)
