@@ -29,6 +29,7 @@ COMMANDS = {
     "audit": "audit",
     "figures": "figures",
     "run": "run",
+    "stream": "stream",
     "plan": "plan",
     "train-backend": "train_backend",
     "train-seas": "train_seas",

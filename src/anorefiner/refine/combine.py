@@ -53,6 +53,14 @@ def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.n
     kept."""
     if mode == "none":
         return ard
+    return calibration_map(coarse_n, ard, mode)(ard)
+
+
+def calibration_map(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none"):
+    """The map :func:`calibrate` fits on one group's ``coarse_n`` and ``ard``, as a function of ARD maps: applied to
+    ``ard`` it is ``calibrate``; the stream mode (:mod:`anorefiner.stream`) applies it to the next images."""
+    if mode == "none":
+        return lambda x: x
     a, c = np.asarray(ard, np.float64).ravel(), np.asarray(coarse_n, np.float64).ravel()
     if mode == "quantile":
         q = np.linspace(0.0, 1.0, 1001)
@@ -60,14 +68,22 @@ def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.n
         # tied ARD values (a saturated sigmoid, a constant map) span several knots; np.interp would give them the
         # top one's coarse quantile (a constant ARD: the coarse maximum); they take the mean of those knots' instead
         counts = np.bincount(inverse)
-        out = np.interp(a, knots, np.bincount(inverse, np.quantile(c, q)) / counts)
+        values = np.bincount(inverse, np.quantile(c, q)) / counts
+
+        def fitted(x):
+            return np.interp(x, knots, values)
     elif mode == "isotonic":
         from sklearn.isotonic import IsotonicRegression
 
-        out = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(a, c).predict(a)
+        fitted = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(a, c).predict
     else:
         raise ValueError(f"pgt.calibration={mode!r}: expected one of {CALIBRATIONS}")
-    # onto [0, 1], the ARD's own range: under the frozen first-group scale coarse_n leaves it (transistor: up to
-    # 1.25), and a calibrated value above 1 would let the gate raise a pixel above its coarse score, below 0 lower
-    # it by more than half
-    return out.clip(0.0, 1.0).reshape(np.shape(ard)).astype(np.float32)
+
+    def apply(x):
+        # onto [0, 1], the ARD's own range: under the frozen first-group scale coarse_n leaves it (transistor: up to
+        # 1.25), and a calibrated value above 1 would let the gate raise a pixel above its coarse score, below 0
+        # lower it by more than half
+        out = fitted(np.asarray(x, np.float64).ravel())
+        return out.clip(0.0, 1.0).reshape(np.shape(x)).astype(np.float32)
+
+    return apply

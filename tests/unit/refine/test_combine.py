@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from anorefiner.refine.combine import COMBINE_RULES, calibrate, combine
+from anorefiner.refine.combine import COMBINE_RULES, calibrate, calibration_map, combine
 
 
 def _slow(c, a, rule):
@@ -134,3 +134,19 @@ def test_calibrated_ard_stays_in_the_ards_range_so_the_gate_never_raises_a_pixel
     assert 0.0 <= cal.min() and cal.max() <= 1.0
     g = combine(coarse, cal, "gate")
     assert np.all(g <= coarse + 1e-6) and np.all(g >= np.minimum(0.5 * coarse, coarse) - 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["quantile", "isotonic"])
+def test_calibration_map_applies_a_groups_fit_to_new_maps(mode):
+    """Fitted where the coarse map is 0.1 + 0.8·ARD exactly, the map sends new ARD values there too (clipped at the
+    fitted range's ends), and on the fitted maps it is ``calibrate``."""
+    gen = np.random.default_rng(0)
+    ard = gen.uniform(0.2, 0.9, size=(3, 16, 16))
+    coarse_n = 0.1 + 0.8 * ard
+    fitted = calibration_map(coarse_n, ard, mode)
+    np.testing.assert_array_equal(fitted(ard), calibrate(coarse_n, ard, mode))
+    new = np.asarray([[0.0, 0.3, 0.5, 0.7, 1.0]])
+    expected = 0.1 + 0.8 * np.clip(new, ard.min(), ard.max())
+    np.testing.assert_allclose(fitted(new), expected, rtol=0, atol=2e-3)
+    assert fitted(new).shape == new.shape and fitted(new).dtype == np.float32
+    assert calibration_map(coarse_n, ard, "none")(new) is new
