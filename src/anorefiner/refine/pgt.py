@@ -99,8 +99,8 @@ class PGTConfig:
     # something, which shows up as false positives on the normal test images: on transistor it fired above 0.9 on
     # leads and holes of half the good images (issue 26). Default True, measured with the gate + isotonic final map
     # (offline textures, seeds 0-2; docs/refiner_audit.md): transistor pixel AP 52.4/52.4/53.0 -> 53.6/53.4/54.0
-    # (coarse 53.2: now above it in every seed), bottle 84.8/84.0/84.6 -> 83.3/83.4/(seed 2 in the audit) (coarse
-    # 82.1). It trades ~1 point on bottle for never falling below the coarse map on transistor. False: the paper.
+    # (coarse 53.2: now above it in every seed), bottle 84.8/84.0/84.6 -> 83.3/83.4/84.0 (coarse 82.1). It trades
+    # ~1 point on bottle for never falling below the coarse map on transistor. False: the paper's rule.
     train_on_normals: bool = True
     # What stands in for the ARD output in group 1 (no ARD trained yet). Paper Sec. 3.2: group 1's final maps are its
     # coarse maps. "zeros": an ARD that detects nothing, so combined = coarse/2, which is the coarse map on the scale
