@@ -46,7 +46,6 @@ def combine(coarse_n, ard, rule: str = "mean"):
     raise ValueError(f"pgt.combine={rule!r}: expected one of {COMBINE_RULES}")
 
 
-
 def calibrate(coarse_n: np.ndarray, ard: np.ndarray, mode: str = "none") -> np.ndarray:
     """The ARD maps of one group mapped onto the scale of its normalised coarse maps, within [0, 1] (module doc);
     ``"none"`` returns ``ard`` unchanged. Both are monotone in ``ard``, so the ARD's own ranking (its metrics) is
