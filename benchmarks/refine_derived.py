@@ -31,17 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="mvtec_ad")
     args = p.parse_args(argv)
     from anorefiner import stages
+    from anorefiner.config import from_dict
     from anorefiner.metrics import image_metrics, pixel_metrics
     from anorefiner.metrics.evaluate import resize_maps, resize_masks
-    from refine_gain import normalised, rebuilt
+    from anorefiner.refine.combine import CALIBRATIONS, COMBINE_RULES, combine
+    from anorefiner.refine.pgt import PGTConfig, image_scores
     from anorefiner.refine.store import read_refined
     from anorefiner.zsad.store import read_coarse
+    from refine_gain import normalised, rebuilt
 
     coarse = read_coarse(args.coarse)
-    from anorefiner.config import from_dict
-    from anorefiner.refine.pgt import PGTConfig, image_scores
-    from anorefiner.refine.combine import CALIBRATIONS, COMBINE_RULES, combine
-
     summary: dict[str, list] = {}
     print("| store | rule | pixel AP | pixel F1-max | image AUROC | groups kept coarse |")
     print("|---|---|---|---|---|---|")

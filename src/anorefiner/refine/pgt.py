@@ -17,7 +17,7 @@ Outputs per image (Table 9): ``coarse`` (the backend map upsampled bilinearly wi
 metrics stage does), ``ard`` (sigmoid of the ARD logits; a stand-in in group 1 unless it is refined) and
 ``combined`` (:mod:`.combine`, ``PGTConfig.combine``: the paper's mean, or by default the gate in which the ARD
 can only lower the coarse map, after the ARD is calibrated per group onto the coarse scale, ``PGTConfig.calibration``;
-a group the optional safeguard keeps coarse gets half its normalised coarse map,
+a group the optional safeguard keeps coarse gets the map of an ARD that says nothing, calibrated alike,
 :mod:`.safeguard`). Coarse maps are normalised before entering the ARD and before they are combined
 (``PGTConfig.coarse_norm``); the ``coarse`` output itself stays raw so its metrics equal the backend's.
 """
