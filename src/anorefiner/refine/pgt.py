@@ -36,7 +36,7 @@ from ..seeding import rng as make_rng
 from ..metrics.evaluate import resize_maps
 from . import safeguard
 from .ard import ARDConfig
-from .combine import CALIBRATIONS, COMBINE_RULES, calibrate, combine
+from .combine import CALIBRATIONS, COMBINE_RULES, calibrate, calibration_map, combine
 from .store import Refined
 from .synthesis import SynthesisConfig
 from .trainer import LOSSES, CoarseNorm, Trainer
@@ -275,10 +275,13 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         """Group k's ARD and combined maps from the current ARD, unless the safeguard keeps its coarse map."""
         x, c = trainer.real_inputs(g, norm)
         maps["ard"][g] = trainer.refine(x, c, e)
+        _check_finite(maps["ard"][g], k, p)
+        # fitted on the group's own real images, whether the group's maps or the safeguard's check set get it
+        calibrated = calibration_map(coarse_n, maps["ard"][g], p.calibration)
         use = True
         if p.safeguard:
             normals = select_pseudo_normals(coarse.maps, g, p.n_pseudo_normal)
-            verdict = safeguard.check(trainer, holdout, normals, norm)
+            verdict = safeguard.check(trainer, holdout, normals, norm, calibrated)
             use = verdict["ap_combined"] > verdict["ap_coarse"] + p.safeguard_margin
             guard_log.append({"group": k + 1, "refined": bool(use), **verdict})
             LOG.info("pgt safeguard: group %d %s (pixel AP on %d held-back pseudo-anomalies + %d pseudo-normal "
@@ -286,7 +289,7 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
                      "refined by the ARD" if use else "KEEPS ITS COARSE MAP: the ARD does not beat it",
                      verdict["n_holdout"], verdict["n_normals"], verdict["ap_combined"], verdict["ap_coarse"])
         if use:
-            maps["combined"][g] = combine(coarse_n, calibrate(coarse_n, maps["ard"][g], p.calibration), p.combine)
+            maps["combined"][g] = combine(coarse_n, calibrated(maps["ard"][g]), p.combine)
         else:
             maps["combined"][g] = unrefined(coarse_n)
         by_ard[g] = use
@@ -362,6 +365,15 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
              "labels_used": bool(p.contamination_ratio > 0)}
     return Refined(ids=list(feats.ids), maps=maps, scores=scores, groups=group_of, attrs=attrs,
                    diagnostics=diagnostics)
+
+
+def _check_finite(ard: np.ndarray, k: int, p: PGTConfig) -> None:
+    """A diverged ARD (non-finite output) named by its group, before the calibration fails on it anonymously."""
+    bad = ~np.isfinite(ard)
+    if bad.any():
+        raise FloatingPointError(
+            f"pgt: the ARD refining group {k + 1} gives non-finite values on {int(bad.sum())} of {bad.size} pixels: "
+            f"its training diverged (pgt.lr={p.lr}, pgt.loss={p.loss!r}); lower pgt.lr")
 
 
 def image_scores(maps: np.ndarray, p: PGTConfig) -> np.ndarray:

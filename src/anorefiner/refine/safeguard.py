@@ -12,9 +12,9 @@ alone. Before an ARD refines a group, :func:`check` scores two things no label w
   (PGT's own selection, Sec. 3.2), taken as wholly normal (empty masks): where the ARD fires on them, it
   fires on normal structure of this very group.
 
-Pixel AP pooled over both, of the combined map (``PGTConfig.calibration`` and ``combine``, the calibration fitted
-on the check set's own maps) against the coarse map ``coarse_n``
-alone. Only if combined beats coarse by more than ``safeguard_margin`` does the ARD refine the group;
+Pixel AP pooled over both, of the combined map (``PGTConfig.combine``, with the ARD calibrated by the map
+``PGTConfig.calibration`` fitted on the group's real images, the one its combined maps get) against the coarse
+map ``coarse_n`` alone. Only if combined beats coarse by more than ``safeguard_margin`` does the ARD refine the group;
 otherwise the group keeps its coarse map, on the scale of refined groups' combined maps (that of an ARD saying
 nothing, calibrated like theirs: ``0.5·coarse_n`` without calibration; what ``first_group_ard: zeros`` gives
 group 1: per image the coarse ranking, and pooled with refined groups no scale jump). The ARD's own map is still
@@ -27,11 +27,15 @@ import numpy as np
 import torch
 
 from ..metrics.pixel import pixel_metrics
-from .combine import calibrate, combine
+from .combine import combine
 
 
-def check(trainer, holdout: dict, normals: np.ndarray, norm) -> dict:
+def check(trainer, holdout: dict, normals: np.ndarray, norm, calibrated=None) -> dict:
     """Pixel AP of combined vs coarse on ``holdout`` (pseudo-anomalies) and the images ``normals`` (empty masks).
+
+    ``calibrated`` maps ARD values onto the coarse scale, :func:`~anorefiner.refine.combine.calibration_map` fitted
+    on the group's real images (``None``: the ARD as it is). Fitting it on the check set instead would let the
+    pseudo-anomalies, which the coarse map already finds, decide how far the ARD counts.
 
     ``trainer`` is PGT's :class:`~anorefiner.refine.trainer.Trainer` holding the ARD to check; maps are compared at the backbone's input
     resolution (where the pseudo-anomaly masks live). Returns the two pooled APs, the APs on the held-back
@@ -44,8 +48,7 @@ def check(trainer, holdout: dict, normals: np.ndarray, norm) -> dict:
     ard = np.concatenate([trainer.refine(holdout["x"], c_h, res), trainer.refine(x_n, c_n, res)])
     coarse = trainer.coarse_at(np.concatenate([holdout["coarse"], trainer.coarse.maps[normals]]), res, norm)
     masks = np.concatenate([holdout["masks"][:, 0].numpy() > 0.5, np.zeros((len(normals), res, res), bool)])
-    p = trainer.options.pgt
-    combined = combine(coarse, calibrate(coarse, ard, p.calibration), p.combine)
+    combined = combine(coarse, ard if calibrated is None else calibrated(ard), trainer.options.pgt.combine)
     n_h = len(holdout["x"])
     ap_combined = pixel_metrics(combined, masks)["ap"]
     ap_coarse = pixel_metrics(coarse, masks)["ap"]

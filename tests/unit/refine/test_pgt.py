@@ -395,3 +395,32 @@ def test_groups_no_ard_refines_sit_on_the_calibrated_groups_scale(category):
         for k in unrefined:
             g = ref.groups == k
             assert np.allclose(ref.maps["combined"][g], _expected(ref, coarse_n[g], coarse_n[g].mean()), atol=1e-4)
+
+
+def test_safeguard_check_calibrates_the_ard_with_the_map_fitted_on_the_group(category):
+    # the check set (pseudo-anomalies the coarse map finds, pseudo-normals) gets the calibration the group's real
+    # images were fitted with, not one of its own: an ARD mapped to a constant leaves the coarse ranking (gate and
+    # mean), so combined ties coarse exactly; the ARD as it is does not
+    from anorefiner.refine import safeguard
+    from anorefiner.refine.trainer import CoarseNorm, Trainer
+
+    c = category
+    options = from_dict(RefinerOptions, {k: dict(v) for k, v in TINY.items()})
+    trainer = Trainer(c["feats"], c["coarse"], c["images"], c["backbone"], c["backend"], options, 0, _textures(),
+                      torch.device("cpu"))
+    g = np.arange(6)
+    norm = CoarseNorm("first_group")
+    norm.update(c["coarse"].maps[g])
+    normals = select_pseudo_normals(c["coarse"].maps, g, 2)
+    holdout = trainer.make_pseudo_anomalies(normals, g, 2, (0, "safeguard"))
+    flat = safeguard.check(trainer, holdout, normals, norm, lambda a: np.full_like(a, 0.3))
+    assert flat["ap_combined"] == pytest.approx(flat["ap_coarse"], abs=1e-12)
+    raw = safeguard.check(trainer, holdout, normals, norm)
+    assert raw["ap_coarse"] == flat["ap_coarse"]
+    assert raw["ap_combined"] != pytest.approx(raw["ap_coarse"], abs=1e-6)
+
+
+def test_a_diverged_ard_fails_naming_its_group(category):
+    # group 1 is refined by its own ARD (first_group_ard: self); before, sklearn's isotonic fit failed on the NaN
+    with pytest.raises(FloatingPointError, match=r"group 1 .*pgt\.lr=1e\+30"):
+        _run(category, pgt={"epochs": 1, "lr": 1e30, "calibration": "isotonic"})
