@@ -1,7 +1,9 @@
 """Does the refiner pay for itself? coarse vs ARD alone vs combined, over categories, seeds and texture sources.
 
 For each category the features and the coarse maps are computed once (``OUT/<category>/{features,coarse}.h5``,
-by the pipeline's stages, reused when made with the same settings), then PGT + metrics run for every (texture source, variant, seed). Printed per
+by the pipeline's stages, reused when made with the same settings; a backend whose maps depend on the seed, such as
+``musc_star``'s shuffled groups, gets ``coarse_seed<s>.h5`` per run seed, as the workflow's ``coarse_seed`` gives it),
+then PGT + metrics run for every (texture source, variant, seed). Printed per
 category and texture source, as mean ± std over seeds: pixel AP / F1-max / AUROC / PRO and image AUROC of
 ``coarse``, ``ard`` and ``combined``, on all test images and on groups 2 and later only (refined by an ARD trained
 on an earlier group; group 1 is refined by its own ARD under ``first_group_ard: self``, and under the paper's rule
@@ -53,7 +55,8 @@ def parse_args(argv=None):
 
 
 def prepare_category(args, category: str, out: Path):
-    """Features and coarse maps of one category, by the pipeline's stages (reused when their settings match)."""
+    """Features and the seed-0 coarse maps of one category, by the pipeline's stages (reused when their settings
+    match)."""
     from anorefiner import stages
     from anorefiner.backbones import build_backbone
     from anorefiner.data.index import index_category
@@ -65,10 +68,23 @@ def prepare_category(args, category: str, out: Path):
     feat_path = stages.features(index, backbone, out / "features.h5", reuse=True)
     backend_type = PRESETS[args.backend][0]
     opts = stages.backend_options(backend_type, {}, dataset=args.dataset, category=category, device=args.device)
-    coarse_path = stages.coarse(feat_path, args.backend, backend_type, opts, seed=0, dataset=args.dataset,
-                                category=category, out=out / "coarse.h5", backbone=backbone,
-                                data_root=args.data_root, reuse=True)
+    coarse_path = coarse_for_seed(args, category, out, 0, backbone, backend_type, opts, feat_path)
     return backbone, backend_type, opts, feat_path, coarse_path
+
+
+def coarse_for_seed(args, category: str, out: Path, seed: int, backbone, backend_type: str, opts: dict, feat_path):
+    """The coarse store that serves run ``seed``: the seed-0 one (``coarse.h5``) for a backend whose maps do not
+    depend on the seed, else its own (``coarse_seed<s>.h5``). MuSc*'s groups are drawn with the seed: PGT's
+    groups and the pseudo-anomalies' references (the backend built with the run seed) follow it, so a seed-1 run
+    on seed-0 maps mixed two groupings."""
+    from anorefiner import stages
+    from anorefiner.zsad import PRESETS
+    from anorefiner.zsad.registry import seed_dependent
+
+    own = seed != 0 and seed_dependent(backend_type, {**PRESETS[args.backend][1], **opts})
+    return stages.coarse(feat_path, args.backend, backend_type, opts, seed=seed if own else 0, dataset=args.dataset,
+                         category=category, out=out / (f"coarse_seed{seed}.h5" if own else "coarse.h5"),
+                         backbone=backbone, data_root=args.data_root, reuse=True)
 
 
 def merged_options(args, override: dict):
@@ -276,7 +292,9 @@ def main(argv=None) -> int:
             for vname, override in variants.items():
                 options = merged_options(args, override)
                 for seed in args.seeds:
-                    path = stages.refine(args.data_root, args.dataset, category, feat_path, coarse_path,
+                    seed_coarse = coarse_for_seed(args, category, out / category, seed, backbone, backend_type,
+                                                  backend_opts, feat_path)
+                    path = stages.refine(args.data_root, args.dataset, category, feat_path, seed_coarse,
                                          backbone=backbone, backend_name=args.backend, backend_type=backend_type,
                                          backend_opts=backend_opts, options=options, seed=seed, textures=tex,
                                          eval_resolution=args.eval_resolution, device=args.device, reuse=True,

@@ -50,6 +50,28 @@ def test_refine_gain_reports_gain_groups_and_figures(tmp_path, demo_dataset):
         for seed in (0, 1):
             png = out / "tiles" / "offline" / variant / f"seed{seed}" / "groups.png"
             assert png.is_file() and png.stat().st_size > 10_000
+    # musc_cnn's maps do not depend on the seed: every seed refines the one seed-0 coarse store
+    from anorefiner.stages import stored_provenance
+
+    assert stored_provenance(out / "tiles" / "offline" / "default" / "seed1" / "refined.h5")["coarse"]["seed"] == 0
+    assert not list((out / "tiles").glob("coarse_seed*.h5"))
+
+
+def test_a_seed_dependent_backend_refines_the_coarse_maps_of_the_run_seed(tmp_path, demo_dataset):
+    """MuSc* draws its groups with the seed (as PGT does): run seed 1 must refine seed-1 maps, with the backend that
+    scores the pseudo-anomalies built with seed 1 too (it used the seed-0 store for every seed)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import refine_gain
+    from anorefiner.stages import stored_provenance
+
+    out = tmp_path / "out"
+    opts = {"ard": TINY["ard"], "pgt": {**TINY["pgt"], "epochs": 1}}
+    assert refine_gain.main(["--data-root", str(demo_dataset), "--dataset", "demo", "--categories", "tiles",
+                             "--backend", "musc_star", "--seeds", "1", "--resolution", "64", "--eval-resolution", "32",
+                             "--no-pro", "--no-figures", "--out", str(out), "--options", json.dumps(opts)]) == 0
+    refined = stored_provenance(out / "tiles" / "offline" / "default" / "seed1" / "refined.h5")
+    assert refined["coarse"]["seed"] == 1 and refined["coarse"]["backend"] == "musc_star"
+    assert stored_provenance(out / "tiles" / "coarse_seed1.h5")["seed"] == 1
 
 
 @pytest.mark.parametrize("pgt", [{}, {"first_group_ard": "coarse"}, {"first_group_ard": "zeros"},
