@@ -15,7 +15,10 @@ the ``gain`` rows are ``combined − coarse`` in points.
 
 ``--variant NAME=JSON`` (repeatable) adds refiner option overrides on top of ``--preset``/``--options``;
 ``default`` (no override) runs first unless ``--no-default``. Tidy rows go to ``OUT/results.csv`` (one row per category,
-textures, variant, seed, subset, method, metric) and the summary to ``OUT/summary.md``.
+textures, variant, seed, subset, method, metric; ``code``: the commit that made the refined store) and the summary to
+``OUT/summary.md``. A store is reused when its settings match, whatever code made it (``anorefiner.stages``): the
+summary opens with the stores that other code made, so a rerun after a fix in the refiner cannot pass their numbers
+off as the fixed code's.
 """
 
 from __future__ import annotations
@@ -264,6 +267,11 @@ def summarise(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def texture_tag(spec: str) -> str:
+    """The name a texture source has in OUT's folders and results.csv: ``offline``, or ``dtd`` for a DTD root."""
+    return "offline" if spec == "offline" else "dtd"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from anorefiner.log import setup_logging
@@ -272,9 +280,17 @@ def main(argv=None) -> int:
     from anorefiner import stages
     from anorefiner.data.index import index_category, load_image
     from anorefiner.figures import group_diagnostics
+    from anorefiner.log import LOG
+    from anorefiner.provenance import code_label, code_version
     from anorefiner.refine.store import read_refined
 
     out = Path(args.out)
+    now = code_label(code_version())
+    stale: list[str] = []  # reused stores made by other code
+    tags = [texture_tag(t) for t in args.textures]
+    if len(set(tags)) < len(tags):
+        raise SystemExit(f"--textures {' '.join(args.textures)}: two sources would share OUT/<category>/<tag> and the "
+                         "tag in results.csv (offline, dtd); run one DTD root per --out")
     variants = {} if args.no_default else {"default": {}}
     for spec in args.variant:
         name, _, text = spec.partition("=")
@@ -288,7 +304,7 @@ def main(argv=None) -> int:
         masks, labels = stages.ground_truth(args.data_root, args.dataset, category, ids)
         index = index_category(args.data_root, category, dataset=args.dataset).set_index("image_id").loc[ids]
         for tex in args.textures:
-            tex_tag = "offline" if tex == "offline" else "dtd"
+            tex_tag = texture_tag(tex)
             for vname, override in variants.items():
                 options = merged_options(args, override)
                 for seed in args.seeds:
@@ -300,9 +316,14 @@ def main(argv=None) -> int:
                                          eval_resolution=args.eval_resolution, device=args.device, reuse=True,
                                          out=out / category / tex_tag / vname / f"seed{seed}" / "refined.h5")
                     refined = read_refined(path)
+                    made_by = code_label(refined.attrs.get("run", {}).get("code"))
+                    if made_by != now:
+                        stale.append(f"{path} (made by {made_by})")
+                        LOG.warning("%s was made by other code (%s) than this run's (%s)", path, made_by, now)
                     verdicts[(category, tex_tag, vname, seed)] = refined.attrs.get("safeguard", [])
                     for row in evaluate(refined, masks, labels, args) + diagnose(refined, masks, labels):
-                        rows.append({"category": category, "textures": tex_tag, "variant": vname, "seed": seed, **row})
+                        rows.append({"category": category, "textures": tex_tag, "variant": vname, "seed": seed,
+                                     "code": made_by, **row})
                     if not args.no_figures:
                         figure = group_diagnostics(refined, [load_image(p) for p in index.image_path], masks,
                                                    path.with_name("groups.png"),
@@ -312,6 +333,9 @@ def main(argv=None) -> int:
     frame = pd.DataFrame(rows)
     text = "\n".join([summarise(frame[~frame.subset.str.match(r"group\d+$|diagnosis")]),
                       group_table(frame, verdicts), diagnosis_table(frame)])
+    if stale:
+        text = "\n".join([f"**{len(stale)} of the refined stores were reused from other code than this run's ({now})**; "
+                          "rerun them (a fresh --out) to measure this code:", *(f"- {s}" for s in stale), text])
     (out / "summary.md").write_text(text + "\n")
     print(text)
     print(f"\n{len(frame)} rows -> {out / 'results.csv'}; summary -> {out / 'summary.md'}; "

@@ -87,3 +87,33 @@ def test_rebuilt_equals_the_combined_map_pgt_made(category, pgt):
 
     ref = _run(category, pgt={"epochs": 1, "calibration": "isotonic", **pgt})
     assert np.abs(rebuilt(ref) - ref.maps["combined"]).max() < 1e-6
+
+
+def test_stores_reused_from_other_code_are_named_and_two_dtd_roots_refused(tmp_path, demo_dataset):
+    """A store is reused when its settings match whatever code made it: the rows carry the commit that made each
+    store, and the summary opens with those other code made (numbers from before a fix cannot pass as the fix's)."""
+    import h5py
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import refine_gain
+    from anorefiner.provenance import code_label, code_version
+
+    out = tmp_path / "out"
+    opts = {"ard": TINY["ard"], "pgt": {**TINY["pgt"], "epochs": 1}}
+    argv = ["--data-root", str(demo_dataset), "--dataset", "demo", "--categories", "tiles", "--seeds", "0",
+            "--resolution", "64", "--eval-resolution", "32", "--no-pro", "--no-figures", "--out", str(out),
+            "--options", json.dumps(opts)]
+    assert refine_gain.main(argv) == 0
+    assert set(pd.read_csv(out / "results.csv").code) == {code_label(code_version())}
+    assert "other code" not in (out / "summary.md").read_text()
+    store = out / "tiles" / "offline" / "default" / "seed0" / "refined.h5"
+    with h5py.File(store, "r+") as f:
+        run = json.loads(f.attrs["run"])
+        run["code"] = {"version": "0", "commit": "f" * 40, "dirty": False}
+        f.attrs["run"] = json.dumps(run)
+    assert refine_gain.main(argv) == 0  # same settings: reused
+    assert set(pd.read_csv(out / "results.csv").code) == {"f" * 40}
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("**1 of the refined stores were reused from other code") and f"{store} (made by {'f' * 40})" in summary
+    with pytest.raises(SystemExit, match="two sources would share"):
+        refine_gain.main(argv + ["--textures", "offline", str(tmp_path / "dtd1"), str(tmp_path / "dtd2")])
