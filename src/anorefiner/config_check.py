@@ -89,7 +89,7 @@ def check_backend(name: str, cfg: dict, config: dict | None = None) -> None:
     """``backends.<name>.options``: keys (and values the dataclass checks) of the type's options dataclass.
 
     A top-level section named like the type (``tta``) holds defaults that the options override."""
-    from .zsad import PRESETS
+    from .zsad import preset_options
 
     if not isinstance(cfg, dict):
         raise ConfigError(f"backends.{name} must be a mapping, got {cfg!r}")
@@ -103,7 +103,7 @@ def check_backend(name: str, cfg: dict, config: dict | None = None) -> None:
     where = f"backends.{name}.options"
     shared = (config or {}).get(kind)
     base = copy.deepcopy(shared) if isinstance(shared, dict) else {}
-    preset = PRESETS[name][1] if PRESETS.get(name, (None,))[0] == kind else {}
+    preset = preset_options(name, kind)
     opts = deep_update({**base, **copy.deepcopy(preset)}, copy.deepcopy(options))
     try:
         built = from_dict(cls, opts, where)

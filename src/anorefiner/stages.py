@@ -296,6 +296,22 @@ def coarse(features_path, backend_name: str, backend_type: str, options: dict, *
     return out
 
 
+def check_coarse_seed(coarse_path, coarse_provenance: dict | None, seed: int, backend_name: str, backend_type: str,
+                      backend_opts: dict) -> None:
+    """PGT's backend scores the pseudo-anomalies within the groups drawn with the run seed; a seed-dependent backend
+    (MuSc*'s groups) made the coarse maps with their seed. The two must agree (the workflow's ``coarse_seed``)."""
+    from .zsad import preset_options
+    from .zsad.registry import seed_dependent
+
+    made_with = (coarse_provenance or {}).get("seed")
+    if made_with is None or int(made_with) == int(seed):
+        return
+    if seed_dependent(backend_type, {**preset_options(backend_name, backend_type), **(backend_opts or {})}):
+        raise ValueError(f"coarse store {coarse_path} was made with seed {made_with}, PGT runs seed {seed}: backend "
+                         f"{backend_name!r} ({backend_type}) depends on the seed, so the pseudo-anomalies would be "
+                         f"scored in other groups than the real images; compute the coarse maps with seed {seed}")
+
+
 def refine(root, dataset: str, category: str, features_path, coarse_path, *, backbone, backend_name: str,
            backend_type: str, backend_opts: dict, options, seed: int, textures: str = "offline",
            eval_resolution: int = 518, device="cpu", out, reuse: bool = False, seas_model=None) -> Path:
@@ -335,6 +351,7 @@ def refine(root, dataset: str, category: str, features_path, coarse_path, *, bac
         raise ValueError(f"coarse store {coarse_path} was computed from other features than {features_path} "
                          f"({why}); recompute the coarse maps from this cache")
     check_backbone(feature_attrs, backbone)
+    check_coarse_seed(coarse_path, provenance["coarse"], seed, backend_name, backend_type, backend_opts)
     seed_everything(seed)
     feats = read_features(features_path)
     coarse_store = read_coarse(coarse_path, expect_ids=feats.ids)

@@ -197,6 +197,33 @@ def test_refine_refuses_coarse_maps_of_other_features(demo_dataset, tmp_path):
     assert not (tmp_path / "r.h5").exists()
 
 
+def test_refine_refuses_coarse_maps_of_another_seed_for_a_seed_dependent_backend(demo_dataset, tmp_path):
+    """MuSc* draws its groups with the seed: seed-0 maps refined by a seed-1 run would score the pseudo-anomalies in
+    other groups than the real images; a seed-free backend (MuSc over all images) may share its maps."""
+    from anorefiner.backbones import build_backbone
+    from anorefiner.data.index import index_category
+    from anorefiner.refine.pgt import RefinerOptions
+
+    index = index_category(demo_dataset, "widget", dataset="demo")
+    backbone = build_backbone("efficientnet_lite0", 64, pretrained=None)
+    feats = stages.features(index, backbone, tmp_path / "f.h5")
+    options = RefinerOptions()
+    options.pgt.epochs = 0
+    for name, opts, refused in (("musc_star", {"group_size": 6, "rscin": False}, True),
+                                ("musc_cnn", {"rscin": False}, False)):
+        opts = stages.backend_options("musc", opts, dataset="demo", category="widget", device="cpu")
+        coarse = stages.coarse(feats, name, "musc", opts, seed=0, dataset="demo", category="widget",
+                               out=tmp_path / f"{name}.h5")
+        run = dict(backbone=backbone, backend_name=name, backend_type="musc", backend_opts=opts, options=options,
+                   seed=1, eval_resolution=32, out=tmp_path / f"{name}_r.h5")
+        if refused:
+            with pytest.raises(ValueError, match=r"made with seed 0, PGT runs seed 1: backend 'musc_star'"):
+                stages.refine(demo_dataset, "demo", "widget", feats, coarse, **run)
+            assert not (tmp_path / f"{name}_r.h5").exists()
+        else:
+            assert stages.refine(demo_dataset, "demo", "widget", feats, coarse, **run).exists()
+
+
 def test_cache_backbone_takes_the_position_embedding_resize_of_the_cache(demo_dataset, tiny_clip, tmp_path):
     """PGT's and the coarse stage's backbone is rebuilt with the cache's resize (MuSc's official plain bicubic);
     asking for another one, or giving a backbone resized otherwise, is an error naming the attribute."""

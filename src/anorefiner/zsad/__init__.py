@@ -78,6 +78,12 @@ PRESETS = {
 }
 
 
+def preset_options(name: str, kind: str) -> dict:
+    """The options preset ``name`` sets when it names a backend of type ``kind`` (``backends.<name>.type``), else
+    none: ``get_backend`` applies them under the config's own options."""
+    return dict(PRESETS[name][1]) if PRESETS.get(name, (None,))[0] == kind else {}
+
+
 def preset_names(types=None) -> list[str]:
     """The preset names (``--backend`` values) of the given backend types (default: all), in preset order."""
     return [name for name, (kind, _) in PRESETS.items() if types is None or kind in types]
