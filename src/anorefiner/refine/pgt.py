@@ -275,7 +275,6 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
         """Group k's ARD and combined maps from the current ARD, unless the safeguard keeps its coarse map."""
         x, c = trainer.real_inputs(g, norm)
         maps["ard"][g] = trainer.refine(x, c, e)
-        _check_finite(maps["ard"][g], k, p)
         # fitted on the group's own real images, whether the group's maps or the safeguard's check set get it
         calibrated = calibration_map(coarse_n, maps["ard"][g], p.calibration)
         use = True
@@ -365,15 +364,6 @@ def run_pgt(feats, coarse, images: Sequence, backbone, backend, options: Refiner
              "labels_used": bool(p.contamination_ratio > 0)}
     return Refined(ids=list(feats.ids), maps=maps, scores=scores, groups=group_of, attrs=attrs,
                    diagnostics=diagnostics)
-
-
-def _check_finite(ard: np.ndarray, k: int, p: PGTConfig) -> None:
-    """A diverged ARD (non-finite output) named by its group, before the calibration fails on it anonymously."""
-    bad = ~np.isfinite(ard)
-    if bad.any():
-        raise FloatingPointError(
-            f"pgt: the ARD refining group {k + 1} gives non-finite values on {int(bad.sum())} of {bad.size} pixels: "
-            f"its training diverged (pgt.lr={p.lr}, pgt.loss={p.loss!r}); lower pgt.lr")
 
 
 def image_scores(maps: np.ndarray, p: PGTConfig) -> np.ndarray:

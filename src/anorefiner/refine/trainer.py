@@ -118,6 +118,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.trained = False
         self.loss_history: list[list[float]] = []
+        self.last_group: int | None = None  # 1-based group of the last training call: names a diverged ARD
 
     def real_inputs(self, idx: np.ndarray, norm: CoarseNorm):
         x = fuse_layers({k: np.asarray(v[idx]) for k, v in self.feats.layers.items()}, self.options.ard.feature_fusion)
@@ -137,7 +138,15 @@ class Trainer:
             prob = torch.sigmoid(logits.float())
             prob = F.interpolate(prob, size=(eval_resolution, eval_resolution), mode="bilinear", align_corners=False)
             out.append(prob[:, 0].cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+        maps = np.concatenate(out).astype(np.float32)
+        bad = ~np.isfinite(maps)
+        if bad.any():  # here, not later, where the calibration's fit would fail on it naming nothing
+            p = self.options.pgt
+            raise FloatingPointError(
+                f"pgt: the ARD trained through group {self.last_group or '?'} gives non-finite values on "
+                f"{int(bad.sum())} of {bad.size} pixels: its training diverged (pgt.lr={p.lr}, pgt.loss={p.loss!r}); "
+                "lower pgt.lr")
+        return maps
 
     def make_training_set(self, normals: np.ndarray, references: np.ndarray, stream: int) -> dict:
         """The group's training set: pseudo-anomalies of ``normals`` (plus the normals, ``train_on_normals``)."""
@@ -208,6 +217,7 @@ class Trainer:
             history.append(total / len(x))
             bar.set_postfix(loss=f"{history[-1]:.4f}")
         self.trained = self.trained or epochs > 0
+        self.last_group = stream + 1
         self.loss_history.append(history)
         return history
 
