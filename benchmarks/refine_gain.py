@@ -81,10 +81,9 @@ def coarse_for_seed(args, category: str, out: Path, seed: int, backbone, backend
     groups and the pseudo-anomalies' references (the backend built with the run seed) follow it, so a seed-1 run
     on seed-0 maps mixed two groupings."""
     from anorefiner import stages
-    from anorefiner.zsad import preset_options
-    from anorefiner.zsad.registry import seed_dependent
+    from anorefiner.zsad import seed_dependent_backend
 
-    own = seed != 0 and seed_dependent(backend_type, {**preset_options(args.backend, backend_type), **opts})
+    own = seed != 0 and seed_dependent_backend(args.backend, backend_type, opts)
     return stages.coarse(feat_path, args.backend, backend_type, opts, seed=seed if own else 0, dataset=args.dataset,
                          category=category, out=out / (f"coarse_seed{seed}.h5" if own else "coarse.h5"),
                          backbone=backbone, data_root=args.data_root, reuse=True)

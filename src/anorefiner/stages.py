@@ -300,13 +300,12 @@ def check_coarse_seed(coarse_path, coarse_provenance: dict | None, seed: int, ba
                       backend_opts: dict) -> None:
     """PGT's backend scores the pseudo-anomalies within the groups drawn with the run seed; a seed-dependent backend
     (MuSc*'s groups) made the coarse maps with their seed. The two must agree (the workflow's ``coarse_seed``)."""
-    from .zsad import preset_options
-    from .zsad.registry import seed_dependent
+    from .zsad import seed_dependent_backend
 
     made_with = (coarse_provenance or {}).get("seed")
     if made_with is None or int(made_with) == int(seed):
         return
-    if seed_dependent(backend_type, {**preset_options(backend_name, backend_type), **(backend_opts or {})}):
+    if seed_dependent_backend(backend_name, backend_type, backend_opts):
         raise ValueError(f"coarse store {coarse_path} was made with seed {made_with}, PGT runs seed {seed}: backend "
                          f"{backend_name!r} ({backend_type}) depends on the seed, so the pseudo-anomalies would be "
                          f"scored in other groups than the real images; compute the coarse maps with seed {seed}")

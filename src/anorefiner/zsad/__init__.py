@@ -84,6 +84,14 @@ def preset_options(name: str, kind: str) -> dict:
     return dict(PRESETS[name][1]) if PRESETS.get(name, (None,))[0] == kind else {}
 
 
+def seed_dependent_backend(name: str, kind: str, options: dict) -> bool:
+    """Whether backend ``name`` of type ``kind`` with ``options`` (over its preset's) gives different maps for
+    different seeds (:func:`.registry.seed_dependent`; MuSc*'s groups are drawn with the seed)."""
+    from .registry import seed_dependent
+
+    return seed_dependent(kind, {**preset_options(name, kind), **(options or {})})
+
+
 def preset_names(types=None) -> list[str]:
     """The preset names (``--backend`` values) of the given backend types (default: all), in preset order."""
     return [name for name, (kind, _) in PRESETS.items() if types is None or kind in types]
