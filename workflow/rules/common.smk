@@ -327,11 +327,13 @@ def textures_ready(wildcards):
 
 def coarse_seed(wildcards):
     """The seed whose coarse store serves run seed `wildcards.seed`: itself, or 0 for a backend whose maps do not
-    depend on the seed (computed once, not once per seed; zsad.registry.seed_dependent)."""
-    from anorefiner.zsad.registry import seed_dependent
+    depend on the seed (computed once, not once per seed; zsad.seed_dependent_backend, with the options of the
+    preset the backend is named after, as the coarse and pgt stages build it)."""
+    from anorefiner.zsad import seed_dependent_backend
 
     cfg = backend_cfg(wildcards.backend)
-    if cfg["type"] == "tta" or seed_dependent(cfg["type"], json.loads(backend_options(wildcards))):
+    opts = json.loads(backend_options(wildcards))
+    if cfg["type"] == "tta" or seed_dependent_backend(wildcards.backend, cfg["type"], opts):
         return wildcards.seed
     return "0"
 
